@@ -1,0 +1,1 @@
+"""flashsae: Triton kernels for million-feature TopK sparse autoencoders."""

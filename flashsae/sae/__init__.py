@@ -1,0 +1,1 @@
+"""Everything that uses the ops: the model, ASI, activations, training driver and CLI."""
