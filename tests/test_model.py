@@ -1,0 +1,108 @@
+"""TopKSAE: construction, forward, decoder-norm upkeep, save/load."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from flashsae import TopKSAE
+
+
+def perturbed_sae(d=24, F=100, k=6, dtype=torch.float32, **kwargs) -> TopKSAE:
+    torch.manual_seed(0)
+    sae = TopKSAE(d, F, k, dtype=dtype, backend="torch", **kwargs)
+    with torch.no_grad():
+        sae.W_enc.add_(0.1 * torch.randn_like(sae.W_enc))
+        sae.b_enc.copy_(0.1 * torch.randn(F))
+        sae.b_dec.copy_(torch.randn(d))
+    return sae
+
+
+def test_initial_decoder_rows_are_unit_norm_and_encoder_tied():
+    sae = TopKSAE(40, 300, 8)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(300))
+    assert torch.equal(sae.W_enc, sae.W_dec)
+    assert not sae.b_enc.any() and not sae.b_dec.any()
+
+
+def test_forward_matches_encode_then_decode_with_leading_dims():
+    sae = perturbed_sae()
+    x = torch.randn(2, 5, 24)
+    out = sae(x)
+    assert out.x_hat.shape == (2, 5, 24) and out.vals.shape == out.idx.shape == (2, 5, 6)
+    vals, idx = sae.encode(x.reshape(10, 24))
+    torch.testing.assert_close(out.x_hat.reshape(10, 24), sae.decode(vals, idx))
+    # b_dec is also the pre-encoder bias.
+    pre = torch.relu((x.reshape(10, 24) - sae.b_dec) @ sae.W_enc.T + sae.b_enc)
+    torch.testing.assert_close(vals, pre.topk(6).values)
+
+
+@pytest.mark.parametrize("sparse_grad", [False, True])
+def test_remove_parallel_grads_leaves_only_the_orthogonal_part(sparse_grad):
+    sae = perturbed_sae(sparse_grad=sparse_grad)
+    x = torch.randn(9, 24)
+    out = sae(x)
+    (out.x_hat - x).pow(2).sum().backward()
+    before = sae.W_dec.grad.to_dense().clone()
+    sae.remove_parallel_grads_()
+    after = sae.W_dec.grad.to_dense()
+    W = sae.W_dec.detach()
+    expected = before - (before * W).sum(1, keepdim=True) * W
+    torch.testing.assert_close(after, expected, atol=1e-5, rtol=1e-5)
+    assert (after * W).sum(1).abs().max() < 1e-4
+    assert sae.W_dec.grad.is_sparse == sparse_grad
+
+
+def test_normalize_decoder_touches_only_rows_with_a_sparse_gradient():
+    sae = perturbed_sae(sparse_grad=True)
+    with torch.no_grad():
+        sae.W_dec.mul_(3.0)
+    x = torch.randn(4, 24)
+    out = sae(x)
+    (out.x_hat - x).pow(2).sum().backward()
+    rows = sae.W_dec.grad.coalesce().indices()[0]
+    sae.normalize_decoder_()
+    norms = sae.W_dec.detach().norm(dim=1)
+    touched = torch.zeros(100, dtype=torch.bool)
+    touched[rows] = True
+    torch.testing.assert_close(norms[touched], torch.ones(int(touched.sum())))
+    torch.testing.assert_close(norms[~touched], torch.full((int((~touched).sum()),), 3.0))
+    sae.W_dec.grad = None
+    sae.normalize_decoder_()
+    torch.testing.assert_close(sae.W_dec.detach().norm(dim=1), torch.ones(100))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_save_load_round_trip(tmp_path, dtype):
+    sae = perturbed_sae(dtype=dtype, metadata={"site": "attn_out", "layer": 3, "scale": 1.5})
+    sae.save(tmp_path / "ckpt")
+    cfg = json.loads((tmp_path / "ckpt" / "cfg.json").read_text())
+    assert cfg["d_model"] == 24 and cfg["n_features"] == 100 and cfg["k"] == 6
+    assert cfg["dtype"] == str(dtype).removeprefix("torch.") and cfg["metadata"]["layer"] == 3
+    loaded = TopKSAE.load(tmp_path / "ckpt", backend="torch")
+    assert loaded.dtype == dtype and loaded.metadata == sae.metadata
+    for name, p in sae.named_parameters():
+        assert torch.equal(p, getattr(loaded, name)), name
+    assert not list((tmp_path / "ckpt").glob("*.tmp")), "no temporary files are left behind"
+
+
+def test_load_of_a_folder_without_weights_names_the_missing_file(tmp_path):
+    (tmp_path / "cfg.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="model.safetensors is missing"):
+        TopKSAE.load(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "args,kwargs,message",
+    [
+        ((24, 100, 0), {}, "k must be a positive int"),
+        ((24, 10, 11), {}, "k must be <= n_features"),
+        ((0, 10, 1), {}, "d_model must be a positive int"),
+        ((24, 1000, 600), {}, "k must be <= 512"),
+        ((24, 100, 4), {"backend": "gpu"}, "backend must be one of"),
+    ],
+)
+def test_bad_constructor_arguments_are_named(args, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TopKSAE(*args, **kwargs)

@@ -1,0 +1,222 @@
+"""The functional API on the torch backend: values and gradients against float64 dense references."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flashsae import ops
+from flashsae.kernels import reference
+from tests.alloc_log import AllocationLog
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# Tolerance on values / gradients, relative to the reference's scale, per input dtype.
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
+
+
+def make_encoder(B, d, F, dtype, seed, with_b_pre=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, d, generator=g)
+    W = torch.randn(F, d, generator=g) / d**0.5
+    b = 0.1 * torch.randn(F, generator=g)
+    b_pre = 0.1 * torch.randn(d, generator=g) if with_b_pre else None
+    cast = lambda t: None if t is None else t.to(dtype)
+    return cast(x), cast(W), cast(b), cast(b_pre)
+
+
+def dense_pre(x, W, b, b_pre):
+    """float64 relu((x - b_pre) @ W.T + b) from the given (possibly low-precision) inputs."""
+    xc = x.double() - (0 if b_pre is None else b_pre.double())
+    return torch.relu(xc @ W.double().T + b.double())
+
+
+def stable_topk(pre, k):
+    """Top-k with ties to the lower index: a stable descending sort."""
+    order = torch.sort(pre, dim=1, descending=True, stable=True)
+    return order.values[:, :k], order.indices[:, :k]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "B,d,F,k,with_b_pre",
+    [(1, 16, 100, 1, True), (7, 40, 1000, 5, False), (64, 96, 4099, 32, True), (33, 40, 100, 64, True)],
+)
+def test_topk_encode_matches_float64_reference(B, d, F, k, with_b_pre, dtype):
+    x, W, b, b_pre = make_encoder(B, d, F, dtype, seed=B * 1000 + F)
+    vals, idx = ops.topk_encode(x, W, b, k, b_pre=b_pre, backend="torch")
+    pre = dense_pre(x, W, b, b_pre)
+    ref_vals, ref_idx = stable_topk(pre, k)
+    assert vals.dtype == dtype and idx.dtype == torch.int64 and vals.shape == idx.shape == (B, k)
+    scale = ref_vals.abs().max().clamp_min(1.0)
+    torch.testing.assert_close(vals.double(), ref_vals.to(dtype).double(), atol=TOL[dtype] * scale, rtol=0)
+    # Each chosen index really has the reported value, is at least the k-th best, and is distinct.
+    picked = pre.gather(1, idx)
+    assert (picked - ref_vals).abs().max() <= 2 * TOL[dtype] * scale
+    assert (idx.sort(1).values.diff(dim=1) > 0).all()
+    assert (vals[:, :-1] >= vals[:, 1:]).all()
+    if dtype == torch.float32:
+        assert torch.equal(idx, ref_idx)
+
+
+def test_topk_encode_chunked_sweep_equals_one_chunk():
+    x, W, b, b_pre = make_encoder(9, 24, 1000, torch.float32, seed=3)
+    one = reference.topk_encode_forward(x, W, b, 7, b_pre)
+    chunked = reference.topk_encode_forward(x, W, b, 7, b_pre, chunk_size=13)
+    assert torch.equal(one[0], chunked[0]) and torch.equal(one[1], chunked[1])
+
+
+def test_topk_encode_ties_go_to_lower_index():
+    x, W, b, _ = make_encoder(5, 16, 40, torch.float32, seed=4)
+    W[30] = W[7]
+    b[30] = b[7]
+    W[12] = W[3]
+    b[12] = b[3]
+    b += 10.0  # everything positive, so every duplicated pair is in play
+    vals, idx = ops.topk_encode(x, W, b, 40, backend="torch")
+    ref_vals, ref_idx = stable_topk(dense_pre(x, W, b, None).float().double(), 40)
+    for row in idx.tolist():
+        assert row.index(7) < row.index(30) and row.index(3) < row.index(12)
+
+
+def test_topk_encode_rows_without_positive_values_return_lowest_indices():
+    x, W, b, _ = make_encoder(6, 16, 50, torch.float32, seed=5)
+    b -= 100.0
+    x[2] = 0.0
+    vals, idx = ops.topk_encode(x, W, b, 8, backend="torch")
+    assert torch.equal(vals, torch.zeros(6, 8))
+    assert torch.equal(idx, torch.arange(8).expand(6, -1))
+
+
+def test_topk_encode_partial_rows_fill_with_lowest_unchosen_indices():
+    x, W, b, _ = make_encoder(4, 16, 30, torch.float32, seed=6)
+    b -= 100.0
+    b[[21, 4]] = 200.0  # exactly two positive features per row
+    vals, idx = ops.topk_encode(x, W, b, 5, backend="torch")
+    ref_vals, ref_idx = stable_topk(dense_pre(x, W, b, None), 5)
+    assert torch.equal(idx, ref_idx)
+    assert (vals[:, :2] > 0).all() and (vals[:, 2:] == 0).all()
+    assert torch.equal(idx[:, 2:], torch.tensor([0, 1, 2]).expand(4, -1))
+
+
+def test_topk_encode_k_equal_to_n_features():
+    x, W, b, b_pre = make_encoder(3, 16, 37, torch.float32, seed=7)
+    vals, idx = ops.topk_encode(x, W, b, 37, b_pre=b_pre, backend="torch")
+    ref_vals, ref_idx = stable_topk(dense_pre(x, W, b, b_pre), 37)
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(vals.double(), ref_vals, atol=1e-5, rtol=0)
+
+
+def dense_sae_loss(x, W_enc, b_enc, b_pre, W_dec, b_dec, idx):
+    """The float64 dense forward with the selection fixed to ``idx``; used for autograd references."""
+    pre = torch.relu((x - b_pre) @ W_enc.T + b_enc)
+    z = torch.zeros_like(pre).scatter(1, idx, pre.gather(1, idx))
+    x_hat = z @ W_dec + b_dec
+    return x_hat
+
+
+@pytest.mark.parametrize("sparse_grad", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,d,F,k", [(1, 24, 50, 1), (9, 24, 50, 8), (64, 100, 1000, 33)])
+def test_encode_decode_gradients_match_dense_autograd(B, d, F, k, dtype, sparse_grad):
+    x, W_enc, b_enc, b_pre = make_encoder(B, d, F, dtype, seed=11 + B + k)
+    g = torch.Generator().manual_seed(12)
+    b_enc = (b_enc.float() - 0.05).to(dtype)  # some rows end with fewer than k positive values
+    W_dec = torch.randn(F, d, generator=g).to(dtype)
+    b_dec = torch.randn(d, generator=g).to(dtype)
+    grad_out = torch.randn(B, d, generator=g).to(dtype)
+    leaves = [t.clone().requires_grad_() for t in (x, W_enc, b_enc, b_pre, W_dec, b_dec)]
+    lx, lWe, lbe, lbp, lWd, lbd = leaves
+    vals, idx = ops.topk_encode(lx, lWe, lbe, k, b_pre=lbp, backend="torch", sparse_grad=sparse_grad)
+    x_hat = ops.sparse_decode(vals, idx, lWd, lbd, backend="torch", sparse_grad=sparse_grad)
+    x_hat.backward(grad_out)
+
+    refs = [t.detach().double().requires_grad_() for t in leaves]
+    ref_hat = dense_sae_loss(*refs[:4], refs[4], refs[5], idx)
+    ref_hat.backward(grad_out.double())
+
+    torch.testing.assert_close(x_hat.double(), ref_hat.detach(), **_tol(dtype, ref_hat))
+    for name, leaf, ref in zip(("x", "W_enc", "b_enc", "b_pre", "W_dec", "b_dec"), leaves, refs):
+        grad = leaf.grad
+        if name in ("W_enc", "b_enc", "W_dec"):
+            assert grad.is_sparse == sparse_grad, name
+            if sparse_grad:
+                fired = torch.unique(idx[vals > 0])
+                assert torch.equal(grad._indices()[0], fired), f"{name}: sparse rows are the features that fired"
+                grad = grad.to_dense()
+        assert grad.dtype == leaf.dtype, name
+        torch.testing.assert_close(grad.double(), ref.grad, **_tol(dtype, ref.grad), msg=lambda m: f"{name}: {m}")
+
+
+def _tol(dtype, ref):
+    scale = ref.detach().abs().max().clamp_min(1.0).item()
+    return {"atol": 4 * TOL[dtype] * scale, "rtol": 4 * TOL[dtype]}
+
+
+def test_sparse_decode_matches_float64_reference():
+    g = torch.Generator().manual_seed(14)
+    for dtype in DTYPES:
+        vals = torch.rand(9, 8, generator=g).to(dtype)
+        idx = torch.randint(0, 50, (9, 8), generator=g)
+        idx[3] = idx[0]  # the same features in several tokens
+        W = torch.randn(50, 24, generator=g).to(dtype)
+        b = torch.randn(24, generator=g).to(dtype)
+        x_hat = ops.sparse_decode(vals, idx, W, b, backend="torch")
+        ref = torch.einsum("tk,tkd->td", vals.double(), W.double()[idx]) + b.double()
+        assert x_hat.dtype == dtype
+        torch.testing.assert_close(x_hat.double(), ref, atol=2 * TOL[dtype] * ref.abs().max().item(), rtol=0)
+
+
+def test_torch_encoder_memory_stays_far_below_dense_preactivations():
+    B, d, F, k = 256, 16, 1 << 18, 32
+    x, W, b, _ = make_encoder(B, d, F, torch.float32, seed=15)
+    with AllocationLog() as log:
+        vals, idx = ops.topk_encode(x, W, b, k, backend="torch")
+    dense_bytes = B * F * 4
+    assert log.peak_bytes < dense_bytes / 2, (log.peak_bytes, dense_bytes)
+    assert log.largest_numel < B * F
+    # The detector itself sees a dense [B, F] product when one is made.
+    with AllocationLog() as dense_log:
+        torch.relu(x @ W.T + b).topk(k)
+    assert dense_log.peak_bytes >= dense_bytes
+
+
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda x, W, b: ops.topk_encode(x, W, b, 0), "k must be in"),
+        (lambda x, W, b: ops.topk_encode(x, W, b, 51), "k must be in"),
+        (lambda x, W, b: ops.topk_encode(x, W, b, 2.0), "k must be an int"),
+        (lambda x, W, b: ops.topk_encode(x[:, :5], W, b, 3), "x has 5 columns"),
+        (lambda x, W, b: ops.topk_encode(x, W, b[:7], 3), "b_enc must have shape"),
+        (lambda x, W, b: ops.topk_encode(x, W.double(), b, 3), "W_enc must be float32"),
+        (lambda x, W, b: ops.topk_encode(x, W.half(), b, 3), "W_enc has dtype"),
+        (lambda x, W, b: ops.topk_encode(x[0], W, b, 3), "x must be 2-D"),
+        (lambda x, W, b: ops.topk_encode(x, W, b, 3, b_pre=x[0, :3]), "b_pre must have shape"),
+        (lambda x, W, b: ops.topk_encode(x, W, b, 3, backend="cuda"), "backend must be one of"),
+        (lambda x, W, b: ops.sparse_decode(x[:, :4], torch.zeros(3, 4, dtype=torch.int32), W, b[:8]), "idx must be an int64"),
+        (lambda x, W, b: ops.sparse_decode(x[:, :4], torch.full((3, 4), 50), W, b[:8]), "idx entries must lie in"),
+        (lambda x, W, b: ops.sparse_decode(x[:, :4], torch.zeros(3, 5, dtype=torch.long), W, b[:8]), "idx must have shape"),
+    ],
+)
+def test_bad_arguments_raise_errors_naming_them(call, message):
+    g = torch.Generator().manual_seed(16)
+    x, W, b = torch.randn(3, 8, generator=g), torch.randn(50, 8, generator=g), torch.randn(50, generator=g)
+    with pytest.raises((ValueError, TypeError), match=message):
+        call(x, W, b)
+
+
+def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        ops.resolve_backend("triton", torch.device("cpu"))
+    assert ops.resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert ops.resolve_backend("auto", torch.device("cuda")) == "triton"
+
+
+def test_non_contiguous_inputs_give_the_same_result():
+    x, W, b, b_pre = make_encoder(7, 40, 100, torch.float32, seed=17)
+    W_t = W.T.contiguous().T  # same values, column-major
+    x_t = x.T.contiguous().T
+    assert not W_t.is_contiguous() and not x_t.is_contiguous()
+    a = ops.topk_encode(x, W, b, 5, b_pre=b_pre, backend="torch")
+    c = ops.topk_encode(x_t, W_t, b, 5, b_pre=b_pre, backend="torch")
+    assert torch.equal(a[0], c[0]) and torch.equal(a[1], c[1])
