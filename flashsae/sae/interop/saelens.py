@@ -1,0 +1,208 @@
+"""SAELens (``sae-lens``) TopK format: export / import, and our ops inside SAELens' own SAEs.
+
+SAELens ``topk`` SAE on disk: ``cfg.json`` + ``sae_weights.safetensors`` holding
+``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``, ``b_dec [d_in]``, read by
+``sae_lens.SAE.load_from_disk``. Its forward:
+``z = relu(topk((x - b_dec * apply_b_dec_to_input) @ W_enc + b_enc) [* ||W_dec rows||])``,
+``x_hat = z [/ ||W_dec rows||] @ W_dec + b_dec`` (the bracketed factors when
+``rescale_acts_by_decoder_norm``). Ours is the same map with ``W_enc`` stored transposed,
+``apply_b_dec_to_input=True`` and ``rescale_acts_by_decoder_norm=False``; other settings are folded
+into the weights on import. This module does not import ``sae_lens``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ... import ops
+from ..checkpoint import atomic_write
+from ..model import TopKSAE, dtype_name, parse_dtype
+from ._common import FLASHSAE_METADATA_KEY, build_sae, patch_methods, raw_space_weights
+
+CONFIG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+FORMAT_VERSION = "6.0.0"
+"""``metadata.sae_lens_version`` we write: SAELens reads configs older than 6.0 as the legacy format."""
+# normalize_activations values for which SAELens' SAE forward is the identity on its input (the
+# scaling, if any, happens outside the SAE), so the weights alone define the map.
+_INPUT_PASSTHROUGH_NORMS = ("none", "expected_average_only_in", "covariance_whitening")
+# Our metadata keys that SAELens' SAEMetadata knows by the same name.
+_SHARED_METADATA = ("model_name", "hook_name", "hook_head_index", "dataset_path", "context_size")
+
+
+def export_saelens(sae: TopKSAE, out_dir: str | os.PathLike) -> Path:
+    """Write ``sae`` as a SAELens ``topk`` SAE (``cfg.json`` + ``sae_weights.safetensors``) into ``out_dir``.
+
+    A ``norm_scale`` in the metadata is folded into the weights (SAELens' own
+    ``fold_activation_norm_scaling_factor``), so the exported SAE takes raw activations and
+    ``normalize_activations`` is ``"none"``. Weights keep the SAE's dtype.
+    """
+    weights, metadata = raw_space_weights(sae)
+    dtype = sae.dtype
+    tensors = {
+        "W_enc": weights["W_enc"].T.contiguous().to(dtype),
+        "b_enc": weights["b_enc"].to(dtype),
+        "W_dec": weights["W_dec"].to(dtype),
+        "b_dec": weights["b_dec"].to(dtype),
+    }
+    their_metadata: dict[str, Any] = {"sae_lens_version": FORMAT_VERSION, FLASHSAE_METADATA_KEY: metadata}
+    their_metadata.update({key: metadata[key] for key in _SHARED_METADATA if key in metadata})
+    cfg = {
+        "architecture": "topk",
+        "d_in": sae.d_model,
+        "d_sae": sae.n_features,
+        "k": sae.k,
+        "dtype": dtype_name(dtype),
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "rescale_acts_by_decoder_norm": False,
+        "metadata": their_metadata,
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp))
+    atomic_write(out / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2)))
+    return out
+
+
+def import_saelens(path: str | os.PathLike, *, dtype: torch.dtype | None = None, **kwargs: Any) -> TopKSAE:
+    """Read a SAELens ``topk`` SAE directory into a `TopKSAE` computing the same map.
+
+    ``rescale_acts_by_decoder_norm`` is folded (W_enc and b_enc scaled by the decoder row norms,
+    W_dec rows divided by them: SAELens' ``fold_W_dec_norm``); ``apply_b_dec_to_input=False`` is
+    folded into the encoder bias (``b_enc' = b_enc + W_enc @ b_dec``). Input normalizations that
+    happen inside SAELens' forward (``layer_norm``, ``constant_norm_rescale``) cannot be expressed
+    and raise ValueError; ``normalize_activations`` and ``reshape_activations`` are kept in the
+    metadata. ``dtype`` defaults to the config's; ``kwargs`` go to `TopKSAE` (backend, sparse_grad).
+    """
+    folder = Path(path)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder} is not a SAELens SAE directory: {name} is missing")
+    cfg = json.loads((folder / CONFIG_FILE).read_text())
+    architecture = cfg.get("architecture")
+    if architecture != "topk":
+        raise ValueError(f"only SAELens architecture 'topk' can be imported, got {architecture!r}")
+    norm = cfg.get("normalize_activations", "none")
+    if norm not in _INPUT_PASSTHROUGH_NORMS:
+        raise ValueError(
+            f"normalize_activations={norm!r} normalizes each input inside the SAE, which TopKSAE cannot "
+            f"express; supported: {_INPUT_PASSTHROUGH_NORMS}"
+        )
+    state = {name: t.to(torch.float64) for name, t in load_file(str(folder / WEIGHTS_FILE)).items()}
+    extra = sorted(set(state) - {"W_enc", "b_enc", "W_dec", "b_dec"})
+    if extra:
+        raise ValueError(f"unexpected tensors in {folder / WEIGHTS_FILE}: {extra}")
+    W_enc, b_enc, W_dec, b_dec = state["W_enc"].T, state["b_enc"], state["W_dec"], state["b_dec"]
+    if cfg.get("rescale_acts_by_decoder_norm", False):
+        norms = W_dec.norm(dim=-1)
+        W_enc, b_enc, W_dec = W_enc * norms[:, None], b_enc * norms, W_dec / norms.clamp_min(1e-8)[:, None]
+    if not cfg.get("apply_b_dec_to_input", True):
+        b_enc = b_enc + W_enc @ b_dec
+    their_metadata = dict(cfg.get("metadata") or {})
+    metadata = dict(their_metadata.pop(FLASHSAE_METADATA_KEY, None) or {})
+    metadata.update({key: their_metadata[key] for key in _SHARED_METADATA if their_metadata.get(key) is not None})
+    if norm != "none":
+        metadata["normalize_activations"] = norm
+    if cfg.get("reshape_activations", "none") != "none":
+        metadata["reshape_activations"] = cfg["reshape_activations"]
+    dtype = dtype if dtype is not None else parse_dtype(cfg.get("dtype", "float32").removeprefix("torch."))
+    return build_sae(W_enc, b_enc, W_dec, b_dec, int(cfg["k"]), dtype=dtype, metadata=metadata, **kwargs)
+
+
+def patch_saelens(sae: Any, *, backend: str = "auto", sparse_grad: bool = False) -> Any:
+    """Run a SAELens TopK SAE (``TopKSAE`` or ``TopKTrainingSAE``) on `flashsae.ops`, in place.
+
+    ``encode`` / ``encode_with_hidden_pre`` select the top-k with `ops.topk_encode` (no dense
+    pre-activation matmul) and ``decode`` of the activations they return runs `ops.sparse_decode`;
+    everything else (hooks on the input and reconstruction, activation normalization, the loss,
+    ``training_forward_pass``, SAELens' ``SAETrainer``, its optimizer) is SAELens' own code and
+    gradients land in the SAE's own parameters. The map is the same, including
+    ``apply_b_dec_to_input`` and ``rescale_acts_by_decoder_norm``.
+
+    What differs: ``feature_acts`` is still the dense [..., d_sae] tensor SAELens' API promises, but
+    built by a scatter of the k values; the dense pre-activations (``hidden_pre``, and the
+    ``hook_sae_acts_pre`` hook) are computed only when the TopK auxiliary loss needs them (a step
+    whose ``dead_neuron_mask`` has dead features, or a direct ``encode_with_hidden_pre`` call);
+    otherwise ``hidden_pre`` is an empty [..., 0] tensor. ``decode`` of any other tensor falls back
+    to SAELens' decode. Ops run in the parameters' dtype (autocast does not change them).
+    ``sparse_grad=True`` gives sparse COO gradients (only for optimizers that take them).
+    Returns ``sae``; `flashsae.sae.interop.unpatch` restores it.
+    """
+    cfg = getattr(sae, "cfg", None)
+    architecture = cfg.architecture() if cfg is not None and hasattr(cfg, "architecture") else None
+    if architecture != "topk":
+        raise ValueError(f"patch_saelens needs a SAELens 'topk' SAE, got architecture {architecture!r}")
+    if backend not in ops.BACKENDS:
+        raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
+    sae._flashsae_options = {"backend": backend, "sparse_grad": sparse_grad}
+    methods: dict[str, Any] = {"decode": _decode, "encode": _encode}
+    if hasattr(sae, "encode_with_hidden_pre"):
+        methods.update(encode_with_hidden_pre=_encode_with_hidden_pre, training_forward_pass=_training_forward_pass)
+    patch_methods(sae, methods)
+    return sae
+
+
+def _sparse_encode(sae: Any, x: torch.Tensor, dense_pre: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(feature_acts [..., d_sae] dense, hidden_pre [..., d_sae] or [..., 0]) on ``ops.topk_encode``."""
+    opts = sae._flashsae_options
+    sae_in = sae.process_sae_in(x)  # dtype cast, reshaping, input hook, normalization, minus b_dec
+    lead, d_in = sae_in.shape[:-1], sae_in.shape[-1]
+    W_enc, b_enc = sae.W_enc.T, sae.b_enc  # [d_sae, d_in], [d_sae]
+    norms = None
+    if sae.cfg.rescale_acts_by_decoder_norm:
+        norms = sae.W_dec.norm(dim=-1)
+        W_enc, b_enc = W_enc * norms[:, None], b_enc * norms
+    vals, idx = ops.topk_encode(
+        sae_in.reshape(-1, d_in), W_enc, b_enc, sae.cfg.k, backend=opts["backend"], sparse_grad=opts["sparse_grad"]
+    )
+    feature_acts = vals.new_zeros(vals.shape[0], sae.cfg.d_sae).scatter(-1, idx, vals).reshape(*lead, -1)
+    feature_acts = sae.hook_sae_acts_post(feature_acts)
+    sae._flashsae_last = (feature_acts, vals, idx, norms, lead)
+    if dense_pre:  # SAELens' own formula, differentiable, as its aux loss expects
+        hidden_pre = sae.hook_sae_acts_pre(sae_in @ sae.W_enc + sae.b_enc)
+        if norms is not None:
+            hidden_pre = hidden_pre * norms
+    else:
+        hidden_pre = sae_in.new_empty(*lead, 0)
+    return feature_acts, hidden_pre
+
+
+def _encode(sae: Any, x: torch.Tensor) -> torch.Tensor:
+    return _sparse_encode(sae, x, dense_pre=False)[0]
+
+
+def _encode_with_hidden_pre(sae: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    need = sae.__dict__.get("_flashsae_need_dense")
+    return _sparse_encode(sae, x, dense_pre=True if need is None else need)
+
+
+def _training_forward_pass(sae: Any, step_input: Any) -> Any:
+    mask = step_input.dead_neuron_mask
+    # SAELens' TopK aux loss reads hidden_pre only when some feature is dead.
+    sae._flashsae_need_dense = mask is not None and bool(mask.any())
+    try:
+        return type(sae).training_forward_pass(sae, step_input)
+    finally:
+        sae._flashsae_need_dense = None
+
+
+def _decode(sae: Any, feature_acts: torch.Tensor) -> torch.Tensor:
+    last = sae.__dict__.pop("_flashsae_last", None)
+    if last is None or last[0] is not feature_acts:
+        return type(sae).decode(sae, feature_acts)
+    _, vals, idx, norms, lead = last
+    if norms is not None:  # rescale_acts_by_decoder_norm: activations divided by the decoder row norms
+        vals = vals / norms[idx]
+    opts = sae._flashsae_options
+    out = ops.sparse_decode(vals, idx, sae.W_dec, sae.b_dec, backend=opts["backend"], sparse_grad=opts["sparse_grad"])
+    out = sae.hook_sae_recons(out.reshape(*lead, -1))
+    out = sae.run_time_activation_norm_fn_out(out)
+    return sae.reshape_fn_out(out, sae.d_head)
