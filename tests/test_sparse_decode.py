@@ -16,7 +16,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
 BACKENDS = ["torch", "triton"]
 # (B, d, F, k): a covering set of odd shapes, every B, d, F, k value of the plan at least once.
-SHAPES = [(1, 24, 50, 1), (9, 100, 1000, 8), (64, 24, 50, 33), (9, 24, 1000, 33), (64, 100, 1000, 8)]
+SHAPES = [(1, 24, 50, 1), (9, 100, 1000, 8), (64, 24, 50, 33), (9, 24, 1000, 33)]
 
 
 @pytest.fixture(autouse=True)
@@ -93,7 +93,7 @@ def make_encoder(B, d, F, dtype, seed):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,d,F,k", [(1, 24, 50, 1), (9, 100, 1000, 8), (64, 24, 50, 33), (9, 24, 1000, 33)])
+@pytest.mark.parametrize("B,d,F,k", SHAPES)
 def test_topk_encode_grads_match_float64_autograd(B, d, F, k, dtype, backend):
     x, W, b, b_pre = make_encoder(B, d, F, dtype, seed=7 * B + F + k)
     g = torch.Generator().manual_seed(k)
@@ -155,7 +155,7 @@ def test_segment_rows_with_shift_matches_torch_backend():
 
 
 def test_segment_rows_is_deterministic():
-    B, d, F, k = 64, 100, 50, 33
+    B, d, F, k = 32, 100, 50, 33
     vals, idx, _, _, grad_out = make_decode(B, d, F, k, torch.float32, seed=11)
     first = triton_sd.sparse_decode_backward(grad_out, vals, idx, torch.randn(F, d))
     second = triton_sd.sparse_decode_backward(grad_out, vals, idx, torch.randn(F, d))
