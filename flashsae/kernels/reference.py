@@ -165,3 +165,71 @@ def topk_encode_backward(
         xc = xc - b_pre.to(torch.float32)
     rows, grad_W_rows, grad_b_rows = segment_rows(grad_pre, idx, xc, fired)
     return grad_x, rows, grad_W_rows, grad_b_rows
+
+
+def adam_row_scalars(
+    step: torch.Tensor, rows: torch.Tensor | None, lr: float, beta1: float, beta2: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Advance the per-row step counts of the touched rows and return their Adam scalars.
+
+    step [n] int64 is incremented in place at ``rows`` ([U] int64, unique; None = every row).
+    Returns step_size = lr / (1 - beta1**t) and bc2_sqrt = sqrt(1 - beta2**t), both fp32 [U]
+    (computed in float64, as torch.optim.Adam does, then rounded).
+    """
+    if rows is None:
+        t = step.add_(1).to(torch.float64)
+    else:
+        t_int = step[rows] + 1
+        step[rows] = t_int
+        t = t_int.to(torch.float64)
+    step_size = lr / (1 - beta1**t)
+    bc2_sqrt = (1 - beta2**t).sqrt()
+    return step_size.to(torch.float32), bc2_sqrt.to(torch.float32)
+
+
+def sparse_adam_step_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    rows: torch.Tensor | None,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: torch.Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    unit_norm: bool = False,
+) -> None:
+    """One lazy Adam step on the touched rows of ``param``, in place; other rows are not read or written.
+
+    param [n, m] (any float dtype), exp_avg / exp_avg_sq [n, m] fp32 | bf16, step [n] int64;
+    grad [U, m] holds the gradient of rows ``rows`` [U] int64 (unique), or is [n, m] with rows=None
+    (every row). Math in fp32. ``unit_norm``: remove each gradient row's component along its
+    parameter row first, and rescale the updated rows to unit norm after the step.
+    """
+    step_size, bc2_sqrt = adam_row_scalars(step, rows, lr, beta1, beta2)
+    pick = (lambda t: t) if rows is None else (lambda t: t[rows])
+    w = pick(param).to(torch.float32)
+    g = grad.to(torch.float32)
+    if unit_norm:
+        along = (g * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        g = g - along * w
+    m = pick(exp_avg).to(torch.float32)
+    v = pick(exp_avg_sq).to(torch.float32)
+    m = m + (1 - beta1) * (g - m)
+    v = beta2 * v + (1 - beta2) * g * g
+    w = w - step_size[:, None] * m / (v.sqrt() / bc2_sqrt[:, None] + eps)
+    new = w.to(param.dtype)
+    if unit_norm:
+        # Rescale the stored (rounded) row by the norm of the fp32 row, as the Triton kernel does.
+        norm = w.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        new = (new.to(torch.float32) / norm).to(param.dtype)
+    if rows is None:
+        param.copy_(new)
+        exp_avg.copy_(m)
+        exp_avg_sq.copy_(v)
+    else:
+        param[rows] = new
+        exp_avg[rows] = m.to(exp_avg.dtype)
+        exp_avg_sq[rows] = v.to(exp_avg_sq.dtype)

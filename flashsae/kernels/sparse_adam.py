@@ -1,0 +1,112 @@
+"""Triton row-sparse Adam step: reads and writes only the touched rows of a parameter and its moments.
+
+Same signature and semantics as `flashsae.kernels.reference.sparse_adam_step_`: lazy Adam with a
+per-row step count, optional unit-norm rows (gradient component along the row removed before the
+step, row rescaled to unit norm after it), fused in one kernel so each touched row is read and
+written once (plus one re-read of the row when it is rescaled).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import adam_row_scalars
+
+TILE_ELEMENTS = 4096
+MAX_BLOCK_D = 256
+_TINY = 1.1754943508222875e-38  # smallest normal fp32
+
+
+# Tiling: one program owns BLOCK_R touched rows and sweeps their m columns in BLOCK_D chunks:
+# pass 1 (UNIT_NORM only) forms <g, w> and <w, w> per row, pass 2 updates the moments and the row
+# and accumulates the new row's squared norm, pass 3 (UNIT_NORM only) re-reads the row it just wrote
+# and divides it by that norm.
+@triton.jit
+def _sparse_adam_kernel(
+    param_ptr, grad_ptr, rows_ptr, m_ptr, v_ptr, step_size_ptr, bc2_sqrt_ptr,
+    n_rows, width, beta1, beta2, eps,
+    HAS_ROWS: tl.constexpr, UNIT_NORM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    r = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    row_mask = r < n_rows
+    if HAS_ROWS:
+        prow = tl.load(rows_ptr + r, mask=row_mask, other=0)
+    else:
+        prow = r
+    step_size = tl.load(step_size_ptr + r, mask=row_mask, other=0.0)
+    bc2_sqrt = tl.load(bc2_sqrt_ptr + r, mask=row_mask, other=1.0)
+    along = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    if UNIT_NORM:
+        gw = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        ww = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for c0 in range(0, width, BLOCK_D):
+            cols = c0 + tl.arange(0, BLOCK_D).to(tl.int64)
+            mask = row_mask[:, None] & (cols < width)[None, :]
+            g = tl.load(grad_ptr + r[:, None] * width + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(param_ptr + prow[:, None] * width + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            gw += tl.sum(g * w, axis=1)
+            ww += tl.sum(w * w, axis=1)
+        along = gw / tl.maximum(ww, _TINY)
+    sq_norm = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for c0 in range(0, width, BLOCK_D):
+        cols = c0 + tl.arange(0, BLOCK_D).to(tl.int64)
+        mask = row_mask[:, None] & (cols < width)[None, :]
+        at = prow[:, None] * width + cols[None, :]
+        g = tl.load(grad_ptr + r[:, None] * width + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(param_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        m = tl.load(m_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        if UNIT_NORM:
+            g = g - along[:, None] * w
+        m = m + (1.0 - beta1) * (g - m)
+        v = beta2 * v + (1.0 - beta2) * g * g
+        w = w - step_size[:, None] * m / (tl.sqrt(v) / bc2_sqrt[:, None] + eps)
+        w = tl.where(mask, w, 0.0)
+        sq_norm += tl.sum(w * w, axis=1)
+        tl.store(m_ptr + at, m.to(m_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_ptr + at, v.to(v_ptr.dtype.element_ty), mask=mask)
+        tl.store(param_ptr + at, w.to(param_ptr.dtype.element_ty), mask=mask)
+    if UNIT_NORM:
+        tl.debug_barrier()
+        norm = tl.maximum(tl.sqrt(sq_norm), _TINY)
+        for c0 in range(0, width, BLOCK_D):
+            cols = c0 + tl.arange(0, BLOCK_D).to(tl.int64)
+            mask = row_mask[:, None] & (cols < width)[None, :]
+            at = prow[:, None] * width + cols[None, :]
+            w = tl.load(param_ptr + at, mask=mask, other=0.0).to(tl.float32)
+            tl.store(param_ptr + at, (w / norm[:, None]).to(param_ptr.dtype.element_ty), mask=mask)
+
+
+def sparse_adam_step_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    rows: torch.Tensor | None,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: torch.Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    unit_norm: bool = False,
+) -> None:
+    """One lazy Adam step on the touched rows of ``param``, in place (see reference.sparse_adam_step_).
+
+    param [n, m], exp_avg / exp_avg_sq [n, m] fp32 | bf16, step [n] int64, all contiguous;
+    grad [U, m] contiguous for rows ``rows`` [U] int64 unique, or [n, m] with rows=None.
+    """
+    step_size, bc2_sqrt = adam_row_scalars(step, rows, lr, beta1, beta2)
+    n_touched, width = grad.shape
+    if n_touched == 0 or width == 0:
+        return
+    block_d = min(MAX_BLOCK_D, triton.next_power_of_2(max(width, 16)))
+    block_r = max(1, TILE_ELEMENTS // block_d)
+    grid = (triton.cdiv(n_touched, block_r),)
+    _sparse_adam_kernel[grid](
+        param, grad, rows if rows is not None else step, exp_avg, exp_avg_sq, step_size, bc2_sqrt,
+        n_touched, width, float(beta1), float(beta2), float(eps),
+        HAS_ROWS=rows is not None, UNIT_NORM=unit_norm, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=8,
+    )

@@ -1,0 +1,246 @@
+"""SparseAdam: torch.optim.Adam when every row is touched, a plain-Python lazy Adam when rows are skipped."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import io
+import math
+import sys
+
+import pytest
+import torch
+
+from flashsae import TopKSAE
+from flashsae.kernels import reference
+from flashsae.optim import SparseAdam
+
+BACKENDS = ["torch", "triton"]
+LR, BETAS, EPS = 1e-2, (0.9, 0.999), 1e-8
+
+
+@pytest.fixture(autouse=True)
+def _encoder_forward(monkeypatch):
+    """The SAE tests need an encoder forward on the Triton backend; use the torch one if it is not built."""
+    if importlib.util.find_spec("flashsae.kernels.topk_encode") is None:
+        monkeypatch.setitem(sys.modules, "flashsae.kernels.topk_encode", reference)
+
+
+def sparse_rows_grad(rows: torch.Tensor, values: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.sparse_coo_tensor(rows[None], values, shape, is_coalesced=True, check_invariants=True)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bit pattern, so NaN == NaN and -0.0 != 0.0."""
+    return t.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_torch_adam_when_every_row_is_touched(backend):
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(37, 20, generator=g), torch.randn(37, generator=g), torch.randn(5, 3, generator=g), torch.randn((), generator=g)]
+    ours = [torch.nn.Parameter(p.clone()) for p in params]
+    theirs = [torch.nn.Parameter(p.clone()) for p in params]
+    opt = SparseAdam(ours, lr=LR, betas=BETAS, eps=EPS, backend=backend)
+    ref = torch.optim.Adam(theirs, lr=LR, betas=BETAS, eps=EPS)
+    for _ in range(6):
+        grads = [torch.randn(p.shape, generator=g) for p in params]
+        all_rows = torch.arange(37)
+        ours[0].grad = sparse_rows_grad(all_rows, grads[0], (37, 20))  # sparse, every row
+        ours[1].grad = sparse_rows_grad(all_rows, grads[1], (37,))  # sparse 1-D (like b_enc)
+        ours[2].grad, ours[3].grad = grads[2].clone(), grads[3].clone()  # dense
+        for p, grad in zip(theirs, grads):
+            p.grad = grad.clone()
+        opt.step()
+        ref.step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert torch.equal(opt.state[ours[0]]["step"], torch.full((37,), 6))
+
+
+def lazy_adam_reference(w0, steps, unit_norm):
+    """Plain-Python float64 lazy Adam, one row at a time: per-row step counts, untouched rows frozen."""
+    w = w0.double().clone()
+    m, v = torch.zeros_like(w), torch.zeros_like(w)
+    t = [0] * w.shape[0]
+    b1, b2 = BETAS
+    for rows, grads in steps:
+        for r, gr in zip(rows.tolist(), grads.double()):
+            if unit_norm:
+                gr = gr - (gr @ w[r]) / (w[r] @ w[r]) * w[r]
+            t[r] += 1
+            m[r] = b1 * m[r] + (1 - b1) * gr
+            v[r] = b2 * v[r] + (1 - b2) * gr * gr
+            m_hat, v_hat = m[r] / (1 - b1 ** t[r]), v[r] / (1 - b2 ** t[r])
+            w[r] = w[r] - LR * m_hat / (v_hat.sqrt() + EPS)
+            if unit_norm:
+                w[r] = w[r] / w[r].norm()
+    return w, m, v, torch.tensor(t)
+
+
+def skipping_steps(n_rows, width, n_steps, seed):
+    """Random row subsets per step; rows 0..2 are never touched, row 3 every step."""
+    g = torch.Generator().manual_seed(seed)
+    steps = []
+    for _ in range(n_steps):
+        chosen = torch.randperm(n_rows - 4, generator=g)[: (n_rows - 4) // 3] + 4
+        rows = torch.cat([torch.tensor([3]), chosen]).sort().values
+        steps.append((rows, torch.randn(rows.numel(), width, generator=g)))
+    return steps
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("unit_norm", [False, True])
+def test_lazy_semantics_match_plain_python_reference(backend, unit_norm):
+    n_rows, width = 41, 19
+    g = torch.Generator().manual_seed(1)
+    w0 = torch.randn(n_rows, width, generator=g)
+    if unit_norm:
+        w0 = w0 / w0.norm(dim=1, keepdim=True)
+    w0[:3] = float("nan")  # never touched: must come out bit-identical, NaN and all
+    steps = skipping_steps(n_rows, width, 5, seed=2)
+    param = torch.nn.Parameter(w0.clone())
+    opt = SparseAdam([param], lr=LR, betas=BETAS, eps=EPS, backend=backend, unit_norm=[param] if unit_norm else [])
+    for i, (rows, grads) in enumerate(steps):
+        param.grad = sparse_rows_grad(rows, grads, (n_rows, width))
+        before = {k: v.clone() for k, v in opt.state[param].items()}
+        w_before = param.detach().clone()
+        opt.step()
+        untouched = torch.ones(n_rows, dtype=torch.bool)
+        untouched[rows] = False
+        assert torch.equal(bits(param.detach()[untouched]), bits(w_before[untouched]))
+        for key, value in before.items():
+            assert torch.equal(bits(opt.state[param][key][untouched]), bits(value[untouched])), key
+    w_ref, m_ref, v_ref, t_ref = lazy_adam_reference(w0, steps, unit_norm)
+    live = slice(3, None)
+    torch.testing.assert_close(param.detach()[live].double(), w_ref[live], atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(opt.state[param]["exp_avg"][live].double(), m_ref[live], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(opt.state[param]["exp_avg_sq"][live].double(), v_ref[live], atol=1e-6, rtol=1e-5)
+    assert torch.equal(opt.state[param]["step"], t_ref)
+    if unit_norm:
+        norms = param.detach()[live].double().norm(dim=1)
+        torch.testing.assert_close(norms, torch.ones_like(norms), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_moments_stay_close_to_fp32_lazy_adam(backend):
+    n_rows, width, n_steps = 41, 19, 5
+    w0 = torch.randn(n_rows, width, generator=torch.Generator().manual_seed(3))
+    steps = skipping_steps(n_rows, width, n_steps, seed=4)
+    param = torch.nn.Parameter(w0.clone())
+    opt = SparseAdam([param], lr=LR, moment_dtype=torch.bfloat16, backend=backend)
+    for rows, grads in steps:
+        param.grad = sparse_rows_grad(rows, grads, (n_rows, width))
+        opt.step()
+    assert opt.state[param]["exp_avg"].dtype == opt.state[param]["exp_avg_sq"].dtype == torch.bfloat16
+    w_ref = lazy_adam_reference(w0, steps, unit_norm=False)[0]
+    # bf16 moments carry ~2^-8 relative error; each update is at most ~lr per element.
+    err = (param.detach().double() - w_ref).abs().max().item()
+    assert err <= 2e-2 * LR * n_steps, err
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_params_follow_fp32_lazy_adam(backend):
+    n_rows, width = 41, 19
+    w0 = torch.randn(n_rows, width, generator=torch.Generator().manual_seed(5)).bfloat16()
+    steps = skipping_steps(n_rows, width, 3, seed=6)
+    param = torch.nn.Parameter(w0.clone())
+    opt = SparseAdam([param], lr=LR, backend=backend)
+    for rows, grads in steps:
+        param.grad = sparse_rows_grad(rows, grads.bfloat16(), (n_rows, width))
+        opt.step()
+    w_ref = lazy_adam_reference(w0, [(r, gr.bfloat16()) for r, gr in steps], unit_norm=False)[0]
+    assert param.dtype == torch.bfloat16
+    torch.testing.assert_close(param.detach().double(), w_ref, atol=2e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("moment_dtype,param_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
+def test_state_dict_round_trip_resumes_bit_identically(moment_dtype, param_dtype):
+    n_rows, width = 23, 7
+    steps = skipping_steps(n_rows, width, 4, seed=7)
+    param = torch.nn.Parameter(torch.randn(n_rows, width).to(param_dtype))
+    bias = torch.nn.Parameter(torch.randn(width).to(param_dtype))
+    opt = SparseAdam([param, bias], lr=LR, moment_dtype=moment_dtype, backend="torch", unit_norm=[param])
+
+    def run(opt, param, bias, part):
+        for rows, grads in part:
+            param.grad = sparse_rows_grad(rows, grads.to(param_dtype), (n_rows, width))
+            bias.grad = grads[0].to(param_dtype)
+            opt.step()
+
+    run(opt, param, bias, steps[:2])
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    param2, bias2 = torch.nn.Parameter(param.detach().clone()), torch.nn.Parameter(bias.detach().clone())
+    opt2 = SparseAdam([param2, bias2], lr=LR, moment_dtype=moment_dtype, backend="torch", unit_norm=[param2])
+    buffer.seek(0)
+    opt2.load_state_dict(torch.load(buffer))
+    assert opt2.state[param2]["exp_avg"].dtype == moment_dtype
+    assert opt2.state[param2]["step"].dtype == torch.int64
+    run(opt, param, bias, steps[2:])
+    run(opt2, param2, bias2, steps[2:])
+    assert torch.equal(bits(param.detach()), bits(param2.detach()))
+    assert torch.equal(bits(bias.detach()), bits(bias2.detach()))
+    for key in ("exp_avg", "exp_avg_sq", "step"):
+        assert torch.equal(opt.state[param][key], opt2.state[param2][key])
+
+
+def test_rejects_bad_arguments():
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    with pytest.raises(TypeError, match="moment_dtype"):
+        SparseAdam([p], moment_dtype=torch.float16)
+    with pytest.raises(ValueError, match="unit_norm"):
+        SparseAdam([p], unit_norm=[torch.nn.Parameter(torch.randn(4, 3))])
+    with pytest.raises(ValueError, match="betas"):
+        SparseAdam([p], betas=(1.0, 0.999))
+    with pytest.raises(ValueError, match="backend"):
+        SparseAdam([p], backend="cuda")
+
+
+def sae_loss(sae, x):
+    return (sae(x).x_hat - x).pow(2).sum(-1).mean()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sae_sparse_training_step_equals_dense_adam_on_first_step(backend):
+    """Step 1 from fresh moments: rows without gradient do not move under Adam either, so both paths agree."""
+    d, F, k, B = 24, 300, 8, 33
+    x = torch.randn(B, d, generator=torch.Generator().manual_seed(8))
+    sparse = TopKSAE(d, F, k, backend=backend, sparse_grad=True)
+    dense = copy.deepcopy(sparse)
+    dense.sparse_grad = False
+    opt_s = SparseAdam(sparse.parameters(), lr=LR, backend=backend, unit_norm=[sparse.W_dec])
+    opt_d = torch.optim.Adam(dense.parameters(), lr=LR)
+    sae_loss(sparse, x).backward()
+    assert sparse.W_dec.grad.is_sparse and sparse.W_enc.grad.is_sparse and sparse.b_enc.grad.is_sparse
+    opt_s.step()
+    sae_loss(dense, x).backward()
+    dense.remove_parallel_grads_()
+    opt_d.step()
+    dense.normalize_decoder_()
+    for (name, a), b in zip(sparse.named_parameters(), dense.parameters()):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sae_sparse_training_reduces_loss_and_keeps_dead_rows_frozen(backend):
+    d, F, k, B = 24, 200, 4, 17
+    x = torch.randn(B, d, generator=torch.Generator().manual_seed(9))
+    sae = TopKSAE(d, F, k, backend=backend, sparse_grad=True)
+    opt = SparseAdam(sae.parameters(), lr=LR, backend=backend, unit_norm=[sae.W_dec])
+    start = {n: p.detach().clone() for n, p in sae.named_parameters()}
+    ever = torch.zeros(F, dtype=torch.bool)
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        loss = sae_loss(sae, x)
+        loss.backward()
+        ever[sae.W_dec.grad.coalesce().indices()[0]] = True
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0]
+    assert (~ever).any()
+    for name in ("W_enc", "W_dec", "b_enc"):
+        assert torch.equal(bits(getattr(sae, name).detach()[~ever]), bits(start[name][~ever])), name
+    norms = sae.W_dec.detach()[ever].norm(dim=1)
+    torch.testing.assert_close(norms, torch.ones_like(norms), atol=1e-6, rtol=0)
+    assert math.isfinite(losses[-1])
