@@ -1,6 +1,7 @@
 """flashsae: Triton kernels for million-feature TopK sparse autoencoders."""
-from . import ops
+from . import analysis, linalg, ops, optim
+from .sae import asi
 from .sae.model import SAEOutput, TopKSAE
 
-__all__ = ["ops", "TopKSAE", "SAEOutput"]
+__all__ = ["ops", "optim", "linalg", "analysis", "asi", "TopKSAE", "SAEOutput"]
 __version__ = "0.1.0"
