@@ -156,7 +156,8 @@ def test_in_memory_source_matches_a_store_with_the_same_shards_and_defaults_to_a
     x = torch.randn(120, 4)
     store = write_store(tmp_path, x, shard_tokens=30)
     run = dict(seed=9, epoch=3, shuffle_buffer=50)
-    assert all(torch.equal(a, b) for a, b in zip(drain(store, 12, **run), drain(InMemorySource(x, shard_tokens=30), 12, **run)))
+    in_memory = drain(InMemorySource(x, shard_tokens=30), 12, **run)
+    assert all(torch.equal(a, b) for a, b in zip(drain(store, 12, **run), in_memory))
     full = torch.cat(drain(InMemorySource(x), 12, seed=9, epoch=3))
     assert full.shape == x.shape
     assert torch.equal(full[full[:, 0].argsort()], x[x[:, 0].argsort()])

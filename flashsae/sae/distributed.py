@@ -162,9 +162,8 @@ def allreduce_gradients(model: nn.Module, *, average: bool = True) -> None:
     if not params:
         return
     # 0: no grad, 1: dense, 2: sparse; MAX over ranks so every rank makes the same calls.
-    kinds = torch.tensor(
-        [0 if p.grad is None else 2 if p.grad.is_sparse else 1 for p in params], dtype=torch.int64, device=params[0].device
-    )
+    codes = [0 if p.grad is None else 2 if p.grad.is_sparse else 1 for p in params]
+    kinds = torch.tensor(codes, dtype=torch.int64, device=params[0].device)
     dist.all_reduce(kinds, op=dist.ReduceOp.MAX)
     dense: dict[torch.dtype, list[nn.Parameter]] = {}
     for p, kind in zip(params, kinds.tolist()):
@@ -309,7 +308,8 @@ class FeatureParallelSAE(nn.Module):
     def from_full(
         cls, sae: TopKSAE, rank: int | None = None, world_size: int | None = None, **kwargs: Any
     ) -> "FeatureParallelSAE":
-        """This rank's slice of a full ``sae`` (same dtype, device, backend, sparse_grad, metadata unless overridden)."""
+        """This rank's slice of a full ``sae``; dtype, device, backend, sparse_grad, metadata as in ``sae``
+        unless given in ``kwargs``."""
         options = {
             "dtype": sae.dtype, "device": sae.W_dec.device, "backend": sae.backend,
             "sparse_grad": sae.sparse_grad, "metadata": sae.metadata, **kwargs,

@@ -213,8 +213,9 @@ class _ShardedSource:
         ``prefetch`` > 0 prepares up to that many batches in a background thread (its exceptions
         are raised here; closing the generator stops it); 0 works in the caller's thread.
         """
-        for name, value, low in (("batch_size", batch_size, 1), ("world_size", world_size, 1), ("prefetch", prefetch, 0),
-                                 ("start_batch", start_batch, 0)):
+        checks = (("batch_size", batch_size, 1), ("world_size", world_size, 1), ("prefetch", prefetch, 0),
+                  ("start_batch", start_batch, 0))
+        for name, value, low in checks:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         if not 0 <= rank < world_size:
@@ -361,7 +362,9 @@ class ActivationStore(_ShardedSource):
         self.shards: list[dict[str, Any]] = self.manifest["shards"]
         self.shard_sizes = [int(s["n_tokens"]) for s in self.shards]
         if sum(self.shard_sizes) != self.manifest["n_tokens"]:
-            raise ValueError(f"{path}: shard token counts sum to {sum(self.shard_sizes)}, n_tokens says {self.manifest['n_tokens']}")
+            raise ValueError(
+                f"{path}: shard token counts sum to {sum(self.shard_sizes)}, n_tokens says {self.manifest['n_tokens']}"
+            )
         for shard in self.shards:
             file = self.directory / shard["file"]
             if not file.is_file():
@@ -369,7 +372,8 @@ class ActivationStore(_ShardedSource):
             size = file.stat().st_size
             if size != shard["bytes"]:
                 raise ValueError(
-                    f"activation store {self.directory}: shard {shard['file']} has {size} bytes, manifest says {shard['bytes']}"
+                    f"activation store {self.directory}: shard {shard['file']} has {size} bytes, "
+                    f"manifest says {shard['bytes']}"
                 )
         self.verify_reads = verify_reads
 
@@ -422,7 +426,8 @@ class InMemorySource(_ShardedSource):
 
     def __init__(self, activations: torch.Tensor, *, shard_tokens: int | None = None) -> None:
         if not isinstance(activations, torch.Tensor) or activations.dim() != 2 or not activations.is_floating_point():
-            raise ValueError(f"activations must be a 2-D float tensor [N, d], got {getattr(activations, 'shape', type(activations))}")
+            got = getattr(activations, "shape", type(activations))
+            raise ValueError(f"activations must be a 2-D float tensor [N, d], got {got}")
         self.activations = activations.detach().cpu()
         self.d_model = activations.shape[1]
         n = activations.shape[0]
