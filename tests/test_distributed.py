@@ -238,3 +238,16 @@ def test_merging_local_topk_candidates_equals_the_global_topk(world, dtype):
     offsets = torch.tensor([offset for offset, _ in D.feature_split(F, world)])
     owner = torch.searchsorted(offsets, idx, right=True) - 1
     assert torch.equal(pos // k, owner)
+
+
+def test_init_distributed_is_a_single_process_no_op_without_torchrun(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    info = D.init_distributed()
+    assert (info.rank, info.world_size, info.is_main) == (0, 1, True)
+    assert not D.is_distributed() and D.get_world_size() == 1 and D.is_main()
+    sae = make_sae(F_DP, False)
+    sae(make_data()[:8]).x_hat.sum().backward()
+    before = sae.W_dec.grad.clone()
+    D.allreduce_gradients(sae)  # nothing to reduce with one process
+    assert torch.equal(sae.W_dec.grad, before)
