@@ -1,0 +1,253 @@
+"""Data- and feature-parallel training on 2 CPU processes (gloo) against a single-process run."""
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from flashsae import ops
+from flashsae.sae import distributed as D
+from flashsae.sae.model import TopKSAE
+from flashsae.sae.store import InMemorySource
+
+WORLD = 2
+D_MODEL, K, LOCAL_BATCH, STEPS = 16, 4, 12, 3
+F_DP, F_FP = 64, 101  # 101: an uneven feature split (51 + 50)
+SEED, EPOCH = 11, 0
+TIMEOUT_S = 80
+
+
+def make_sae(n_features: int, sparse_grad: bool) -> TopKSAE:
+    torch.manual_seed(0)
+    sae = TopKSAE(D_MODEL, n_features, K, backend="torch", sparse_grad=sparse_grad)
+    with torch.no_grad():
+        sae.W_enc.add_(0.2 * torch.randn_like(sae.W_enc))
+        sae.b_enc.copy_(0.1 * torch.randn(n_features))
+        sae.b_dec.copy_(0.1 * torch.randn(D_MODEL))
+    return sae
+
+
+def exact_grid(gen: torch.Generator, shape: tuple[int, ...], scale: float) -> torch.Tensor:
+    """Small multiples of ``scale`` (a power of two): their dot products are exact in fp32 in any
+    summation order, so a slice's pre-activations equal the whole dictionary's bit for bit."""
+    return torch.randint(-3, 4, shape, generator=gen).float() * scale
+
+
+def make_data() -> torch.Tensor:
+    gen = torch.Generator().manual_seed(123)
+    return torch.randn(LOCAL_BATCH * WORLD * STEPS + 5, D_MODEL, generator=gen)
+
+
+def make_optimizer(model: torch.nn.Module, sparse_grad: bool):
+    # torch's Adam takes no sparse gradients; SGD (no momentum) does.
+    if sparse_grad:
+        return torch.optim.SGD(model.parameters(), lr=0.05)
+    return torch.optim.Adam(model.parameters(), lr=1e-2)
+
+
+def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.to_dense().clone() for n, p in model.named_parameters()}
+
+
+def sparse_kinds(model: torch.nn.Module) -> dict[str, bool]:
+    return {n: p.grad.is_sparse for n, p in model.named_parameters()}
+
+
+def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: t.detach().clone() for n, t in model.state_dict().items()}
+
+
+def run_training(model, sparse_grad: bool, batches, parallel: str) -> dict:
+    """Train STEPS steps; record step-1 gradients, their kinds, the losses and the final weights."""
+    opt = make_optimizer(model, sparse_grad)
+    out: dict = {"losses": []}
+    for step, x in zip(range(STEPS), batches):
+        out["losses"].append(D.train_step(model, opt, x, parallel=parallel))
+        if step == 0:
+            out["grads"], out["sparse"] = grads(model), sparse_kinds(model)
+    out["state"] = state(model)
+    return out
+
+
+def tie_forward_case() -> tuple[TopKSAE, torch.Tensor]:
+    """Exact arithmetic with many exact ties (some across the split: 51..53 copy 0..2) and mostly
+    negative biases, so many rows have fewer than K positives (zero-filled slots)."""
+    gen = torch.Generator().manual_seed(5)
+    sae = make_sae(F_FP, False)
+    with torch.no_grad():
+        sae.W_enc.copy_(exact_grid(gen, (F_FP, D_MODEL), 0.25))
+        sae.W_enc[51:54] = sae.W_enc[0:3]
+        sae.b_enc.copy_(exact_grid(gen, (F_FP,), 0.125) - 2.0)
+        sae.b_dec.zero_()
+    return sae, exact_grid(gen, (40, D_MODEL), 0.5)
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    result: dict = {}
+    try:
+        info = D.init_distributed(timeout_s=TIMEOUT_S)
+        assert (info.rank, info.world_size) == (rank, WORLD) and D.is_main() == (rank == 0)
+        source = InMemorySource(make_data())
+        for sparse in (False, True):
+            local = source.batches(LOCAL_BATCH, seed=SEED, epoch=EPOCH, rank=rank, world_size=WORLD, prefetch=0)
+            result[f"dp_{sparse}"] = run_training(make_sae(F_DP, sparse), sparse, local, "data")
+            fp = D.FeatureParallelSAE.from_full(make_sae(F_FP, sparse))
+            whole = source.batches(LOCAL_BATCH * WORLD, seed=SEED, epoch=EPOCH, prefetch=0)
+            result[f"fp_{sparse}"] = run_training(fp, sparse, whole, "auto")
+            full = fp.gather_full()
+            result[f"fp_{sparse}"]["gathered"] = None if full is None else state(full)
+        sae, x = tie_forward_case()
+        with torch.no_grad():
+            result["fp_forward"] = D.FeatureParallelSAE.from_full(sae)(x)
+        D.destroy_distributed()
+    except BaseException:
+        result = {"error": traceback.format_exc()}
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    out_dir = tmp_path_factory.mktemp("dist")
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, port, str(out_dir))) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(TIMEOUT_S)
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+        p.join()
+    assert not hung, f"{len(hung)} rank(s) did not finish within {TIMEOUT_S}s"
+    results = [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    for r, res in enumerate(results):
+        assert "error" not in res, f"rank {r} failed:\n{res['error']}"
+    return results
+
+
+@pytest.fixture(scope="module")
+def single() -> dict:
+    """The same training in this process: global batches of LOCAL_BATCH * WORLD."""
+    torch.set_num_threads(1)
+    source = InMemorySource(make_data())
+    out = {}
+    for sparse in (False, True):
+        for name, F in (("dp", F_DP), ("fp", F_FP)):
+            batches = source.batches(LOCAL_BATCH * WORLD, seed=SEED, epoch=EPOCH, prefetch=0)
+            out[f"{name}_{sparse}"] = run_training(make_sae(F, sparse), sparse, batches, "none")
+    return out
+
+
+TOL = dict(atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense_grad", "sparse_grad"])
+def test_data_parallel_training_matches_single_process(ranks, single, sparse):
+    ref = single[f"dp_{sparse}"]
+    for r, res in enumerate(ranks):
+        got = res[f"dp_{sparse}"]
+        assert all(kind == (sparse and n != "b_dec") for n, kind in got["sparse"].items()), got["sparse"]
+        for name, g in ref["grads"].items():
+            torch.testing.assert_close(got["grads"][name], g, **TOL, msg=f"rank {r} step-1 grad {name}")
+        torch.testing.assert_close(got["losses"], ref["losses"], **TOL)
+        for name, w in ref["state"].items():
+            torch.testing.assert_close(got["state"][name], w, **TOL, msg=f"rank {r} final {name}")
+    for name, w in ranks[0][f"dp_{sparse}"]["state"].items():
+        assert torch.equal(ranks[1][f"dp_{sparse}"]["state"][name], w), f"replicas diverged in {name}"
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense_grad", "sparse_grad"])
+def test_feature_parallel_grads_are_slices_of_the_single_process_grads(ranks, single, sparse):
+    ref = single[f"fp_{sparse}"]["grads"]
+    for r, res in enumerate(ranks):
+        offset, n = D.feature_split(F_FP, WORLD)[r]
+        got = res[f"fp_{sparse}"]
+        assert all(kind == (sparse and n_ != "b_dec") for n_, kind in got["sparse"].items()), got["sparse"]
+        for name, g in ref.items():
+            expected = g if name == "b_dec" else g[offset : offset + n]
+            torch.testing.assert_close(got["grads"][name], expected, **TOL, msg=f"rank {r} step-1 grad {name}")
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense_grad", "sparse_grad"])
+def test_feature_parallel_training_matches_single_process_and_gathers_a_full_sae(ranks, single, sparse):
+    ref = single[f"fp_{sparse}"]
+    assert ranks[1][f"fp_{sparse}"]["gathered"] is None
+    gathered = ranks[0][f"fp_{sparse}"]["gathered"]
+    for r in range(WORLD):
+        torch.testing.assert_close(ranks[r][f"fp_{sparse}"]["losses"], ref["losses"], **TOL)
+    for name, w in ref["state"].items():
+        torch.testing.assert_close(gathered[name], w, **TOL, msg=f"gathered {name}")
+
+
+def test_feature_parallel_forward_picks_the_single_process_topk_with_ties_and_zero_fill(ranks):
+    sae, x = tie_forward_case()
+    with torch.no_grad():
+        ref = sae(x)
+    assert (ref.vals > 0).sum(1).min() < K  # the zero-fill path is exercised
+    assert (ref.vals[:, :-1] == ref.vals[:, 1:]).logical_and(ref.vals[:, 1:] > 0).any()  # and positive ties
+    for res in ranks:
+        got = res["fp_forward"]
+        assert torch.equal(got.idx, ref.idx) and torch.equal(got.vals, ref.vals)
+        torch.testing.assert_close(got.x_hat, ref.x_hat, **TOL)
+
+
+# In-process checks of the pieces (no process group).
+
+
+def test_feature_split_covers_all_features_contiguously_with_uneven_counts():
+    split = D.feature_split(101, 4)
+    assert split == [(0, 26), (26, 25), (51, 25), (76, 25)]
+    with pytest.raises(ValueError, match="n_features >= world_size"):
+        D.feature_split(3, 4)
+
+
+@pytest.mark.parametrize("world", [2, 3, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_merging_local_topk_candidates_equals_the_global_topk(world, dtype):
+    gen = torch.Generator().manual_seed(world)
+    F, d, k = 23, 7, 6  # with world=5 some ranks hold fewer than k features
+    # Exact arithmetic (see exact_grid): the merge must then reproduce the global choice exactly.
+    W = exact_grid(gen, (F, d), 0.25).to(dtype)
+    b = (exact_grid(gen, (F,), 0.125) - 0.5).to(dtype)
+    W[15:18], b[15:18] = W[2:5], b[2:5]  # exact ties across ranks
+    x = exact_grid(gen, (29, d), 0.5).to(dtype)
+    x[:4] = 0  # rows with few positives: zero-filled slots
+    ref_vals, ref_idx = ops.topk_encode(x, W, b, k, backend="torch")
+    keys = []
+    for offset, n in D.feature_split(F, world):
+        vals, idx = ops.topk_encode(x, W[offset : offset + n], b[offset : offset + n], min(k, n), backend="torch")
+        keys.append(D.pack_candidates(vals, idx + offset, k))
+    vals, idx, pos = D.merge_candidates(torch.cat(keys, dim=1), k)
+    assert torch.equal(idx, ref_idx)
+    assert torch.equal(vals.to(dtype), ref_vals)
+    # A winner's position names the rank that owns its feature (what each rank's won-mask uses).
+    offsets = torch.tensor([offset for offset, _ in D.feature_split(F, world)])
+    owner = torch.searchsorted(offsets, idx, right=True) - 1
+    assert torch.equal(pos // k, owner)
+
+
+def test_init_distributed_is_a_single_process_no_op_without_torchrun(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    info = D.init_distributed()
+    assert (info.rank, info.world_size, info.is_main) == (0, 1, True)
+    assert not D.is_distributed() and D.get_world_size() == 1 and D.is_main()
+    sae = make_sae(F_DP, False)
+    sae(make_data()[:8]).x_hat.sum().backward()
+    before = sae.W_dec.grad.clone()
+    D.allreduce_gradients(sae)  # nothing to reduce with one process
+    assert torch.equal(sae.W_dec.grad, before)
