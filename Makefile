@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.flashsae-installed
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench bench-gpu clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,26 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m flashsae train --out runs/demo
+
+# Benchmarks (benchmarks/README.md): `bench` times small fp32 shapes on the CPU, `bench-gpu` the
+# headline bf16 shapes on a CUDA GPU (BENCH_GRID=full for the whole d x F x k grid; it needs a
+# CUDA torch, e.g. `make bench-gpu TORCH=torch`). Both write JSON, a Markdown table and PNG plots
+# to benchmarks/results/<device>/. One torch thread on CPU keeps timings steady on a shared
+# machine; BENCH_THREADS=2 uses two.
+BENCH_THREADS ?= 1
+BENCH_GRID ?= headline
+BENCH_PYTEST := $(PY) -m pytest benchmarks/bench_sae_step.py -p no:cacheprovider -q --benchmark-columns=median,min,max,rounds
+
+bench: $(STAMP)
+	$(BENCH_PYTEST) --bench-device cpu --bench-threads $(BENCH_THREADS); status=$$?; \
+	$(PY) -m benchmarks.report "$$($(PY) -m benchmarks.machine cpu)/results.json" && exit $$status
+
+bench-gpu: $(STAMP)
+	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else \
+	'make bench-gpu needs a CUDA device, but torch ' + torch.__version__ + ' sees none (built for CUDA: ' \
+	+ str(torch.version.cuda) + '). Run it on a GPU machine with a CUDA torch (make bench-gpu TORCH=torch), or run make bench.')"
+	$(BENCH_PYTEST) --bench-device cuda --bench-grid $(BENCH_GRID); status=$$?; \
+	$(PY) -m benchmarks.report "$$($(PY) -m benchmarks.machine cuda)/results.json" && exit $$status
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

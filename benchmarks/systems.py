@@ -1,0 +1,285 @@
+"""Every system the suite times, built at one shape: the hardware floor, plain torch, SAELens,
+sparsify and flashsae.
+
+A system is a dict of named `Op`s. An op is ``target(*setup())``: ``setup`` (not timed) draws the
+next input batch from a rotating pool, clears gradients and runs whatever must precede the
+timed part; ``target`` is the timed part. Every training step is forward + MSE-type loss +
+backward + the decoder-norm upkeep + an Adam step, with learning rate `LR` and Adam moments in
+the parameters' dtype (bf16 on GPU, fp32 on CPU).
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .shapes import Shape
+
+# sparsify picks its decoder at import: its Triton one needs a GPU, the eager one
+# (embedding_bag) runs anywhere. Decided before sparsify is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
+
+LR = 1e-4
+CPU_POOL_BYTES = 64 << 20  # input pool size on CPU: past a server core's share of L3
+MAX_POOL_BATCHES = 64
+
+
+@dataclass
+class Op:
+    """One timed operation: ``target(*setup())``; ``bytes_moved`` for memory-bound floors."""
+
+    target: Callable[..., Any]
+    setup: Callable[[], tuple] = tuple
+    bytes_moved: int | None = None
+
+
+class System:
+    """Named ops at one shape plus the bytes held by its parameters and optimizer state."""
+
+    def __init__(self, ops: dict[str, Op], modules: list[Any], notes: str = "") -> None:
+        self.ops, self.modules, self.notes = ops, modules, notes
+
+    def state_bytes(self) -> int:
+        """Parameters + optimizer state (moments, step counts), in bytes."""
+        total = 0
+        for module in self.modules:
+            if isinstance(module, torch.optim.Optimizer):
+                for state in module.state.values():
+                    total += sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t))
+            else:
+                total += sum(p.numel() * p.element_size() for p in module.parameters())
+        return total
+
+
+def pool_bytes(device: str) -> int:
+    """Bytes a rotating input pool spans: twice the L2 on CUDA, `CPU_POOL_BYTES` on CPU."""
+    if device == "cuda":
+        l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 0) or (50 << 20)
+        return 2 * l2
+    return CPU_POOL_BYTES
+
+
+class Rotation:
+    """Cycles through a list of items, one per call."""
+
+    def __init__(self, items: list[Any]) -> None:
+        self.items, self.i = items, 0
+
+    def __call__(self) -> Any:
+        item = self.items[self.i % len(self.items)]
+        self.i += 1
+        return item
+
+
+def input_pool(shape: Shape, device: str, seed: int = 0) -> Rotation:
+    """Random activations x [B, d] (unit Gaussian), enough batches to span `pool_bytes` (at least 2)."""
+    batch_bytes = shape.B * shape.d * torch.finfo(shape.torch_dtype).bits // 8
+    n = min(MAX_POOL_BATCHES, max(2, math.ceil(pool_bytes(device) / batch_bytes)))
+    g = torch.Generator(device=device).manual_seed(seed)
+    return Rotation([torch.randn(shape.B, shape.d, generator=g, device=device).to(shape.torch_dtype) for _ in range(n)])
+
+
+def _moment_dtype(shape: Shape) -> torch.dtype:
+    return torch.bfloat16 if shape.torch_dtype == torch.bfloat16 else torch.float32
+
+
+def _mse(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return (x_hat.float() - x.float()).pow(2).sum(-1).mean()
+
+
+# --- the hardware floor ------------------------------------------------------------------------
+
+def floor(shape: Shape, device: str) -> System:
+    """``matmul``: the dense encoder product x @ W_enc.T (cuBLAS / CPU BLAS through torch).
+    ``copy``: a device-memory copy of B*k*d elements, the rows the sparse decoder gathers."""
+    dtype, xs = shape.torch_dtype, input_pool(shape, device)
+    W_enc = torch.randn(shape.F, shape.d, device=device, dtype=dtype)
+    n = shape.B * shape.k * shape.d
+    item = torch.finfo(dtype).bits // 8
+    n_src = min(8, max(2, math.ceil(pool_bytes(device) / (n * item))))
+    sources = Rotation([torch.randn(n, device=device, dtype=dtype) for _ in range(n_src)])
+    dst = torch.empty(n, device=device, dtype=dtype)
+    ops = {
+        "matmul": Op(lambda x: x @ W_enc.T, lambda: (xs(),)),
+        "copy": Op(lambda src: dst.copy_(src), lambda: (sources(),), bytes_moved=2 * n * item),
+    }
+    return System(ops, [])
+
+
+# --- plain torch -------------------------------------------------------------------------------
+
+class DenseTorchSAE(torch.nn.Module):
+    """The plain torch TopK SAE: dense matmul, torch.topk, a dense [B, F] z and z @ W_dec."""
+
+    def __init__(self, shape: Shape, device: str) -> None:
+        super().__init__()
+        W = torch.randn(shape.F, shape.d, device=device, dtype=shape.torch_dtype)
+        for rows in W.split(1 << 16):  # unit rows, without an fp32 copy of the whole matrix
+            rows.div_(rows.float().norm(dim=1, keepdim=True).to(rows.dtype))
+        self.W_dec = torch.nn.Parameter(W)
+        self.W_enc = torch.nn.Parameter(W.clone())
+        self.b_enc = torch.nn.Parameter(torch.zeros(shape.F, device=device, dtype=shape.torch_dtype))
+        self.b_dec = torch.nn.Parameter(torch.zeros(shape.d, device=device, dtype=shape.torch_dtype))
+        self.k = shape.k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = torch.relu((x - self.b_dec) @ self.W_enc.T + self.b_enc)
+        vals, idx = pre.topk(self.k, dim=1)
+        z = torch.zeros_like(pre).scatter(1, idx, vals)
+        return z @ self.W_dec + self.b_dec
+
+    @torch.no_grad()
+    def remove_parallel_grads_(self) -> None:
+        W, g = self.W_dec.float(), self.W_dec.grad.float()
+        self.W_dec.grad.copy_(g - (g * W).sum(1, keepdim=True) * W)
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        self.W_dec.div_(self.W_dec.float().norm(dim=1, keepdim=True).to(self.W_dec.dtype))
+
+
+def dense_torch(shape: Shape, device: str) -> System:
+    """Plain torch: DenseTorchSAE + torch.optim.Adam, decoder rows kept on the unit sphere."""
+    sae, xs = DenseTorchSAE(shape, device), input_pool(shape, device)
+    opt = torch.optim.Adam(sae.parameters(), lr=LR)
+
+    def step(x: torch.Tensor) -> None:
+        _mse(sae(x), x).backward()
+        sae.remove_parallel_grads_()
+        opt.step()
+        sae.normalize_decoder_()
+
+    return System({"step": Op(step, _zeroing(opt, xs))}, [sae, opt])
+
+
+def _zeroing(opt: torch.optim.Optimizer, xs: Rotation) -> Callable[[], tuple]:
+    """A setup that sets gradients to None (as zero_grad does between steps) and draws x."""
+
+    def setup() -> tuple:
+        opt.zero_grad(set_to_none=True)
+        return (xs(),)
+
+    return setup
+
+
+# --- peers -------------------------------------------------------------------------------------
+
+def saelens(shape: Shape, device: str) -> System:
+    """SAELens's TopKTrainingSAE (config defaults, no dead latents so no aux loss) stepped as its
+    SAETrainer._train_step does: training_forward_pass -> loss.backward -> clip_grad_norm_(1.0)
+    -> torch.optim.Adam.step -> zero_grad. Its firing-statistics bookkeeping is left out."""
+    from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.saes.sae import TrainStepInput
+
+    cfg = TopKTrainingSAEConfig(d_in=shape.d, d_sae=shape.F, k=shape.k, dtype=shape.dtype, device=device)
+    sae = TopKTrainingSAE(cfg)
+    opt = torch.optim.Adam(sae.parameters(), lr=LR, betas=(0.9, 0.999))
+    xs = input_pool(shape, device)
+
+    def step(x: torch.Tensor) -> None:
+        out = sae.training_forward_pass(
+            TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=None, n_training_steps=0, is_logging_step=False)
+        )
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        opt.step()
+
+    return System({"step": Op(step, _zeroing(opt, xs))}, [sae, opt],
+                  notes="TopKTrainingSAE(TopKTrainingSAEConfig defaults: rescale_acts_by_decoder_norm=True)")
+
+
+def sparsify(shape: Shape, device: str) -> System:
+    """sparsify's SparseCoder (activation="topk", normalize_decoder=True) stepped as its Trainer
+    does with optimizer="adam": set_decoder_norm_to_unit_norm -> forward -> fvu.backward ->
+    remove_gradient_parallel_to_decoder_directions -> torch.optim.Adam.step -> zero_grad."""
+    from sparsify import SparseCoder, SparseCoderConfig
+    from sparsify import utils as sparsify_utils
+
+    cfg = SparseCoderConfig(activation="topk", num_latents=shape.F, k=shape.k, normalize_decoder=True)
+    sae = SparseCoder(shape.d, cfg, device=device, dtype=shape.torch_dtype)
+    opt = torch.optim.Adam(sae.parameters(), lr=LR)
+    xs = input_pool(shape, device)
+
+    def step(x: torch.Tensor) -> None:
+        sae.set_decoder_norm_to_unit_norm()
+        out = sae(x)
+        (out.fvu + out.auxk_loss + out.multi_topk_fvu / 8).backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+
+    decoder = sparsify_utils.decoder_impl.__name__
+    return System({"step": Op(step, _zeroing(opt, xs))}, [sae, opt],
+                  notes=f"SparseCoder(SparseCoderConfig(activation='topk')), decoder={decoder}")
+
+
+# --- flashsae ----------------------------------------------------------------------------------
+
+def triton_encoder_present() -> bool:
+    """Whether the fused Triton encoder (flashsae/kernels/topk_encode.py) is installed."""
+    return importlib.util.find_spec("flashsae.kernels.topk_encode") is not None
+
+
+def flashsae_encoder_backend(device: str) -> str:
+    """The backend the flashsae encoder runs on: "auto" (Triton on CUDA, torch on CPU), except on
+    CUDA without the fused encoder, where it falls back to "torch" (the chunked torch encoder)."""
+    return "torch" if device == "cuda" and not triton_encoder_present() else "auto"
+
+
+def flashsae(shape: Shape, device: str) -> System:
+    """flashsae.TopKSAE(sparse_grad=True) + flashsae.optim.SparseAdam(unit_norm=[W_dec]), backend
+    "auto"; ops ``encode`` (ops.topk_encode), ``decode`` (ops.sparse_decode), ``backward``,
+    ``optimizer`` (SparseAdam.step) and the full ``step``."""
+    from flashsae import TopKSAE, ops
+    from flashsae.optim import SparseAdam
+
+    dtype = shape.torch_dtype
+    enc_backend = flashsae_encoder_backend(device)
+    sae = TopKSAE(shape.d, shape.F, shape.k, dtype=dtype, device=device, backend="auto", sparse_grad=True)
+    opt = SparseAdam(sae.parameters(), lr=LR, moment_dtype=_moment_dtype(shape), unit_norm=[sae.W_dec])
+    xs = input_pool(shape, device)
+
+    def encode(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if enc_backend == sae.backend:
+            return sae.encode(x)
+        return ops.topk_encode(x, sae.W_enc, sae.b_enc, shape.k, b_pre=sae.b_dec, backend=enc_backend, sparse_grad=True)
+
+    def loss_of(x: torch.Tensor) -> torch.Tensor:
+        vals, idx = encode(x)
+        return _mse(sae.decode(vals, idx), x)
+
+    with torch.no_grad():
+        codes = Rotation([tuple(t.detach() for t in encode(x)) for x in xs.items[:4]])
+
+    def after_backward() -> tuple:
+        opt.zero_grad(set_to_none=True)
+        loss_of(xs()).backward()
+        return ()
+
+    def step(x: torch.Tensor) -> None:
+        loss_of(x).backward()
+        opt.step()
+
+    ops_ = {
+        "encode": Op(encode, lambda: (xs(),)),
+        "decode": Op(sae.decode, codes),
+        "backward": Op(lambda loss: loss.backward(), lambda: (opt.zero_grad(set_to_none=True), (loss_of(xs()),))[1]),
+        "optimizer": Op(opt.step, after_backward),
+        "step": Op(step, _zeroing(opt, xs)),
+    }
+    return System(ops_, [sae, opt], notes=f"encoder backend={enc_backend}")
+
+
+BUILDERS: dict[str, Callable[[Shape, str], System]] = {
+    "floor": floor,
+    "torch": dense_torch,
+    "sae_lens": saelens,
+    "sparsify": sparsify,
+    "flashsae": flashsae,
+    "flashsae (repeat)": flashsae,
+}
