@@ -83,7 +83,9 @@ class TopKSAE(nn.Module):
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Random unit-norm decoder rows, encoder = decoder (W_enc = W_dec^T as a map), zero biases."""
-        W = torch.randn(self.n_features, self.d_model, generator=generator, dtype=torch.float32)
+        # Drawn on the parameters' device: a host copy of a 2^20 x 4096 matrix would be 16 GiB.
+        device = generator.device if generator is not None else self.W_dec.device
+        W = torch.randn(self.n_features, self.d_model, generator=generator, dtype=torch.float32, device=device)
         self.set_decoder_(W.to(self.W_dec.device))
         self.b_enc.zero_()
         self.b_dec.zero_()
