@@ -2,27 +2,18 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import io
 import math
-import sys
 
 import pytest
 import torch
 
 from flashsae import TopKSAE
-from flashsae.kernels import reference
 from flashsae.optim import SparseAdam
 
 BACKENDS = ["torch", "triton"]
 LR, BETAS, EPS = 1e-2, (0.9, 0.999), 1e-8
 
-
-@pytest.fixture(autouse=True)
-def _encoder_forward(monkeypatch):
-    """The SAE tests need an encoder forward on the Triton backend; use the torch one if it is not built."""
-    if importlib.util.find_spec("flashsae.kernels.topk_encode") is None:
-        monkeypatch.setitem(sys.modules, "flashsae.kernels.topk_encode", reference)
 
 
 def sparse_rows_grad(rows: torch.Tensor, values: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

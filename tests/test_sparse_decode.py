@@ -1,8 +1,6 @@
 """Sparse decode, its backward and the encoder backward: both backends against float64 dense autograd."""
 from __future__ import annotations
 
-import importlib.util
-import sys
 
 import pytest
 import torch
@@ -18,12 +16,6 @@ BACKENDS = ["torch", "triton"]
 # (B, d, F, k): a covering set of odd shapes, every B, d, F, k value of the plan at least once.
 SHAPES = [(1, 24, 50, 1), (9, 100, 1000, 8), (64, 24, 50, 33), (9, 24, 1000, 33)]
 
-
-@pytest.fixture(autouse=True)
-def _encoder_forward(monkeypatch):
-    """This file tests the sparse backward; if the Triton encoder forward is not built, use the torch one."""
-    if importlib.util.find_spec("flashsae.kernels.topk_encode") is None:
-        monkeypatch.setitem(sys.modules, "flashsae.kernels.topk_encode", reference)
 
 
 def assert_close(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str) -> None:
