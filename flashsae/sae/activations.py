@@ -309,7 +309,7 @@ class _StopForward(Exception):
     """Raised from the last hook that fires: nothing after the hooked modules needs to run."""
 
 
-def _windows(tokenizer, texts: Iterable[str], seq_len: int, group: int) -> Iterator[tuple[list[int], list[int]]]:
+def token_windows(tokenizer, texts: Iterable[str], seq_len: int, group: int) -> Iterator[tuple[list[int], list[int]]]:
     """``(input_ids, special_tokens_mask)`` of consecutive windows of <= ``seq_len`` tokens (special
     tokens included) of each non-blank text; every window gets the tokenizer's special tokens."""
     pending: list[str] = []
@@ -340,7 +340,7 @@ def _windows(tokenizer, texts: Iterable[str], seq_len: int, group: int) -> Itera
         yield from flush()
 
 
-def _batches(windows: Iterator[tuple[list[int], list[int]]], batch_size: int, pad_id: int):
+def token_batches(windows: Iterator[tuple[list[int], list[int]]], batch_size: int, pad_id: int):
     """Right-padded ``(input_ids, attention_mask, special)`` int64 tensors [B, T], B <= batch_size."""
     while True:
         batch = [w for _, w in zip(range(batch_size), windows)]
@@ -467,8 +467,8 @@ def collect_activations(
     # Decoders would otherwise build a key/value cache that nothing reads.
     extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    windows = _windows(tokenizer, texts, seq_len, group=batch_size)
-    batches = _batches(windows, batch_size, pad_id)
+    windows = token_windows(tokenizer, texts, seq_len, group=batch_size)
+    batches = token_batches(windows, batch_size, pad_id)
     return _collect(model, modules, batches, extra, max_tokens, dtype, skip_special_tokens, progress, stop_early)
 
 

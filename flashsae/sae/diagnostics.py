@@ -1,0 +1,96 @@
+"""Dead-feature diagnostics: per-feature firing counters, the dead fraction, and a firing-density plot.
+
+A feature is *dead* when it has not fired in the last ``window`` tokens (the paper's convention
+counts 10M tokens; a run shorter than the window reports features that never fired). Counters
+live on the SAE's device and are updated without a host sync; only `dead_fraction` and
+`firing_density` read them back.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class FiringTracker:
+    """Per-feature firing statistics over a run.
+
+    ``last_fired[f]``: token count at the end of the last batch in which feature ``f`` fired
+    (``-1``: never); ``fire_count[f]``: how many (token, slot) pairs chose ``f`` with a positive
+    value. Both int64 [F] on ``device``.
+    """
+
+    def __init__(self, n_features: int, window: int, device: torch.device | str | None = None) -> None:
+        if window < 1:
+            raise ValueError(f"window must be a positive number of tokens, got {window}")
+        self.n_features, self.window = n_features, window
+        self.tokens_seen = 0
+        self.last_fired = torch.full((n_features,), -1, dtype=torch.int64, device=device)
+        self.fire_count = torch.zeros(n_features, dtype=torch.int64, device=device)
+
+    @torch.no_grad()
+    def update(self, vals: torch.Tensor, idx: torch.Tensor) -> None:
+        """Record one batch: vals [B, k], idx [B, k] int64 (a slot fires when its value is > 0)."""
+        self.tokens_seen += idx.shape[0]
+        fired = idx[vals > 0]
+        self.fire_count.index_add_(0, fired, torch.ones_like(fired))
+        self.last_fired[fired] = self.tokens_seen
+
+    def dead_mask(self) -> torch.Tensor:
+        """bool [F]: features that have not fired in the last ``window`` tokens."""
+        never = self.last_fired < 0
+        return never | (self.last_fired <= self.tokens_seen - self.window)
+
+    def dead_fraction(self) -> float:
+        """Fraction of features that are dead now (one host sync)."""
+        return float(self.dead_mask().float().mean())
+
+    def firing_density(self) -> torch.Tensor:
+        """fp64 [F]: the fraction of tokens on which each feature fired."""
+        return self.fire_count.double() / max(self.tokens_seen, 1)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "window": self.window,
+            "tokens_seen": self.tokens_seen,
+            "last_fired": self.last_fired.cpu(),
+            "fire_count": self.fire_count.cpu(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["last_fired"].shape != self.last_fired.shape:
+            raise ValueError(
+                f"firing state has {state['last_fired'].shape[0]} features, the SAE has {self.n_features}"
+            )
+        self.window = int(state["window"])
+        self.tokens_seen = int(state["tokens_seen"])
+        self.last_fired.copy_(state["last_fired"])
+        self.fire_count.copy_(state["fire_count"])
+
+
+def plot_firing_density(density: torch.Tensor, path: str | Path, *, title: str = "") -> Path:
+    """Histogram of log10 firing density [F] (features that never fired in a bar of their own) -> PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    density = density.detach().double().cpu()
+    alive = density[density > 0]
+    never = int((density == 0).sum())
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    if alive.numel():
+        ax.hist(alive.log10().numpy(), bins=60, color="tab:blue", label=f"fired ({alive.numel()})")
+    floor = float(alive.log10().min()) - 0.5 if alive.numel() else -1.0
+    ax.bar([floor], [never], width=0.25, color="tab:red", label=f"never fired ({never})")
+    ax.set_xlabel("log10 firing density (fraction of tokens)")
+    ax.set_ylabel("features")
+    ax.set_title(title or f"Feature firing density, F = {density.numel()}")
+    ax.legend()
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,373 @@
+"""``flashsae eval``: how well a trained SAE reconstructs its site, and what splicing it in does downstream.
+
+Reconstruction, over the eval tokens (the real, non-special tokens, exactly the rows
+`activations.collect_activations` yields and an SAE is trained on), in the SAE's input units
+(``norm_scale * x``):
+  - FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2, MSE per element, L0 (firing features per token),
+  - dead features: the fraction that never fired over the eval tokens, and a firing-density histogram.
+
+Downstream, three or four forward passes per batch with a hook on the site's module:
+  - clean: unchanged;
+  - spliced: the module's output replaced by ``sae(norm_scale * out).x_hat / norm_scale``;
+  - zero-ablated: replaced by zeros; mean-ablated: replaced by its mean over the eval tokens.
+Replacement happens at the positions the SAE was trained on: real, non-special tokens. Special
+tokens ([CLS]/[SEP], BOS) keep their clean output unless ``splice_special_tokens``; padding is never
+touched (it cannot reach real positions: masked keys in encoders, later positions in causal LMs).
+Causal LMs report the next-token cross-entropy over all real positions (clean, spliced, ablated) and
+the fraction of the loss gap the SAE recovers, ``(CE_zero - CE_sae) / (CE_zero - CE_clean)``;
+encoders report the cosine similarity of each sequence's mean-pooled (over the attention mask)
+last hidden state with the clean one, averaged over sequences.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import json
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from . import activations
+from .activations import token_batches, token_windows
+from .diagnostics import FiringTracker, plot_firing_density
+from .model import TopKSAE
+
+EVAL_FILE = "eval.json"
+DENSITY_PLOT = "firing_density.png"
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """True for models with a next-token head (``*ForCausalLM`` / ``*LMHeadModel``)."""
+    return type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+
+
+@contextlib.contextmanager
+def _replace_output(module: nn.Module, replace: Callable[[Tensor], Tensor]) -> Iterator[None]:
+    """While active, ``module``'s output tensor [B, T, d] (the first element of a tuple output) is
+    replaced by ``replace(out)``."""
+
+    def hook(_module, _args, output):
+        if isinstance(output, (tuple, list)):
+            return type(output)([replace(output[0]), *output[1:]])
+        return replace(output)
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class _ReconstructionStats:
+    """Running sums (float64) for FVU, MSE and L0, plus the firing tracker; inputs in the SAE's units."""
+
+    def __init__(self, sae: TopKSAE, device: torch.device) -> None:
+        self.n = 0
+        self.d = sae.d_model
+        self.sq_err = torch.zeros((), dtype=torch.float64, device=device)
+        self.sum_x = torch.zeros(sae.d_model, dtype=torch.float64, device=device)
+        self.sum_sq = torch.zeros((), dtype=torch.float64, device=device)
+        self.active = torch.zeros((), dtype=torch.float64, device=device)
+        self.tracker = FiringTracker(sae.n_features, window=1 << 62, device=device)
+
+    def update(self, x: Tensor, x_hat: Tensor, vals: Tensor, idx: Tensor) -> None:
+        """x, x_hat: [n, d]; vals, idx: [n, k]."""
+        x64 = x.double()
+        self.n += x.shape[0]
+        self.sq_err += (x_hat.double() - x64).square().sum()
+        self.sum_x += x64.sum(0)
+        self.sum_sq += x64.square().sum()
+        self.active += (vals > 0).sum()
+        self.tracker.update(vals, idx)
+
+    def result(self) -> dict[str, Any]:
+        n = max(self.n, 1)
+        total_var = float(self.sum_sq - self.sum_x.square().sum() / n)
+        fired = self.tracker.fire_count > 0
+        return {
+            "fvu": float(self.sq_err) / total_var if total_var > 0 else float("nan"),
+            "mse": float(self.sq_err) / (n * self.d),
+            "l0": float(self.active) / n,
+            "dead_fraction": float((~fired).double().mean()),
+            "n_dead": int((~fired).sum()),
+        }
+
+
+def _next_token_ce(logits: Tensor, input_ids: Tensor, attention_mask: Tensor) -> tuple[float, int]:
+    """Summed next-token cross-entropy over positions whose input and target are both real tokens, and their count."""
+    valid = (attention_mask[:, :-1] * attention_mask[:, 1:]).bool()
+    loss = nn.functional.cross_entropy(
+        logits[:, :-1][valid].float(), input_ids[:, 1:][valid], reduction="sum")
+    return float(loss), int(valid.sum())
+
+
+def _pooled(hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    """Mean over the attention mask of hidden [B, T, d] -> [B, d] fp32."""
+    m = attention_mask.unsqueeze(-1).to(torch.float32)
+    return (hidden.float() * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+@torch.no_grad()
+def evaluate(
+    sae: TopKSAE,
+    model: nn.Module,
+    tokenizer: Any,
+    module: nn.Module,
+    texts: Iterable[str],
+    *,
+    n_tokens: int,
+    norm_scale: float = 1.0,
+    seq_len: int = 128,
+    batch_size: int = 16,
+    splice_special_tokens: bool = False,
+    mean_ablation: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate ``sae`` on the output of ``module`` (a submodule of ``model``) over about ``n_tokens`` tokens.
+
+    Whole batches of ``batch_size`` windows of <= ``seq_len`` tokens are read until at least
+    ``n_tokens`` real tokens were seen (the count is reported). ``norm_scale``: the SAE sees
+    ``norm_scale * x`` for the module's output x. Returns a dict of plain numbers (see the module
+    docstring): n_tokens, n_sequences, fvu, mse, l0, dead_fraction, n_dead, n_features, k, then either
+    ce_clean / ce_spliced / ce_zero_ablated / ce_recovered (+ ce_mean_ablated / ce_recovered_mean) for
+    causal LMs or cos_spliced / cos_zero_ablated (+ cos_mean_ablated) for encoders; plus
+    "firing_density": fp64 [F] tensor (fraction of eval tokens each feature fired on).
+    """
+    for name, value in (("n_tokens", n_tokens), ("seq_len", seq_len), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not norm_scale > 0:
+        raise ValueError(f"norm_scale must be > 0, got {norm_scale!r}")
+    if not getattr(tokenizer, "is_fast", False):
+        raise TypeError(f"evaluate needs a fast (Rust) tokenizer, got {type(tokenizer).__name__}")
+    causal = is_causal_lm(model)
+    device = next(model.parameters()).device
+    sae_device = sae.W_dec.device
+    scale = float(norm_scale)
+    stats = _ReconstructionStats(sae, sae_device)
+    extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    where: dict[str, Tensor] = {}  # the current batch's splice mask [B, T] on the model's device
+
+    def check(out: Tensor) -> None:
+        if out.dim() != 3 or tuple(out.shape[:2]) != tuple(where["mask"].shape):
+            raise ValueError(f"the hooked module returned {tuple(out.shape)}; expected [batch, seq, d]")
+        if out.shape[-1] != sae.d_model:
+            raise ValueError(f"the SAE has d_model={sae.d_model} but the hooked module outputs d={out.shape[-1]}")
+
+    def splice(out: Tensor) -> Tensor:
+        check(out)
+        mask = where["mask"]
+        x = out[mask].to(sae_device, sae.dtype) * scale
+        rec = sae(x)
+        stats.update(x, rec.x_hat, rec.vals, rec.idx)
+        new = out.clone()
+        new[mask] = (rec.x_hat / scale).to(out.device, out.dtype)
+        return new
+
+    def ablate(value: Tensor | None) -> Callable[[Tensor], Tensor]:
+        def replace(out: Tensor) -> Tensor:
+            check(out)
+            new = out.clone()
+            new[where["mask"]] = 0 if value is None else value.to(out.device, out.dtype)
+            return new
+        return replace
+
+    def run(inputs: dict[str, Tensor], replace: Callable[[Tensor], Tensor] | None):
+        ctx = contextlib.nullcontext() if replace is None else _replace_output(module, replace)
+        with ctx:
+            out = model(**inputs, **extra)
+        return out.logits if causal else (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])
+
+    def score(output: Tensor, inputs: dict[str, Tensor], clean: Tensor | None):
+        """Summed CE and its count (causal) or summed cosine with ``clean`` pooled embeddings and B."""
+        if causal:
+            return _next_token_ce(output, inputs["input_ids"], inputs["attention_mask"])
+        pooled = _pooled(output, inputs["attention_mask"])
+        if clean is None:
+            return pooled
+        return float(nn.functional.cosine_similarity(pooled, clean, dim=-1).sum()), pooled.shape[0]
+
+    sums = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "mean": 0.0}
+    count = 0
+    seen = 0
+    kept: list[tuple[dict[str, Tensor], Tensor, Tensor | None]] = []
+    windows = token_windows(tokenizer, texts, seq_len, group=batch_size)
+    bar = tqdm(total=n_tokens, unit="tok", desc="evaluating", disable=not progress)
+    try:
+        for input_ids, attention_mask, special in token_batches(windows, batch_size, pad_id):
+            mask = attention_mask.bool() if splice_special_tokens else attention_mask.bool() & ~special
+            where["mask"] = mask.to(device)
+            inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+            clean_out = run(inputs, None)
+            if causal:
+                value, n = score(clean_out, inputs, None)
+                sums["clean"] += value
+                count += n
+                clean_ref = None
+            else:
+                clean_ref = score(clean_out, inputs, None)
+                count += input_ids.shape[0]
+            del clean_out
+            for key, replace in (("spliced", splice), ("zero", ablate(None))):
+                sums[key] += score(run(inputs, replace), inputs, clean_ref)[0]
+            kept.append((inputs, where["mask"], clean_ref))
+            n_new = int(mask.sum())
+            seen += n_new
+            bar.update(n_new)
+            if seen >= n_tokens:
+                break
+    finally:
+        bar.close()
+    if seen == 0:
+        raise ValueError("the text yielded no tokens to evaluate on")
+
+    if mean_ablation:
+        mean = (stats.sum_x / stats.n / scale).float()
+        for inputs, mask, clean_ref in kept:
+            where["mask"] = mask
+            sums["mean"] += score(run(inputs, ablate(mean)), inputs, clean_ref)[0]
+
+    result: dict[str, Any] = {"n_tokens": stats.n, "n_sequences": sum(i["input_ids"].shape[0] for i, _, _ in kept),
+                              "n_features": sae.n_features, "k": sae.k, "norm_scale": scale,
+                              "splice_special_tokens": splice_special_tokens, **stats.result()}
+    if causal:
+        ce = {key: value / max(count, 1) for key, value in sums.items()}
+        result.update({"downstream": "next_token_ce", "ce_clean": ce["clean"], "ce_spliced": ce["spliced"],
+                       "ce_zero_ablated": ce["zero"],
+                       "ce_recovered": _recovered(ce["zero"], ce["spliced"], ce["clean"])})
+        if mean_ablation:
+            result.update({"ce_mean_ablated": ce["mean"],
+                           "ce_recovered_mean": _recovered(ce["mean"], ce["spliced"], ce["clean"])})
+    else:
+        cos = {key: value / max(count, 1) for key, value in sums.items()}
+        result.update({"downstream": "embedding_cosine", "cos_spliced": cos["spliced"],
+                       "cos_zero_ablated": cos["zero"]})
+        if mean_ablation:
+            result["cos_mean_ablated"] = cos["mean"]
+    result["firing_density"] = stats.tracker.firing_density().cpu()
+    return result
+
+
+def _recovered(ablated: float, spliced: float, clean: float) -> float:
+    """(ablated - spliced) / (ablated - clean): 1 when splicing costs nothing, 0 when it is as bad as ablating."""
+    gap = ablated - clean
+    return (ablated - spliced) / gap if gap != 0 else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_eval_command(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``eval`` to ``subparsers`` (from ``ArgumentParser.add_subparsers()``)."""
+    p = subparsers.add_parser(
+        "eval", help="reconstruction quality, dead features and downstream effect of a trained SAE",
+        description="Evaluate a flashsae checkpoint: FVU, L0 and dead features over the eval tokens, a firing-"
+        "density histogram, and the effect of splicing the reconstruction into the model at its site against the "
+        "clean model and the zero- and mean-ablated site (next-token loss for causal LMs, cosine similarity of mean-"
+        "pooled embeddings for encoders). Model, site, hook, text, sequence length and norm scale default to the "
+        f"checkpoint's metadata. Writes {EVAL_FILE} and {DENSITY_PLOT} to --out.",
+    )
+    p.add_argument("checkpoint", type=Path, help="flashsae checkpoint directory (cfg.json + model.safetensors)")
+    p.add_argument("--model", default=None, help="Hugging Face model id or directory (default: from the checkpoint)")
+    p.add_argument("--revision", default=None, help="model revision (default: from the checkpoint)")
+    p.add_argument("--site", choices=activations.SITES, default=None, help="site (default: from the checkpoint)")
+    p.add_argument("--layer", type=int, default=None, help="layer (default: from the checkpoint)")
+    p.add_argument("--hook", default=None, help="dotted module path to hook instead of --site/--layer")
+    p.add_argument("--norm-scale", type=float, default=None,
+                   help="the SAE sees norm_scale * activation (default: from the checkpoint, else 1)")
+    p.add_argument("--text", default=None, help="text source (default: from the checkpoint, else pydoc topics)")
+    p.add_argument("--n-tokens", type=int, default=20_000, help="tokens to evaluate on (default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per window (default: from the checkpoint, else 128)")
+    p.add_argument("--batch-size", type=int, default=16, help="windows per forward pass (default: %(default)s)")
+    p.add_argument("--splice-special-tokens", action="store_true",
+                   help="also replace the output at special tokens ([CLS], [SEP], BOS)")
+    p.add_argument("--mean-ablation", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure the mean-ablated site (one more forward per batch; default: on)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--out", type=Path, default=None, help="output directory (default: CHECKPOINT/eval)")
+    p.set_defaults(func=run_eval)
+
+
+def _resolve_module(args: argparse.Namespace, meta: dict[str, Any],
+                    model: nn.Module) -> tuple[str, nn.Module, Any, Any]:
+    """(module path, module, site, layer) from the command line, falling back to the checkpoint metadata."""
+    if args.hook:
+        return args.hook, activations.resolve_hook(model, args.hook), args.site, args.layer
+    if args.site is not None or args.layer is not None:
+        site = args.site if args.site is not None else meta.get("site")
+        layer = args.layer if args.layer is not None else meta.get("layer")
+        if site not in activations.SITES or not isinstance(layer, int):
+            raise ValueError(
+                f"--site and --layer: need a site in {activations.SITES} and a layer, got {site!r}, {layer!r}")
+        path, module = activations.resolve_site(model, site, layer)
+        return path, module, site, layer
+    if meta.get("hook"):
+        return meta["hook"], activations.resolve_hook(model, meta["hook"]), meta.get("site"), meta.get("layer")
+    if meta.get("site") in activations.SITES and isinstance(meta.get("layer"), int):
+        path, module = activations.resolve_site(model, meta["site"], meta["layer"])
+        return path, module, meta["site"], meta["layer"]
+    raise ValueError("the checkpoint's metadata names no hook or site/layer: pass --hook or --site and --layer")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    for name in ("n_tokens", "batch_size", "seq_len"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    sae = TopKSAE.load(args.checkpoint, device=device)
+    meta = sae.metadata
+    model_name = args.model or meta.get("model")
+    if not model_name:
+        raise ValueError("the checkpoint's metadata names no model: pass --model")
+    revision = args.revision if args.revision is not None else (meta.get("revision") if args.model is None else None)
+    norm_scale = args.norm_scale if args.norm_scale is not None else float(meta.get("norm_scale") or 1.0)
+    text = args.text if args.text is not None else meta.get("text")
+    seq_len = args.seq_len or int(meta.get("seq_len") or 128)
+    model, tokenizer = activations.load_model(model_name, device=device, revision=revision)
+    path, module, site, layer = _resolve_module(args, meta, model)
+    result = evaluate(sae, model, tokenizer, module, activations.iter_texts(text), n_tokens=args.n_tokens,
+                      norm_scale=norm_scale, seq_len=seq_len, batch_size=args.batch_size,
+                      splice_special_tokens=args.splice_special_tokens, mean_ablation=args.mean_ablation)
+    density = result.pop("firing_density")
+    report = {"checkpoint": str(args.checkpoint), "model": model_name, "revision": revision, "site": site,
+              "layer": layer, "hook": path, "text": text or activations.DEFAULT_TEXT, "seq_len": seq_len, **result}
+    out = args.out if args.out is not None else args.checkpoint / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / EVAL_FILE).write_text(json.dumps(report, indent=2))
+    plot_firing_density(density, out / DENSITY_PLOT,
+                        title=f"Firing density over {result['n_tokens']} tokens: {path}, F = {sae.n_features}")
+    print(format_summary(report))
+    print(f"wrote {EVAL_FILE} and {DENSITY_PLOT} to {out}")
+    return 0
+
+
+def format_summary(report: dict[str, Any]) -> str:
+    """A few human-readable lines of an eval report."""
+    lines = [
+        f"{report.get('hook')} of {report.get('model')}: F = {report['n_features']}, k = {report['k']}, "
+        f"{report['n_tokens']} tokens",
+        f"  FVU {report['fvu']:.4f}   MSE {report['mse']:.4g}   L0 {report['l0']:.2f}   "
+        f"dead {100 * report['dead_fraction']:.2f}% ({report['n_dead']} never fired)",
+    ]
+    if report["downstream"] == "next_token_ce":
+        line = (f"  next-token CE: clean {report['ce_clean']:.4f}   spliced {report['ce_spliced']:.4f}   "
+                f"zero-ablated {report['ce_zero_ablated']:.4f}   recovered {report['ce_recovered']:.3f}")
+        if "ce_mean_ablated" in report:
+            line += (f"\n  mean-ablated {report['ce_mean_ablated']:.4f}   "
+                     f"recovered vs mean {report['ce_recovered_mean']:.3f}")
+    else:
+        line = (f"  embedding cosine vs clean: spliced {report['cos_spliced']:.4f}   "
+                f"zero-ablated {report['cos_zero_ablated']:.4f}")
+        if "cos_mean_ablated" in report:
+            line += f"   mean-ablated {report['cos_mean_ablated']:.4f}"
+    lines.append(line)
+    return "\n".join(lines)
