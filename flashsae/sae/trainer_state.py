@@ -1,0 +1,214 @@
+"""Full training-state checkpoints: everything a run needs to continue exactly where it stopped.
+
+A checkpoint is a directory ``CHECKPOINTS/step-NNNNNNNN/`` holding
+
+- ``cfg.json`` + ``model.safetensors``: the SAE (`TopKSAE.save`'s format),
+- ``optimizer.pt``: the optimizer's ``state_dict`` (SparseAdam's per-row step counts and moments,
+  or Adam's),
+- ``trainer.pt``: step, data position (epoch, batch within the epoch), normalization scale,
+  the `FiringTracker` state and the torch / numpy / Python RNG states,
+- ``config.json``: the run's configuration,
+- ``manifest.json``, written last: the sha256 and size of every other file.
+
+It is first written under a hidden temporary name, every file and the directory are fsynced,
+and only then is it renamed into place; older checkpoints are removed after that, so a crash at
+any moment leaves at least one complete checkpoint. `latest_checkpoint` picks the newest one whose
+files all match the manifest and warns about each newer one that does not.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+MANIFEST_FILE = "manifest.json"
+CONFIG_FILE = "config.json"
+OPTIMIZER_FILE = "optimizer.pt"
+TRAINER_FILE = "trainer.pt"
+CHECKPOINTS_DIR = "checkpoints"
+_PREFIX = "step-"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, partial or corrupt."""
+
+
+@dataclass
+class TrainerState:
+    """Where the run stands: ``step`` steps done; the next batch is batch ``batch`` of epoch ``epoch``."""
+
+    step: int
+    epoch: int
+    batch: int
+    norm_scale: float
+    tokens: int
+    firing: dict[str, Any]
+    rng: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def capture_rng() -> dict[str, Any]:
+    """The torch (CPU and CUDA), numpy and Python RNG states."""
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{_PREFIX}{step:08d}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    root: str | os.PathLike,
+    *,
+    sae: Any,
+    optimizer: torch.optim.Optimizer,
+    state: TrainerState,
+    config: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Write the checkpoint for ``state.step`` under ``root`` atomically; keep the newest ``keep``."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / checkpoint_name(state.step)
+    for stale in root.glob(f".{_PREFIX}*.tmp-*"):  # left behind by a run killed while writing
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = root / f".{final.name}.tmp-{os.getpid()}"
+    tmp.mkdir()
+    sae.save(tmp)
+    torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+    torch.save(state.to_dict(), tmp / TRAINER_FILE)
+    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+    files = sorted(p.name for p in tmp.iterdir() if p.is_file())
+    manifest = {"step": state.step, "files": {}}
+    for name in files:
+        with open(tmp / name, "rb+") as f:
+            os.fsync(f.fileno())
+        manifest["files"][name] = {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
+    with open(tmp / MANIFEST_FILE, "w") as f:
+        f.write(json.dumps(manifest, indent=2))
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    if final.exists():  # a checkpoint of the same step from an earlier attempt
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    for old in list_checkpoints(root)[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Checkpoint directories under ``root``, newest (highest step) first; temporary ones excluded."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX) and p.name[len(_PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(_PREFIX):]), reverse=True)
+
+
+def verify_checkpoint(path: str | os.PathLike) -> None:
+    """Raise CheckpointError naming the file when ``path`` is not a complete, intact checkpoint."""
+    path = Path(path)
+    manifest_path = path / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{manifest_path} is missing (the checkpoint was not finished)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{manifest_path} is not a valid checkpoint manifest: {exc}") from exc
+    for name in (CONFIG_FILE, OPTIMIZER_FILE, TRAINER_FILE, "cfg.json", "model.safetensors"):
+        if name not in files:
+            raise CheckpointError(f"{manifest_path} does not list {name}")
+    for name, entry in files.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing")
+        size = file.stat().st_size
+        if size != entry["bytes"]:
+            raise CheckpointError(f"{file} has {size} bytes, the manifest says {entry['bytes']} (truncated?)")
+        digest = _sha256(file)
+        if digest != entry["sha256"]:
+            raise CheckpointError(f"{file} is corrupt: sha256 {digest} does not match the manifest's {entry['sha256']}")
+
+
+def checkpoints_root(directory: str | os.PathLike) -> Path:
+    """The folder holding ``step-*`` checkpoints for a run directory (or that folder itself)."""
+    directory = Path(directory)
+    if (directory / CHECKPOINTS_DIR).is_dir():
+        return directory / CHECKPOINTS_DIR
+    return directory
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> Path:
+    """The newest intact checkpoint of a run directory; each newer broken one gets a warning naming it."""
+    root = checkpoints_root(directory)
+    candidates = list_checkpoints(root)
+    if not candidates:
+        raise FileNotFoundError(f"no training checkpoints (step-*) found in {directory}")
+    problems: list[str] = []
+    for path in candidates:
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            continue
+        for problem in problems:
+            warnings.warn(f"skipping a broken checkpoint: {problem}; resuming from {path} instead", stacklevel=2)
+        return path
+    raise CheckpointError(f"no intact checkpoint in {root}: " + "; ".join(problems))
+
+
+def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Read a verified checkpoint: {"config", "trainer" (TrainerState), "optimizer" (state_dict), "path"}."""
+    path = Path(path)
+    verify_checkpoint(path)
+    trainer = torch.load(path / TRAINER_FILE, map_location="cpu", weights_only=False)
+    return {
+        "path": path,
+        "config": json.loads((path / CONFIG_FILE).read_text()),
+        "trainer": TrainerState(**trainer),
+        "optimizer": torch.load(path / OPTIMIZER_FILE, map_location=device, weights_only=False),
+    }

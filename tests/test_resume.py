@@ -1,0 +1,150 @@
+"""Exact resume after SIGKILL, fallback past broken checkpoints, config checks, and torchrun end to end.
+
+Every run is a real ``python -m flashsae train`` subprocess on a small synthetic activation store
+(no transformer), with one intra-op thread so that the runs' arithmetic is identical.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flashsae.sae import trainer_state as TS
+from flashsae.sae.store import ActivationStoreWriter
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+RUN = ["--n-features", "1024", "--k", "8", "--batch-size", "64", "--epochs", "6", "--checkpoint-every", "20",
+       "--log-every", "1000", "--no-progress", "--backend", "torch", "--aux-k", "16", "--dead-window", "2000"]
+TIMEOUT_S = 120
+
+
+def synthetic_store(directory: Path, n: int = 4000, d: int = 32, seed: int = 0) -> Path:
+    gen = torch.Generator().manual_seed(seed)
+    basis = torch.randn(12, d, generator=gen)
+    codes = torch.randn(n, 12, generator=gen).abs() * (torch.rand(n, 12, generator=gen) < 0.3)
+    x = codes @ basis + 1.5 + 0.01 * torch.randn(n, d, generator=gen)
+    with ActivationStoreWriter(directory, {"model": "synthetic", "site": "attn_out", "layer": 0},
+                               shard_tokens=900) as writer:
+        writer.add(x)
+    return directory
+
+
+def flashsae_train(*args: str) -> list[str]:
+    return [sys.executable, "-m", "flashsae", "train", *args]
+
+
+def run(cmd: list[str]) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 0, f"{cmd} failed:\n{done.stderr[-3000:]}"
+    return done
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "final" / "model.safetensors"))
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    return synthetic_store(tmp_path_factory.mktemp("resume") / "store")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(store, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    run(flashsae_train("--store", str(store), "--out", str(out), *RUN))
+    return out
+
+
+def test_run_killed_mid_training_resumes_to_identical_weights(store, uninterrupted, tmp_path):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(flashsae_train("--store", str(store), "--out", str(out), *RUN), env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not list((out / TS.CHECKPOINTS_DIR).glob(f"step-*/{TS.MANIFEST_FILE}")):
+            assert proc.poll() is None, f"the run ended before its first checkpoint:\n{proc.stderr.read()}"
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "final").exists(), "the run finished before it was killed"
+    resumed = run(flashsae_train("--resume", str(out)))
+    assert "resumed from" in resumed.stderr
+    assert_same_weights(final_weights(out), final_weights(uninterrupted))
+
+
+def test_broken_newest_checkpoints_fall_back_to_the_previous_good_one(uninterrupted, tmp_path):
+    out = tmp_path / "broken"
+    (out / TS.CHECKPOINTS_DIR).mkdir(parents=True)
+    kept = TS.list_checkpoints(uninterrupted / TS.CHECKPOINTS_DIR)
+    assert len(kept) == 2
+    for path in kept:
+        subprocess.run(["cp", "-r", str(path), str(out / TS.CHECKPOINTS_DIR)], check=True)
+    newest, previous = (out / TS.CHECKPOINTS_DIR / p.name for p in kept)
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # truncated
+    partial = out / TS.CHECKPOINTS_DIR / TS.checkpoint_name(10**7)  # a write that never finished
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"partial")
+
+    resumed = run(flashsae_train("--resume", str(out)))
+    assert f"{weights} has" in resumed.stderr and "truncated" in resumed.stderr
+    assert f"{partial / TS.MANIFEST_FILE} is missing" in resumed.stderr
+    assert f"resumed from {previous}" in resumed.stderr
+    assert_same_weights(final_weights(out), final_weights(uninterrupted))
+
+
+def test_corrupt_checkpoint_is_rejected_by_its_hash(uninterrupted, tmp_path):
+    copy = tmp_path / TS.checkpoint_name(5)
+    subprocess.run(["cp", "-r", str(TS.latest_checkpoint(uninterrupted)), str(copy)], check=True)
+    TS.verify_checkpoint(copy)
+    data = bytearray((copy / TS.OPTIMIZER_FILE).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (copy / TS.OPTIMIZER_FILE).write_bytes(bytes(data))
+    with pytest.raises(TS.CheckpointError, match=r"optimizer\.pt is corrupt: sha256"):
+        TS.verify_checkpoint(copy)
+    with pytest.raises(TS.CheckpointError, match="no intact checkpoint"):
+        TS.latest_checkpoint(tmp_path)
+
+
+def test_resume_with_another_config_is_a_clear_error(uninterrupted, capsys):
+    from flashsae.sae.cli import main
+
+    code = main(["train", "--resume", str(uninterrupted), "--n-features", "512"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "--n-features 512 differs from the checkpoint's n_features=1024" in err[0]
+
+
+@pytest.mark.parametrize("parallel", ["data", "feature"])
+def test_torchrun_two_ranks_match_one_process(store, tmp_path, parallel):
+    common = ["--store", str(store), "--n-features", "96", "--k", "4", "--batch-size", "128", "--epochs", "1",
+              "--log-every", "1000", "--no-progress", "--backend", "torch", "--checkpoint-every", "10",
+              "--aux-k", "0" if parallel == "feature" else "8", "--dead-window", "1000"]
+    single = tmp_path / "single"
+    run(flashsae_train("--out", str(single), *common, "--parallel", "none"))
+    dist_out = tmp_path / parallel
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "-m", "flashsae", "train"]
+    run([*launcher, "--out", str(dist_out), *common, "--parallel", parallel])
+    a, b = final_weights(single), final_weights(dist_out)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=f"{name} differs")
+    if parallel == "data":
+        assert TS.list_checkpoints(dist_out / TS.CHECKPOINTS_DIR)  # rank 0 wrote them

