@@ -28,6 +28,7 @@ MEASURES = [
     ("flashsae", "backward"),
     ("flashsae", "optimizer"),
     ("torch", "step"),
+    ("torch", "encode"),
     ("sae_lens", "step"),
     ("sparsify", "step"),
     ("flashsae (repeat)", "step"),

@@ -92,7 +92,7 @@ def shape_table(doc: dict[str, Any], shape: dict[str, Any]) -> list[str]:
         step = idx.get((sid, system, "step"))
         if step is None:
             continue
-        per_op = [_ms(idx.get((sid, system, op))) if system == FLASHSAE else "–" for op in FLASHSAE_OPS]
+        per_op = [_ms(idx.get((sid, system, op))) if (sid, system, op) in idx else "–" for op in FLASHSAE_OPS]
         ms = _median(step)
         ok = step["status"] == "ok"
         tokens = f"{step['tokens_per_s']:,.0f}" if ok else "–"
@@ -102,6 +102,26 @@ def shape_table(doc: dict[str, Any], shape: dict[str, Any]) -> list[str]:
             f"| {_ratio(best_peer, ms)} | {_bytes(step.get('peak_extra_bytes')) if ok else '–'} "
             f"| {_bytes(step.get('state_bytes')) if ok else '–'} |"
         )
+    return lines + [""] + encoder_table(doc, shape)
+
+
+def encoder_table(doc: dict[str, Any], shape: dict[str, Any]) -> list[str]:
+    """Markdown lines comparing the encoders alone: the matmul floor, matmul + torch.topk, flashsae."""
+    idx, sid = index(doc), shape["id"]
+    floor_ms = _median(idx.get((sid, "floor", "matmul")))
+    flop = 2 * shape["B"] * shape["d"] * shape["F"]
+    rows = [("dense matmul (floor)", idx.get((sid, "floor", "matmul"))),
+            ("matmul + torch.topk", idx.get((sid, TORCH, "encode"))),
+            ("flashsae topk_encode", idx.get((sid, FLASHSAE, "encode")))]
+    lines = ["Encoder alone:", "", "| encoder | ms median (min–max) | × floor | TFLOP/s | peak extra memory |",
+             "|---|---|---|---|---|"]
+    for label, rec in rows:
+        if rec is None:
+            continue
+        ms = _median(rec)
+        tflops = f"{flop / ms / 1e9:.3g}" if ms else "–"
+        lines.append(f"| {label} | {_ms(rec, True)} | {_ratio(ms, floor_ms)} | {tflops} "
+                     f"| {_bytes(rec.get('peak_extra_bytes')) if rec.get('status') == 'ok' else '–'} |")
     return lines + [""]
 
 
@@ -158,7 +178,7 @@ def markdown(doc: dict[str, Any]) -> str:
         f"`{meta['flashsae_encoder_backend']}`.",
         "",
         "Columns: per-op times are flashsae's (`ops.topk_encode`, `ops.sparse_decode`, `loss.backward()`, "
-        "`SparseAdam.step`); *step / floor* is the step time over the dense encoder matmul alone; "
+        "`SparseAdam.step`), and plain torch's encode (matmul + `torch.topk`); *step / floor* is the step time over the dense encoder matmul alone; "
         "*speed-up* columns are the other system's step time over this row's; "
         f"*peak extra memory*: {meta['peak_memory']}.",
         "",

@@ -128,9 +128,14 @@ class DenseTorchSAE(torch.nn.Module):
         self.b_dec = torch.nn.Parameter(torch.zeros(shape.d, device=device, dtype=shape.torch_dtype))
         self.k = shape.k
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The peers' encoder: the dense [B, F] pre-activations, then torch.topk -> (pre, vals, idx)."""
         pre = torch.relu((x - self.b_dec) @ self.W_enc.T + self.b_enc)
         vals, idx = pre.topk(self.k, dim=1)
+        return pre, vals, idx
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre, vals, idx = self.encode(x)
         z = torch.zeros_like(pre).scatter(1, idx, vals)
         return z @ self.W_dec + self.b_dec
 
@@ -155,7 +160,8 @@ def dense_torch(shape: Shape, device: str) -> System:
         opt.step()
         sae.normalize_decoder_()
 
-    return System({"step": Op(step, _zeroing(opt, xs))}, [sae, opt])
+    ops = {"step": Op(step, _zeroing(opt, xs)), "encode": Op(sae.encode, lambda: (xs(),))}
+    return System(ops, [sae, opt])
 
 
 def _zeroing(opt: torch.optim.Optimizer, xs: Rotation) -> Callable[[], tuple]:

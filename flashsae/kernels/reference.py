@@ -77,6 +77,12 @@ def _row_chunks(n_rows: int, width: int) -> range:
     return range(0, n_rows, max(1, CHUNK_ELEMENTS // max(width, 1)))
 
 
+def take_rows(W: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``W[index]`` for W [F, ...] and an int64 index of any shape, via index_select (several times
+    faster than advanced indexing on CPU)."""
+    return W.index_select(0, index.reshape(-1)).view(*index.shape, *W.shape[1:])
+
+
 def gather_rows(coef: torch.Tensor, idx: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     """``out[t] = sum_j coef[t, j] * W[idx[t, j]]`` in fp32: coef [B, k], idx [B, k], W [F, d] -> [B, d]."""
     n_rows, k = idx.shape
@@ -84,7 +90,7 @@ def gather_rows(coef: torch.Tensor, idx: torch.Tensor, W: torch.Tensor) -> torch
     step = _row_chunks(n_rows, k * W.shape[1]).step
     for start in range(0, n_rows, step):
         rows = slice(start, start + step)
-        picked = W[idx[rows]].to(torch.float32)  # [b, k, d]
+        picked = take_rows(W, idx[rows]).to(torch.float32)  # [b, k, d]
         out[rows] = torch.bmm(coef[rows].to(torch.float32).unsqueeze(1), picked).squeeze(1)
     return out
 
@@ -96,7 +102,7 @@ def row_dots(grad: torch.Tensor, idx: torch.Tensor, W: torch.Tensor) -> torch.Te
     step = _row_chunks(n_rows, k * W.shape[1]).step
     for start in range(0, n_rows, step):
         rows = slice(start, start + step)
-        picked = W[idx[rows]].to(torch.float32)  # [b, k, d]
+        picked = take_rows(W, idx[rows]).to(torch.float32)  # [b, k, d]
         out[rows] = torch.bmm(picked, grad[rows].to(torch.float32).unsqueeze(2)).squeeze(2)
     return out
 
@@ -117,7 +123,7 @@ def segment_rows(
     step = _row_chunks(weights.shape[0], vecs.shape[1]).step
     for start in range(0, weights.shape[0], step):
         part = slice(start, start + step)
-        contrib = weights[part].unsqueeze(1) * vecs[tokens[part]].to(torch.float32)
+        contrib = weights[part].unsqueeze(1) * take_rows(vecs, tokens[part]).to(torch.float32)
         grad_rows.index_add_(0, inverse[part], contrib)
     coef_sums = torch.zeros(rows.shape[0], dtype=torch.float32, device=coef.device)
     coef_sums.index_add_(0, inverse, weights)
@@ -209,7 +215,7 @@ def sparse_adam_step_(
     parameter row first, and rescale the updated rows to unit norm after the step.
     """
     step_size, bc2_sqrt = adam_row_scalars(step, rows, lr, beta1, beta2)
-    pick = (lambda t: t) if rows is None else (lambda t: t[rows])
+    pick = (lambda t: t) if rows is None else (lambda t: take_rows(t, rows))
     w = pick(param).to(torch.float32)
     g = grad.to(torch.float32)
     if unit_norm:
@@ -230,6 +236,6 @@ def sparse_adam_step_(
         exp_avg.copy_(m)
         exp_avg_sq.copy_(v)
     else:
-        param[rows] = new
-        exp_avg[rows] = m.to(exp_avg.dtype)
-        exp_avg_sq[rows] = v.to(exp_avg_sq.dtype)
+        param.index_copy_(0, rows, new)
+        exp_avg.index_copy_(0, rows, m.to(exp_avg.dtype))
+        exp_avg_sq.index_copy_(0, rows, v.to(exp_avg_sq.dtype))
