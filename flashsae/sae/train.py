@@ -277,20 +277,6 @@ def _build_optimizer(cfg: TrainConfig, model: torch.nn.Module, lr: float) -> tor
     return torch.optim.Adam(model.parameters(), lr=lr)
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 4096) -> dict[str, float]:
-    """FVU, MSE and L0 of ``model`` on x [n, d] (normalized, on the model's device)."""
-    sq_err = positives = 0.0
-    for start in range(0, x.shape[0], batch_size):
-        chunk = x[start : start + batch_size]
-        out = model(chunk)
-        sq_err += float((out.x_hat.float() - chunk.float()).pow(2).sum())
-        positives += float((out.vals > 0).sum())
-    xf = x.double()
-    var = float((xf - xf.mean(0)).pow(2).sum())
-    return {"fvu": sq_err / var, "mse": sq_err / x.numel(), "l0": positives / x.shape[0]}
-
-
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run ``cfg`` to the end; returns the summary (also written to ``OUT/summary.json`` by rank 0)."""
     start_time = time.perf_counter()
