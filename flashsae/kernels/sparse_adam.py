@@ -13,9 +13,9 @@ import triton.language as tl
 
 from .reference import adam_row_scalars
 
-TILE_ELEMENTS = 4096
+TILE_ELEMENTS = 2048
 MAX_BLOCK_D = 256
-_TINY = 1.1754943508222875e-38  # smallest normal fp32
+_TINY = tl.constexpr(1.1754943508222875e-38)  # smallest normal fp32 (a constexpr: kernels may read it)
 
 
 # Tiling: one program owns BLOCK_R touched rows and sweeps their m columns in BLOCK_D chunks:

@@ -39,6 +39,8 @@ MAX_CANDIDATES_PER_ROW = 8192
 PROGRAMS_PER_SM = 4
 # SM count assumed when no GPU is visible (an H100 SXM), so plans are reproducible on CPU.
 DEFAULT_SMS = 132
+# fold_pre_bias tiles (a GEMV: memory bound; sized to stay clear of register spills on sm_90).
+FOLD_BLOCK_F, FOLD_BLOCK_D, FOLD_WARPS = 64, 64, 8
 _POISON_KEY = torch.iinfo(torch.int64).max  # unpacks to NaN at index -2^31: any unwritten slot shows
 
 
@@ -74,9 +76,9 @@ def fold_pre_bias(W_enc: torch.Tensor, b_enc: torch.Tensor, b_pre: torch.Tensor)
     """``b_enc - W_enc @ b_pre`` in fp32: W_enc [F, d], b_enc [F], b_pre [d] -> [F] fp32."""
     n_features, d = W_enc.shape
     out = torch.empty(n_features, dtype=torch.float32, device=W_enc.device)
-    block_f, block_d = 64, min(128, triton.next_power_of_2(max(d, 16)))
-    _fold_pre_bias_kernel[(triton.cdiv(n_features, block_f),)](
-        W_enc, b_enc, b_pre, out, n_features, d, BLOCK_F=block_f, BLOCK_D=block_d
+    block_d = min(FOLD_BLOCK_D, triton.next_power_of_2(max(d, 16)))
+    _fold_pre_bias_kernel[(triton.cdiv(n_features, FOLD_BLOCK_F),)](
+        W_enc, b_enc, b_pre, out, n_features, d, BLOCK_F=FOLD_BLOCK_F, BLOCK_D=block_d, num_warps=FOLD_WARPS
     )
     return out
 
@@ -90,8 +92,9 @@ def fold_pre_bias(W_enc: torch.Tensor, b_enc: torch.Tensor, b_pre: torch.Tensor)
 def _bitonic_merge_desc(x, BM: tl.constexpr, KP: tl.constexpr, LOG_KP: tl.constexpr):
     first = tl.reshape(tl.arange(0, 2), (1, 1, 2, 1)) == 0
     for j in tl.static_range(LOG_KP):
-        half: tl.constexpr = KP >> (j + 1)
-        h = tl.reshape(x, (BM, KP // (2 * half), 2, half))
+        # Stage j: 2^j blocks of 2 * half slots, half = KP >> (j + 1). (A named constexpr here
+        # would be a reassignment inside the unrolled loop, which the compiler rejects.)
+        h = tl.reshape(x, (BM, 1 << j, 2, KP >> (j + 1)))
         h = tl.where(first, tl.max(h, axis=2, keep_dims=True), tl.min(h, axis=2, keep_dims=True))
         x = tl.reshape(h, (BM, KP))
     return x
@@ -170,19 +173,29 @@ def _topk_range_kernel(
     tl.store(out, best, mask=row_mask[:, None])
 
 
-# (BM, BN, BK, num_warps, num_stages) per KP, for H100. The running top-k lives in registers next
-# to the accumulator and a tile's int64 keys, so a bigger KP takes fewer rows.
+# (BM, BN, BK, num_warps, num_stages) per KP, for Hopper, with 16-bit and with fp32 inputs. The
+# running top-k, the tile's int64 keys and the bitonic merge live in registers next to the fp32
+# accumulator, so the selection, not the matmul, bounds the tile: every entry compiles for sm_90
+# without spilling (tests/test_kernel_compile.py checks it), and a bigger KP takes fewer rows.
 _BLOCK_TABLE: dict[int, list[tuple[int, int, int, int, int]]] = {
-    64: [(64, 128, 64, 4, 3), (64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3)],
-    128: [(64, 128, 64, 8, 3), (32, 128, 64, 4, 3), (64, 64, 64, 4, 4)],
-    256: [(32, 128, 64, 8, 3), (16, 128, 64, 4, 3)],
-    512: [(16, 128, 64, 4, 3), (16, 64, 64, 4, 4)],
+    64: [(64, 128, 32, 8, 3), (64, 128, 32, 8, 4), (64, 64, 64, 8, 3)],
+    128: [(64, 64, 32, 8, 3), (32, 64, 64, 8, 3)],
+    256: [(32, 64, 64, 8, 3), (16, 128, 32, 8, 3)],
+    512: [(16, 64, 64, 8, 3), (16, 64, 32, 8, 3)],
+}
+_BLOCK_TABLE_FP32: dict[int, list[tuple[int, int, int, int, int]]] = {
+    2: [(32, 64, 64, 8, 3)],
+    64: [(64, 64, 32, 8, 3), (32, 64, 64, 8, 3)],
+    128: [(32, 64, 32, 8, 3)],
+    256: [(16, 64, 32, 8, 3)],
+    512: [(16, 64, 16, 8, 3), (16, 32, 32, 8, 3)],
 }
 
 
-def _block_configs(kp: int) -> list[tuple[int, int, int, int, int]]:
-    """The block table's row for KP (every KP <= 64 shares the first row)."""
-    return _BLOCK_TABLE[max(64, kp)]
+def _block_configs(kp: int, dtype: torch.dtype) -> list[tuple[int, int, int, int, int]]:
+    """The block table's row for KP and the input dtype: the row of the smallest key >= KP."""
+    table = _BLOCK_TABLE_FP32 if dtype == torch.float32 else _BLOCK_TABLE
+    return table[min(key for key in table if key >= kp)]
 
 
 def _interpreter_blocks(kp: int, d: int) -> dict[str, int]:
@@ -191,16 +204,18 @@ def _interpreter_blocks(kp: int, d: int) -> dict[str, int]:
 
 
 @functools.lru_cache(maxsize=None)
-def _autotuned_range_kernel(kp: int):
+def _autotuned_range_kernel(kp: int, dtype: torch.dtype):
     configs = [
         triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=warps, num_stages=stages)
-        for bm, bn, bk, warps, stages in _block_configs(kp)
+        for bm, bn, bk, warps, stages in _block_configs(kp, dtype)
     ]
     # Tensor dtypes join the key automatically.
     return triton.autotune(configs=configs, key=["d", "k"])(_topk_range_kernel)
 
 
-def encode_plan(n_rows: int, n_features: int, d: int, k: int, n_sms: int | None = None) -> dict:
+def encode_plan(
+    n_rows: int, n_features: int, d: int, k: int, n_sms: int | None = None, dtype: torch.dtype = torch.bfloat16
+) -> dict:
     """How the launcher splits the work: ranges, candidates per row and block sizes.
 
     ``n_sms`` defaults to the current CUDA device's SM count, or DEFAULT_SMS without a GPU.
@@ -211,7 +226,7 @@ def encode_plan(n_rows: int, n_features: int, d: int, k: int, n_sms: int | None 
         n_sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count if (
             torch.cuda.is_available() and not INTERPRET) else DEFAULT_SMS
     kp = padded_k(k)
-    configs = [{"BM": bm, "BN": bn, "BK": bk, "num_warps": w, "num_stages": s} for bm, bn, bk, w, s in _block_configs(kp)]
+    configs = [{"BM": bm, "BN": bn, "BK": bk, "num_warps": w, "num_stages": s} for bm, bn, bk, w, s in _block_configs(kp, dtype)]
     if INTERPRET:
         configs = [_interpreter_blocks(kp, d)]
     row_blocks = triton.cdiv(max(n_rows, 1), max(c["BM"] for c in configs))
@@ -263,7 +278,7 @@ def topk_range_candidates(
         _topk_range_kernel[(triton.cdiv(n_rows, blocks["BM"]), n_ranges)](*args, **meta, **blocks)
     else:
         grid = lambda META: (triton.cdiv(n_rows, META["BM"]), n_ranges)  # noqa: E731
-        _autotuned_range_kernel(kp)[grid](*args, **meta)
+        _autotuned_range_kernel(kp, x.dtype)[grid](*args, **meta)
     return cand
 
 
@@ -289,7 +304,7 @@ def topk_encode_forward(
     n_features = W_enc.shape[0]
     if n_rows == 0:
         return torch.empty(0, k, dtype=x.dtype, device=x.device), torch.empty(0, k, dtype=torch.int64, device=x.device)
-    plan = encode_plan(n_rows, n_features, d, k)
+    plan = encode_plan(n_rows, n_features, d, k, dtype=x.dtype)
     if n_ranges is not None:
         plan["range_len"] = triton.cdiv(triton.cdiv(n_features, n_ranges), RANGE_ALIGN) * RANGE_ALIGN
         plan["n_ranges"] = triton.cdiv(n_features, plan["range_len"])
