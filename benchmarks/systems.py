@@ -278,7 +278,14 @@ def flashsae(shape: Shape, device: str) -> System:
         "optimizer": Op(opt.step, after_backward),
         "step": Op(step, _zeroing(opt, xs)),
     }
-    return System(ops_, [sae, opt], notes=f"encoder backend={enc_backend}")
+    notes = f"encoder backend={enc_backend}"
+    if device == "cuda" and triton_encoder_present():
+        from flashsae.kernels.topk_encode import encode_plan
+
+        plan = encode_plan(shape.B, shape.F, shape.d, shape.k, dtype=dtype)
+        notes += (f"; fused encoder plan: {plan['n_ranges']} feature ranges, {plan['candidates_per_row']} "
+                  f"candidates per row ({plan['candidates_bytes'] / 2**20:.1f} MiB)")
+    return System(ops_, [sae, opt], notes=notes)
 
 
 BUILDERS: dict[str, Callable[[Shape, str], System]] = {
