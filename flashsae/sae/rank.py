@@ -78,33 +78,6 @@ def _stacked_chunks(batches: Iterable[Mapping[str, Tensor]], names: Sequence[str
         yield torch.stack(parts)
 
 
-def activation_spectra(
-    model: nn.Module,
-    tokenizer: Any,
-    sites: Sequence[str],
-    layers: Sequence[int],
-    texts: Iterable[str],
-    *,
-    n_tokens: int,
-    center: bool = True,
-    seq_len: int = 128,
-    batch_size: int = 32,
-    method: str = "gram",
-    dtype: torch.dtype = torch.float32,
-    progress: bool = True,
-) -> dict[Pair, Tensor]:
-    """Singular values of the (centered) activations [n, d] at every (site, layer), from one pass over ``texts``.
-
-    n_tokens: number of (non-special) tokens to read; at least the widest site's d. method: "gram"
-    (one pass, exact) or "randomized" (at full rank d also exact, but it re-reads the text
-    n_iter + 2 times). dtype: accumulation dtype (torch.float32 or torch.float64).
-    Returns {(site, layer): S [d] in ``dtype``, descending}; sum(S**2) is n times the total variance.
-    """
-    return spectra_with_count(model, tokenizer, sites, layers, texts, n_tokens=n_tokens, center=center,
-                              seq_len=seq_len, batch_size=batch_size, method=method, dtype=dtype,
-                              progress=progress)[0]
-
-
 def spectra_with_count(
     model: nn.Module,
     tokenizer: Any,
@@ -120,7 +93,14 @@ def spectra_with_count(
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
 ) -> tuple[dict[Pair, Tensor], int]:
-    """`activation_spectra` plus the number of tokens actually read (the text may run out first)."""
+    """Singular values of the (centered) activations [n, d] at every (site, layer), from one pass over ``texts``.
+
+    n_tokens: number of (non-special) tokens to read; at least the widest site's d. method: "gram"
+    (one pass, exact) or "randomized" (at full rank d also exact, but it re-reads the text
+    n_iter + 2 times). dtype: accumulation dtype (torch.float32 or torch.float64).
+    Returns ({(site, layer): S [d] in ``dtype``, descending}, tokens read); sum(S**2) is n times
+    the total variance. The text may run out before ``n_tokens``.
+    """
     if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
         raise ValueError(f"n_tokens must be a positive int, got {n_tokens!r}")
     pairs = [(site, layer) for layer in layers for site in sites]
@@ -160,6 +140,11 @@ def spectra_with_count(
             f"the text ran out before d = {width} tokens: a full spectrum needs at least d tokens") from None
     spectra = {pair: result.S[i, : widths[name]] for i, (pair, name) in enumerate(zip(pairs, names))}
     return spectra, result.n_rows
+
+
+def activation_spectra(*args: Any, **kwargs: Any) -> dict[Pair, Tensor]:
+    """`spectra_with_count` (same arguments) without the token count."""
+    return spectra_with_count(*args, **kwargs)[0]
 
 
 def effective_ranks(spectra: Mapping[Pair, Tensor]) -> dict[Pair, EffectiveRank]:
