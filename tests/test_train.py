@@ -274,3 +274,27 @@ def test_cli_trains_minilm_end_to_end_with_asi_and_reuses_its_cache(tmp_path, ca
     assert main(["train", "--out", str(tmp_path / "other"), *cache, *small, "--layer", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds other activations" in err[0] and "layer" in err[0]
+
+
+def test_tensorboard_and_wandb_sinks_receive_the_jsonl_metrics(tmp_path, monkeypatch):
+    """``--log jsonl tensorboard wandb`` (W&B offline): every logged step reaches all three sinks."""
+    pytest.importorskip("tensorboard", reason="tensorboard is part of the dev extras")
+    pytest.importorskip("wandb", reason="wandb is part of the dev extras")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    store = write_store(tmp_path / "store", synthetic_activations(1000, 16, rank=6, seed=3))
+    out = tmp_path / "run"
+    train(run_config(store, out, log=["jsonl", "tensorboard", "wandb"]))
+
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [5, 10, 15, 20]
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    fvu = events.Scalars("train/fvu")
+    assert [e.step for e in fvu] == [r["step"] for r in records]
+    for event, record in zip(fvu, records):
+        assert math.isclose(event.value, record["fvu"], rel_tol=1e-6)
+    offline_runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(offline_runs) == 1 and offline_runs[0].stat().st_size > 0
