@@ -291,8 +291,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     parallel = cfg.parallel
     if parallel == "auto" or info.world_size == 1:  # one rank: data and feature parallel are plain training
         parallel = "data" if info.world_size > 1 else "none"
-    if resumed is not None and parallel == "feature":
-        raise ValueError("--resume is not supported with --parallel feature (its runs write no checkpoints)")
+    if resumed is not None:
+        if parallel == "feature":
+            resumed["optimizer"] = TS.load_optimizer_shard(resumed, info.rank, info.world_size)
+        elif resumed["optimizer_shards"]:
+            raise ValueError(
+                f"{resumed['path']} is a feature-parallel checkpoint: resume it with --parallel feature under "
+                f"torchrun --nproc-per-node {resumed['optimizer_shards']}"
+            )
     device = _resolve_device(cfg, info)
     out = Path(cfg.out)
     if info.is_main:
@@ -363,19 +369,30 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     log = MetricsLog(out, cfg.log, cfg.to_dict(), enabled=info.is_main)
     checkpoints = out / TS.CHECKPOINTS_DIR
-    can_checkpoint = cfg.checkpoint_every > 0 and parallel != "feature"
-    if cfg.checkpoint_every > 0 and parallel == "feature" and info.is_main:
-        warnings.warn("--checkpoint-every is ignored with --parallel feature: only the final SAE is saved")
+    can_checkpoint = cfg.checkpoint_every > 0
 
     def save_state() -> None:
         trainer.check_finite()  # never checkpoint weights that saw NaN/Inf
-        if not info.is_main:
-            return
         state = TS.TrainerState(
             step=step, epoch=epoch, batch=batch, norm_scale=norm_scale, tokens=tokens,
             firing=tracker.state_dict(), rng=TS.capture_rng(),
         )
-        TS.save_checkpoint(checkpoints, sae=sae, optimizer=optimizer, state=state, config=cfg.to_dict())
+        if parallel != "feature":  # the weights and optimizer state are the same on every rank
+            if info.is_main:
+                TS.save_checkpoint(checkpoints, sae=sae, optimizer=optimizer, state=state, config=cfg.to_dict())
+            return
+        # Feature parallel: rank 0 gathers the weights; each rank writes its own optimizer state
+        # (no rank ever holds all of it) into the staging directory before rank 0 seals it.
+        full = model.gather_full()
+        if info.is_main:
+            TS.prepare_staging(checkpoints, step)
+        D.barrier()
+        TS.save_optimizer_shard(checkpoints, step, optimizer, info.rank)
+        D.barrier()
+        if info.is_main:
+            TS.save_checkpoint(checkpoints, sae=full, optimizer=None, state=state, config=cfg.to_dict(),
+                               optimizer_shards=info.world_size)
+        D.barrier()
 
     if info.is_main:
         where = f" resumed from {resumed['path']} at step {step}" if resumed else ""

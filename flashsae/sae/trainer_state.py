@@ -4,13 +4,14 @@ A checkpoint is a directory ``CHECKPOINTS/step-NNNNNNNN/`` holding
 
 - ``cfg.json`` + ``model.safetensors``: the SAE (`TopKSAE.save`'s format),
 - ``optimizer.pt``: the optimizer's ``state_dict`` (SparseAdam's per-row step counts and moments,
-  or Adam's),
+  or Adam's); a feature-parallel run instead writes one ``optimizer-rankR.pt`` per rank (each
+  rank's features), written by the ranks themselves into the staging directory,
 - ``trainer.pt``: step, data position (epoch, batch within the epoch), normalization scale,
   the `FiringTracker` state and the torch / numpy / Python RNG states,
 - ``config.json``: the run's configuration,
 - ``manifest.json``, written last: the sha256 and size of every other file.
 
-It is first written under a hidden temporary name, every file and the directory are fsynced,
+It is first written under a hidden staging name, every file and the directory are fsynced,
 and only then is it renamed into place; older checkpoints are removed after that, so a crash at
 any moment leaves at least one complete checkpoint. `latest_checkpoint` picks the newest one whose
 files all match the manifest and warns about each newer one that does not.
@@ -98,29 +99,60 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def optimizer_shard_file(rank: int) -> str:
+    """File name of rank ``rank``'s optimizer state in a feature-parallel checkpoint."""
+    return f"optimizer-rank{rank}.pt"
+
+
+def staging_dir(root: str | os.PathLike, step: int) -> Path:
+    """Where the checkpoint of ``step`` is assembled before it is renamed into place."""
+    return Path(root) / f".{checkpoint_name(step)}.tmp"
+
+
+def prepare_staging(root: str | os.PathLike, step: int) -> Path:
+    """An empty staging directory for ``step``; staging left behind by a killed run is removed."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(f".{_PREFIX}*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = staging_dir(root, step)
+    tmp.mkdir()
+    return tmp
+
+
+def save_optimizer_shard(root: str | os.PathLike, step: int, optimizer: torch.optim.Optimizer, rank: int) -> None:
+    """Write this rank's optimizer state into the (already prepared) staging directory of ``step``."""
+    path = staging_dir(root, step) / optimizer_shard_file(rank)
+    torch.save(optimizer.state_dict(), path)
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
 def save_checkpoint(
     root: str | os.PathLike,
     *,
     sae: Any,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     state: TrainerState,
     config: dict[str, Any],
     keep: int = 2,
+    optimizer_shards: int = 0,
 ) -> Path:
-    """Write the checkpoint for ``state.step`` under ``root`` atomically; keep the newest ``keep``."""
+    """Write the checkpoint for ``state.step`` under ``root`` atomically; keep the newest ``keep``.
+
+    ``optimizer_shards=N`` (feature parallel): ``optimizer`` is None and ranks 0..N-1 have already
+    written their `save_optimizer_shard` files into `prepare_staging`'s directory.
+    """
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(state.step)
-    for stale in root.glob(f".{_PREFIX}*.tmp-*"):  # left behind by a run killed while writing
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = root / f".{final.name}.tmp-{os.getpid()}"
-    tmp.mkdir()
+    tmp = staging_dir(root, state.step) if optimizer_shards else prepare_staging(root, state.step)
     sae.save(tmp)
-    torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
     torch.save(state.to_dict(), tmp / TRAINER_FILE)
     (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
     files = sorted(p.name for p in tmp.iterdir() if p.is_file())
-    manifest = {"step": state.step, "files": {}}
+    manifest = {"step": state.step, "optimizer_shards": optimizer_shards, "files": {}}
     for name in files:
         with open(tmp / name, "rb+") as f:
             os.fsync(f.fileno())
@@ -159,7 +191,9 @@ def verify_checkpoint(path: str | os.PathLike) -> None:
         files = manifest["files"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{manifest_path} is not a valid checkpoint manifest: {exc}") from exc
-    for name in (CONFIG_FILE, OPTIMIZER_FILE, TRAINER_FILE, "cfg.json", "model.safetensors"):
+    shards = manifest.get("optimizer_shards", 0)
+    optimizer_files = [optimizer_shard_file(r) for r in range(shards)] if shards else [OPTIMIZER_FILE]
+    for name in (CONFIG_FILE, TRAINER_FILE, "cfg.json", "model.safetensors", *optimizer_files):
         if name not in files:
             raise CheckpointError(f"{manifest_path} does not list {name}")
     for name, entry in files.items():
@@ -202,13 +236,33 @@ def latest_checkpoint(directory: str | os.PathLike) -> Path:
 
 
 def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Read a verified checkpoint: {"config", "trainer" (TrainerState), "optimizer" (state_dict), "path"}."""
+    """Read a verified checkpoint: {"config", "trainer" (TrainerState), "optimizer", "optimizer_shards", "path"}.
+
+    "optimizer" is the state_dict, or None for a feature-parallel checkpoint
+    ("optimizer_shards" > 0), whose ranks each read their own with `load_optimizer_shard`.
+    """
     path = Path(path)
     verify_checkpoint(path)
+    shards = json.loads((path / MANIFEST_FILE).read_text()).get("optimizer_shards", 0)
     trainer = torch.load(path / TRAINER_FILE, map_location="cpu", weights_only=False)
+    optimizer = None if shards else torch.load(path / OPTIMIZER_FILE, map_location=device, weights_only=False)
     return {
         "path": path,
         "config": json.loads((path / CONFIG_FILE).read_text()),
         "trainer": TrainerState(**trainer),
-        "optimizer": torch.load(path / OPTIMIZER_FILE, map_location=device, weights_only=False),
+        "optimizer": optimizer,
+        "optimizer_shards": shards,
     }
+
+
+def load_optimizer_shard(
+    checkpoint: dict[str, Any], rank: int, world_size: int, device: torch.device | str = "cpu"
+) -> dict[str, Any]:
+    """Rank ``rank``'s optimizer state_dict from a feature-parallel checkpoint read by `load_checkpoint`."""
+    shards = checkpoint["optimizer_shards"]
+    if shards != world_size:
+        raise CheckpointError(
+            f"{checkpoint['path']} was written by {shards} feature-parallel ranks; resume it with "
+            f"--nproc-per-node {shards} (this run has {world_size})"
+        )
+    return torch.load(checkpoint["path"] / optimizer_shard_file(rank), map_location=device, weights_only=False)
