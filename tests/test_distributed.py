@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 
 from flashsae import ops
 from flashsae.sae import distributed as D
+from flashsae.sae.auxk import add_aux_k_grads_
 from flashsae.sae.model import TopKSAE
 from flashsae.sae.store import InMemorySource
 
@@ -86,6 +87,29 @@ def tie_forward_case() -> tuple[TopKSAE, torch.Tensor]:
     return sae, exact_grid(gen, (40, D_MODEL), 0.5)
 
 
+AUX_K = 6
+
+
+def aux_case() -> tuple[TopKSAE, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`tie_forward_case` with sparse gradients, a residual on an exact grid, and dead features on
+    both sides of the split (51): the AuxK selection is exact, ties included."""
+    sae, x = tie_forward_case()
+    sae.sparse_grad = True
+    x = x[:3]  # few tokens: most local candidates that lose the merge win for no other token either
+    residual = exact_grid(torch.Generator().manual_seed(9), tuple(x.shape), 0.25)
+    dead = torch.cat([torch.arange(0, 30, 2), torch.arange(45, F_FP, 3)])
+    return sae, x, residual, dead
+
+
+def sparse_rows(model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(rows, values) of every parameter's coalesced sparse gradient."""
+    out = {}
+    for name in ("W_enc", "b_enc", "W_dec"):
+        grad = getattr(model, name).grad.coalesce()
+        out[name] = (grad.indices()[0].clone(), grad.values().clone())
+    return out
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -106,6 +130,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         sae, x = tie_forward_case()
         with torch.no_grad():
             result["fp_forward"] = D.FeatureParallelSAE.from_full(sae)(x)
+        sae, x, residual, dead = aux_case()
+        fp = D.FeatureParallelSAE.from_full(sae)
+        result["fp_aux"] = {"loss": fp.add_aux_k_grads_(x, residual, dead, AUX_K, 1.0), "grads": sparse_rows(fp)}
         D.destroy_distributed()
     except BaseException:
         result = {"error": traceback.format_exc()}
@@ -251,3 +278,20 @@ def test_init_distributed_is_a_single_process_no_op_without_torchrun(monkeypatch
     before = sae.W_dec.grad.clone()
     D.allreduce_gradients(sae)  # nothing to reduce with one process
     assert torch.equal(sae.W_dec.grad, before)
+
+
+def test_feature_parallel_aux_k_selects_and_updates_the_single_process_rows(ranks):
+    """Each rank's AuxK gradient rows are exactly the single process's rows in its slice (no local
+    candidate that lost the global selection is listed, so SparseAdam leaves it alone)."""
+    sae, x, residual, dead = aux_case()
+    loss = add_aux_k_grads_(sae, x, residual, dead, AUX_K, 1.0)
+    reference = sparse_rows(sae)
+    assert reference["W_enc"][0].numel() > 0
+    for r, res in enumerate(ranks):
+        offset, n = D.feature_split(F_FP, WORLD)[r]
+        torch.testing.assert_close(res["fp_aux"]["loss"], loss, **TOL)
+        for name, (rows, values) in reference.items():
+            mine = (rows >= offset) & (rows < offset + n)
+            got_rows, got_values = res["fp_aux"]["grads"][name]
+            assert torch.equal(got_rows, rows[mine] - offset), f"rank {r} {name} rows"
+            torch.testing.assert_close(got_values, values[mine], **TOL, msg=f"rank {r} {name} values")

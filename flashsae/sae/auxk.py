@@ -36,12 +36,19 @@ def aux_k_loss(
     vals, idx = ops.topk_encode(x, W_enc, b_enc, aux_k, b_pre=b_pre, backend=backend, sparse_grad=sparse_grad)
     zero_bias = torch.zeros(W_dec.shape[1], dtype=W_dec.dtype, device=W_dec.device)
     e_hat = ops.sparse_decode(vals, idx, W_dec, zero_bias, backend=backend, sparse_grad=sparse_grad)
+    return unexplained_fraction(e_hat, residual, denominator)
+
+
+def unexplained_fraction(
+    e_hat: torch.Tensor, residual: torch.Tensor, denominator: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``sum ||residual - e_hat||^2 / denominator`` (default ``sum ||residual||^2``): [B, d], [B, d] -> fp32 scalar."""
     if denominator is None:
         denominator = residual.float().pow(2).sum()
     return (e_hat.float() - residual.float()).pow(2).sum() / denominator.clamp_min(torch.finfo(torch.float32).tiny)
 
 
-def _scatter_grad_(param: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor | None) -> None:
+def scatter_row_grad_(param: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor | None) -> None:
     """Add ``grad`` (of ``param[rows]``: sparse COO over its rows, or dense) into ``param.grad``."""
     if grad is None:
         return
@@ -85,5 +92,5 @@ def add_aux_k_grads_(
     )
     (coef * loss).backward()
     for param, leaf in zip((sae.W_enc, sae.b_enc, sae.W_dec), leaves):
-        _scatter_grad_(param, dead, leaf.grad)
+        scatter_row_grad_(param, dead, leaf.grad)
     return loss.detach()

@@ -24,6 +24,7 @@ from torch import nn
 
 from .. import ops
 from ..kernels.reference import unpack_keys
+from .auxk import scatter_row_grad_, unexplained_fraction
 from .model import SAEOutput, TopKSAE
 
 _INDEX_MASK = (1 << 31) - 1
@@ -256,6 +257,23 @@ class _ReplicatedInput(torch.autograd.Function):
         return grad
 
 
+def _rows_only(grad: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """A sparse row gradient restricted to ``rows`` (int64); a dense gradient is returned as it is.
+
+    A local candidate that lost the global top-k has zero gradient, but as a row of a sparse
+    gradient it would still count as touched for `SparseAdam` (stale momentum would move it); a
+    single process never lists it.
+    """
+    if not grad.is_sparse:
+        return grad
+    grad = grad.coalesce()
+    index = grad.indices()[0]
+    keep = torch.isin(index, rows)
+    return torch.sparse_coo_tensor(
+        index[keep].unsqueeze(0), grad.values()[keep], grad.shape, is_coalesced=True, check_invariants=False
+    )
+
+
 class FeatureParallelSAE(nn.Module):
     """A `TopKSAE` whose features are split across the ranks of the process group.
 
@@ -356,46 +374,91 @@ class FeatureParallelSAE(nn.Module):
         return self.W_dec.dtype
 
     def _drop_losing_rows(self, grad: torch.Tensor) -> torch.Tensor:
-        """Keep only the winners' rows in a sparse encoder gradient.
+        """Keep only the winners' rows in a sparse encoder gradient (see `_rows_only`)."""
+        return grad if self._won_rows is None else _rows_only(grad, self._won_rows)
 
-        A local candidate that lost the global top-k has zero gradient, but as a row of a sparse
-        gradient it would still count as touched for `SparseAdam` (stale momentum would move it);
-        a single process never lists it.
+    def _global_topk_decode(
+        self,
+        x: torch.Tensor,
+        b_pre: torch.Tensor,
+        W_enc: torch.Tensor,
+        b_enc: torch.Tensor,
+        W_dec: torch.Tensor,
+        k: int,
+        global_rows: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Top-k over every rank's rows, and the decode of the winners summed over the ranks; a collective.
+
+        W_enc, W_dec: [n, d] and b_enc: [n] this rank's rows (n may be 0), whose global feature
+        indices are ``global_rows`` [n] (ascending). Each rank selects its local top-k candidates,
+        the candidates are all-gathered and merged (ties to the lower global index, as in a single
+        process), and each rank decodes its own winners. Returns (decode [B, d] without bias, the
+        same on every rank; vals [B, k] fp32 descending; global idx [B, k]; the positions [m] in
+        this rank's rows of the features that won a slot with a positive value).
         """
-        if not grad.is_sparse or self._won_rows is None:
-            return grad
-        grad = grad.coalesce()
-        rows = grad.indices()[0]
-        keep = torch.isin(rows, self._won_rows)
-        return torch.sparse_coo_tensor(
-            rows[keep].unsqueeze(0), grad.values()[keep], grad.shape, is_coalesced=True, check_invariants=False
-        )
+        n_rows, k_local = W_enc.shape[0], min(k, W_enc.shape[0])
+        if n_rows:
+            vals, idx = ops.topk_encode(x, W_enc, b_enc, k_local, b_pre=b_pre, backend=self.backend,
+                                        sparse_grad=self.sparse_grad)
+            keys = pack_candidates(vals.detach(), global_rows[idx], k)
+        else:
+            keys = torch.full((x.shape[0], k), -1, dtype=torch.int64, device=x.device)
+        gathered = [torch.empty_like(keys) for _ in range(self.world_size)]
+        dist.all_gather(gathered, keys)
+        top_vals, top_idx, pos = merge_candidates(torch.cat(gathered, dim=1), k)
+        if n_rows:
+            # Which of this rank's candidate slots won a global slot.
+            won = torch.zeros(x.shape[0], self.world_size * k, dtype=torch.bool, device=x.device)
+            won.scatter_(1, pos, True)
+            won = won[:, self.rank * k : self.rank * k + k_local]
+            zero_bias = torch.zeros(W_dec.shape[1], dtype=W_dec.dtype, device=W_dec.device)
+            partial = ops.sparse_decode(vals * won, idx, W_dec, zero_bias, backend=self.backend,
+                                        sparse_grad=self.sparse_grad)
+        else:
+            partial = torch.zeros(x.shape[0], W_dec.shape[1], dtype=W_dec.dtype, device=x.device)
+        won_rows = torch.isin(global_rows, top_idx[top_vals > 0]).nonzero().squeeze(1)
+        return _SumAcrossRanks.apply(partial), top_vals, top_idx, won_rows
 
     def forward(self, x: torch.Tensor) -> SAEOutput:
         """x: [B, d], the same on every rank -> SAEOutput(x_hat [B, d], vals [B, k], idx [B, k] global)."""
         b_pre = _ReplicatedInput.apply(self.b_dec) if self.b_dec.requires_grad else self.b_dec
         x_in = _ReplicatedInput.apply(x) if x.requires_grad else x
-        k_local = min(self.k, self.n_local)
-        vals, idx = ops.topk_encode(
-            x_in, self.W_enc, self.b_enc, k_local, b_pre=b_pre, backend=self.backend, sparse_grad=self.sparse_grad
+        rows = torch.arange(self.offset, self.offset + self.n_local, device=x.device)
+        decoded, top_vals, top_idx, self._won_rows = self._global_topk_decode(
+            x_in, b_pre, self.W_enc, self.b_enc, self.W_dec, self.k, rows
         )
-        keys = pack_candidates(vals.detach(), idx + self.offset, self.k)
-        gathered = [torch.empty_like(keys) for _ in range(self.world_size)]
-        dist.all_gather(gathered, keys)
-        top_vals, top_idx, pos = merge_candidates(torch.cat(gathered, dim=1), self.k)
-        # Which of this rank's candidate slots won a global slot.
-        won = torch.zeros(x.shape[0], self.world_size * self.k, dtype=torch.bool, device=x.device)
-        won.scatter_(1, pos, True)
-        won = won[:, self.rank * self.k : self.rank * self.k + k_local]
-        partial = ops.sparse_decode(
-            vals * won, idx, self.W_dec, torch.zeros_like(self.b_dec), backend=self.backend,
-            sparse_grad=self.sparse_grad,
+        return SAEOutput(decoded + self.b_dec, top_vals.to(x.dtype), top_idx)
+
+    def add_aux_k_grads_(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor,
+        dead: torch.Tensor,
+        aux_k: int,
+        coef: float,
+        *,
+        denominator: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`flashsae.sae.auxk.add_aux_k_grads_` across the ranks; a collective.
+
+        ``dead``: int64 global indices of the dead features (ascending, the same on every rank);
+        x and residual [B, d] the same on every rank. The top-``aux_k`` dead features are selected
+        globally, as in a single process; each rank's dead rows get their gradients.
+        """
+        if dead.numel() == 0 or aux_k == 0 or coef == 0:
+            return torch.zeros((), device=x.device)
+        mine = dead[(dead >= self.offset) & (dead < self.offset + self.n_local)] - self.offset
+        leaves = [self.W_enc.detach()[mine].requires_grad_(), self.b_enc.detach()[mine].requires_grad_(),
+                  self.W_dec.detach()[mine].requires_grad_()]
+        e_hat, _, _, won = self._global_topk_decode(
+            x, self.b_dec.detach(), *leaves, min(aux_k, dead.numel()), mine + self.offset
         )
-        x_hat = _SumAcrossRanks.apply(partial) + self.b_dec
-        won_global = top_idx[top_vals > 0]
-        local = won_global[(won_global >= self.offset) & (won_global < self.offset + self.n_local)]
-        self._won_rows = local - self.offset
-        return SAEOutput(x_hat, top_vals.to(x.dtype), top_idx)
+        loss = unexplained_fraction(e_hat, residual, denominator)
+        if loss.requires_grad:  # a rank without dead rows has nothing to differentiate
+            (coef * loss).backward()
+        for param, leaf in zip((self.W_enc, self.b_enc, self.W_dec), leaves):
+            scatter_row_grad_(param, mine, None if leaf.grad is None else _rows_only(leaf.grad, won))
+        return loss.detach()
 
     # Decoder upkeep is row-wise, so TopKSAE's methods work unchanged on the local slice.
     normalize_decoder_ = TopKSAE.normalize_decoder_

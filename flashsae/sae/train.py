@@ -316,7 +316,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     total_steps = n_batches * cfg.epochs
     dtype = parse_dtype(cfg.dtype)
     lr = cfg.lr if cfg.lr is not None else default_lr(cfg.n_features)
-    aux_k = cfg.aux_k if cfg.aux_k is not None else (0 if parallel == "feature" else min(d_model // 2, ops.MAX_K))
+    aux_k = cfg.aux_k if cfg.aux_k is not None else min(d_model // 2, ops.MAX_K)
     dead_window = cfg.dead_window or min(DEFAULT_DEAD_WINDOW, n_batches * cfg.batch_size)
 
     if resumed is not None:

@@ -30,7 +30,7 @@ class Trainer:
 
     ``parallel``: "none", "data" (x is this rank's slice of the global batch; gradients are
     summed over ranks, the firing statistics see the whole global batch) or "feature" (the model
-    is a `FeatureParallelSAE` and every rank gets the whole batch; AuxK is not supported there).
+    is a `FeatureParallelSAE` and every rank gets the whole batch; AuxK selects across the ranks).
     ``unit_norm_by_optimizer``: the optimizer keeps decoder rows on the sphere itself
     (`SparseAdam` with ``unit_norm=[W_dec]``); otherwise parallel gradient components are removed
     before and rows renormalized after each step.
@@ -51,8 +51,6 @@ class Trainer:
     ) -> None:
         if parallel not in ("none", "data", "feature"):
             raise ValueError(f"parallel must be 'none', 'data' or 'feature', got {parallel!r}")
-        if parallel == "feature" and aux_k:
-            raise ValueError("--aux-k is not supported with --parallel feature (pass --aux-k 0)")
         self.model, self.optimizer, self.parallel = model, optimizer, parallel
         self.device = model.W_dec.device
         self.tracker = tracker or FiringTracker(model.n_features, dead_window, device=self.device)
@@ -113,7 +111,11 @@ class Trainer:
                 denominator = residual.float().pow(2).sum()
                 if self.parallel == "data":
                     dist.all_reduce(denominator)
-                aux = add_aux_k_grads_(model, x, residual, dead, self.aux_k, self.aux_coef, denominator=denominator)
+                if self.parallel == "feature":
+                    aux = model.add_aux_k_grads_(x, residual, dead, self.aux_k, self.aux_coef, denominator=denominator)
+                else:
+                    aux = add_aux_k_grads_(model, x, residual, dead, self.aux_k, self.aux_coef,
+                                           denominator=denominator)
         self.tracker.update(vals, idx)
 
         stats = torch.stack([
