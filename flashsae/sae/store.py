@@ -23,6 +23,7 @@ nothing before that block is read.
 """
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 import os
@@ -178,15 +179,16 @@ class ActivationStoreWriter:
             self.close()
 
 
-class _ShardedSource:
+class _ShardedSource(abc.ABC):
     """Batching shared by the disk store and the in-memory source: subclasses give shard sizes and loads."""
 
     shard_sizes: list[int]
     d_model: int
     default_shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER
 
+    @abc.abstractmethod
     def _load_shard(self, i: int) -> torch.Tensor:
-        raise NotImplementedError
+        """Shard ``i``'s activations [n_i, d]."""
 
     @property
     def n_tokens(self) -> int:
