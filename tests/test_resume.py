@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from flashsae.sae import trainer_state as TS
-from flashsae.sae.store import ActivationStoreWriter
+from tests.synthetic import synthetic_activations, write_store
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 RUN = ["--n-features", "1024", "--k", "8", "--batch-size", "64", "--epochs", "6", "--checkpoint-every", "20",
@@ -29,14 +29,8 @@ TIMEOUT_S = 120
 
 
 def synthetic_store(directory: Path, n: int = 4000, d: int = 32, seed: int = 0) -> Path:
-    gen = torch.Generator().manual_seed(seed)
-    basis = torch.randn(12, d, generator=gen)
-    codes = torch.randn(n, 12, generator=gen).abs() * (torch.rand(n, 12, generator=gen) < 0.3)
-    x = codes @ basis + 1.5 + 0.01 * torch.randn(n, d, generator=gen)
-    with ActivationStoreWriter(directory, {"model": "synthetic", "site": "attn_out", "layer": 0},
-                               shard_tokens=900) as writer:
-        writer.add(x)
-    return directory
+    x = synthetic_activations(n, d, rank=12, seed=seed, offset=1.5, density=0.3)
+    return write_store(directory, x, layer=0, shard_tokens=900)
 
 
 def flashsae_train(*args: str) -> list[str]:

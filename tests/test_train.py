@@ -10,11 +10,13 @@ import torch
 
 from flashsae.optim import SparseAdam
 from flashsae.sae import trainer_state as TS
-from flashsae.sae.model import TopKSAE
-from flashsae.sae.store import ActivationStore, ActivationStoreWriter, InMemorySource
 from flashsae.sae.auxk import add_aux_k_grads_
+from flashsae.sae.model import TopKSAE
+from flashsae.sae.store import ActivationStore, InMemorySource
 from flashsae.sae.train import TrainConfig, mean_sq_norm_scale, train
 from flashsae.sae.trainer import NonFiniteError, fit, reconstruction_metrics
+from tests import synthetic
+from tests.synthetic import synthetic_activations
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -26,19 +28,8 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def synthetic_activations(n: int, d: int, rank: int, seed: int, offset: float = 2.0) -> torch.Tensor:
-    """Sparse combinations of ``rank`` random directions plus an offset and a little noise: [n, d] fp32."""
-    gen = torch.Generator().manual_seed(seed)
-    basis = torch.randn(rank, d, generator=gen)
-    codes = torch.randn(n, rank, generator=gen).abs() * (torch.rand(n, rank, generator=gen) < 0.25)
-    return codes @ basis + offset + 0.01 * torch.randn(n, d, generator=gen)
-
-
 def write_store(directory: Path, x: torch.Tensor, shard_tokens: int = 700) -> Path:
-    with ActivationStoreWriter(directory, {"model": "synthetic", "site": "attn_out", "layer": 1},
-                               shard_tokens=shard_tokens) as writer:
-        writer.add(x)
-    return directory
+    return synthetic.write_store(directory, x, layer=1, shard_tokens=shard_tokens)
 
 
 def run_config(store: Path, out: Path, **overrides) -> TrainConfig:

@@ -508,7 +508,7 @@ def _collect(
         bar.close()
 
 
-def _layer_from_path(path: str) -> int | None:
+def layer_from_path(path: str) -> int | None:
     """The first integer component of a dotted module path (``model.layers.3.mlp`` -> 3)."""
     match = re.search(r"(?:^|\.)(\d+)(?:\.|$)", path)
     return int(match.group(1)) if match else None
@@ -544,7 +544,7 @@ def collect_to_store(
     opened `ActivationStore`; warns when the texts run out before ``n_tokens``.
     """
     if layer is None:
-        layer = _layer_from_path(module_path)
+        layer = layer_from_path(module_path)
         if layer is None:
             raise ValueError(f"layer must be given: the hook path {module_path!r} holds no layer number")
     fields = {

@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import json
 import math
-import re
 import sys
 import time
 import warnings
@@ -196,7 +195,7 @@ def open_activation_source(cfg: TrainConfig, info: D.DistInfo) -> tuple[Activati
         "requested_tokens": cfg.n_tokens,
     }
     if info.is_main and not (cache / "manifest.json").is_file():
-        _collect(cfg, cache)
+        _collect(cfg, cache, site, layer)
     D.barrier()
     store = ActivationStore(cache)
     request = cache / COLLECTION_FILE
@@ -220,11 +219,11 @@ def _store_site(cfg: TrainConfig) -> tuple[str, int]:
     """(site, layer) as the activation store records them; a --hook path stands for its own site."""
     if not cfg.hook:
         return cfg.site, cfg.layer
-    match = re.search(r"(?:^|\.)(\d+)(?:\.|$)", cfg.hook)
-    return cfg.hook, int(match.group(1)) if match else -1
+    layer = acts.layer_from_path(cfg.hook)
+    return cfg.hook, -1 if layer is None else layer
 
 
-def _collect(cfg: TrainConfig, cache: Path) -> None:
+def _collect(cfg: TrainConfig, cache: Path, site: str, layer: int) -> None:
     """Run the model over the text once and write its activations at the run's site into ``cache``."""
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = acts.load_model(cfg.model, device=device, revision=cfg.revision)
@@ -232,7 +231,6 @@ def _collect(cfg: TrainConfig, cache: Path) -> None:
         module_path, module = cfg.hook, acts.resolve_hook(model, cfg.hook)
     else:
         module_path, module = acts.resolve_site(model, cfg.site, cfg.layer)
-    site, layer = _store_site(cfg)
     print(f"collecting activations of {cfg.model} {module_path} into {cache}", file=sys.stderr)
     acts.collect_to_store(
         cache, model, tokenizer, module_path, module, acts.iter_texts(cfg.text),
