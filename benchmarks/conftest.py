@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 import torch
 
+from flashsae import ops
+
 from . import machine
 from .shapes import shapes_for
-from .systems import flashsae_encoder_backend, triton_encoder_present
 
 CUDA_CLOCK = "benchmarks.timing.cuda_event_clock"
 
@@ -78,8 +79,7 @@ class Recorder:
             rounds=self.rounds,
             warmup_rounds=self.warmup,
             timer=self.timer,
-            flashsae_encoder_backend=flashsae_encoder_backend(self.device),
-            triton_encoder_present=triton_encoder_present(),
+            flashsae_encoder_backend=ops.resolve_backend("auto", torch.device(self.device)),
             peak_memory=(
                 "torch.cuda.max_memory_allocated during one call minus torch.cuda.memory_allocated before it "
                 "(parameters, optimizer state, input batches; gradients set to None)"

@@ -9,7 +9,6 @@ the parameters' dtype (bf16 on GPU, fp32 on CPU).
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 from collections.abc import Callable
@@ -226,17 +225,6 @@ def sparsify(shape: Shape, device: str) -> System:
 
 # --- flashsae ----------------------------------------------------------------------------------
 
-def triton_encoder_present() -> bool:
-    """Whether the fused Triton encoder (flashsae/kernels/topk_encode.py) is installed."""
-    return importlib.util.find_spec("flashsae.kernels.topk_encode") is not None
-
-
-def flashsae_encoder_backend(device: str) -> str:
-    """The backend the flashsae encoder runs on: "auto" (Triton on CUDA, torch on CPU), except on
-    CUDA without the fused encoder, where it falls back to "torch" (the chunked torch encoder)."""
-    return "torch" if device == "cuda" and not triton_encoder_present() else "auto"
-
-
 def flashsae(shape: Shape, device: str) -> System:
     """flashsae.TopKSAE(sparse_grad=True) + flashsae.optim.SparseAdam(unit_norm=[W_dec]), backend
     "auto"; ops ``encode`` (ops.topk_encode), ``decode`` (ops.sparse_decode), ``backward``,
@@ -245,22 +233,16 @@ def flashsae(shape: Shape, device: str) -> System:
     from flashsae.optim import SparseAdam
 
     dtype = shape.torch_dtype
-    enc_backend = flashsae_encoder_backend(device)
     sae = TopKSAE(shape.d, shape.F, shape.k, dtype=dtype, device=device, backend="auto", sparse_grad=True)
     opt = SparseAdam(sae.parameters(), lr=LR, moment_dtype=_moment_dtype(shape), unit_norm=[sae.W_dec])
     xs = input_pool(shape, device)
 
-    def encode(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if enc_backend == sae.backend:
-            return sae.encode(x)
-        return ops.topk_encode(x, sae.W_enc, sae.b_enc, shape.k, b_pre=sae.b_dec, backend=enc_backend, sparse_grad=True)
-
     def loss_of(x: torch.Tensor) -> torch.Tensor:
-        vals, idx = encode(x)
+        vals, idx = sae.encode(x)
         return _mse(sae.decode(vals, idx), x)
 
     with torch.no_grad():
-        codes = Rotation([tuple(t.detach() for t in encode(x)) for x in xs.items[:4]])
+        codes = Rotation([tuple(t.detach() for t in sae.encode(x)) for x in xs.items[:4]])
 
     def after_backward() -> tuple:
         opt.zero_grad(set_to_none=True)
@@ -272,14 +254,14 @@ def flashsae(shape: Shape, device: str) -> System:
         opt.step()
 
     ops_ = {
-        "encode": Op(encode, lambda: (xs(),)),
+        "encode": Op(sae.encode, lambda: (xs(),)),
         "decode": Op(sae.decode, codes),
         "backward": Op(lambda loss: loss.backward(), lambda: (opt.zero_grad(set_to_none=True), (loss_of(xs()),))[1]),
         "optimizer": Op(opt.step, after_backward),
         "step": Op(step, _zeroing(opt, xs)),
     }
-    notes = f"encoder backend={enc_backend}"
-    if device == "cuda" and triton_encoder_present():
+    notes = f"backend={ops.resolve_backend(sae.backend, torch.device(device))}"
+    if device == "cuda":
         from flashsae.kernels.topk_encode import encode_plan
 
         plan = encode_plan(shape.B, shape.F, shape.d, shape.k, dtype=dtype)
