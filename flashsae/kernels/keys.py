@@ -1,0 +1,32 @@
+"""Packed top-k keys: one int64 per (value, feature) that sorts by value, then by the lower feature.
+
+For a non-negative fp32 value (a ReLU output), its bit pattern read as an int32 orders like the
+value. ``key = bits << 32 | (2^31 - 1 - index)`` therefore sorts descending by value and, among
+equal values, ascending by feature index: a plain integer top-k over keys is an exact top-k with
+ties to the lower index, whatever order the candidates arrive in. -1 is below every real key
+(a real zero has key >= 0) and marks an empty slot. The reference, the Triton kernels and the
+feature-parallel merge all use this one format; indices must be < 2^31.
+"""
+from __future__ import annotations
+
+import torch
+
+INDEX_MASK = (1 << 31) - 1
+LOW32 = (1 << 32) - 1
+EMPTY_KEY = -1
+
+
+def pack_keys(vals: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """(vals >= 0 any float dtype, idx int64 of the same shape) -> int64 keys.
+
+    ``+ 0.0`` turns -0.0 into +0.0, whose bit pattern the order needs.
+    """
+    bits = (vals.to(torch.float32) + 0.0).view(torch.int32).to(torch.int64)
+    return (bits << 32) | (INDEX_MASK - idx)
+
+
+def unpack_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 keys -> (fp32 values, int64 indices)."""
+    index = INDEX_MASK - (keys & LOW32)
+    values = (keys >> 32).to(torch.int32).view(torch.float32)
+    return values, index
