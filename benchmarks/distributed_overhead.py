@@ -17,18 +17,21 @@ import time
 import torch
 import torch.multiprocessing as mp
 
-from flashsae.sae import distributed as D
 from flashsae.sae.model import TopKSAE
+from flashsae.sae.parallel import process_group
+from flashsae.sae.parallel.strategy import SingleProcess, make_strategy
+from flashsae.sae.trainer import Trainer
 
 
-def timed_steps(model, x_batches, parallel: str) -> list[float]:
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+def timed_steps(sae: TopKSAE, x_batches, strategy: SingleProcess) -> list[float]:
+    """Seconds per `Trainer.step` (the product step, AuxK off) under ``strategy``."""
+    model = strategy.wrap(sae)
+    trainer = Trainer(model, torch.optim.Adam(model.parameters(), lr=1e-3), strategy=strategy)
     times = []
     for x in x_batches:
-        if parallel != "none":
-            D.barrier()
+        process_group.barrier()
         start = time.perf_counter()
-        D.train_step(model, opt, x, parallel=parallel)
+        trainer.step(x)
         times.append(time.perf_counter() - start)
     return times
 
@@ -43,13 +46,13 @@ def make(args) -> tuple[TopKSAE, list[torch.Tensor]]:
 def worker(rank: int, port: int, args, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    D.init_distributed()
+    info = process_group.init_distributed()
     sae, data = make(args)
     half = args.batch // 2
-    dp = timed_steps(sae, [x[rank * half : (rank + 1) * half] for x in data], "data")
+    dp = timed_steps(sae, [x[rank * half : (rank + 1) * half] for x in data], make_strategy("data", info))
     sae, data = make(args)
-    fp = timed_steps(D.FeatureParallelSAE.from_full(sae), data, "feature")
-    D.destroy_distributed()
+    fp = timed_steps(sae, data, make_strategy("feature", info))
+    process_group.destroy_distributed()
     if rank == 0:
         torch.save({"data": dp[args.warmup :], "feature": fp[args.warmup :]}, out)
 
@@ -66,7 +69,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     sae, data = make(args)
-    single = timed_steps(sae, data, "none")[args.warmup :]
+    single = timed_steps(sae, data, SingleProcess())[args.warmup :]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -73,6 +73,10 @@ class SparseAdam(torch.optim.Optimizer):
                 if not p.is_contiguous():
                     raise ValueError(f"SparseAdam needs contiguous params, got strides {p.stride()}")
 
+    def normalizes(self, param: torch.Tensor) -> bool:
+        """True when ``param`` is one of the ``unit_norm`` parameters (its touched rows are kept unit-norm)."""
+        return id(param) in self._unit_norm
+
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
         """One optimizer step over every param with a gradient; returns the closure's loss, if any."""

@@ -14,7 +14,7 @@ from flashsae import TopKSAE
 from flashsae.optim import SparseAdam
 from flashsae.sae import activations as act
 from flashsae.sae.asi import active_subspace, init_active_subspace
-from flashsae.sae.distributed import train_step
+from flashsae.sae.trainer import Trainer
 
 LAYER, SITE = 3, "attn_out"
 N_TRAIN, N_TEST = 3000, 2000
@@ -31,11 +31,10 @@ def _train(x_train: torch.Tensor, x_test: torch.Tensor, asi: bool) -> dict[str, 
         sae.b_dec.copy_(x_train.mean(0))
     if asi:
         init_active_subspace(sae, active_subspace(x_train, D_INIT))
-    opt = SparseAdam(sae.parameters(), lr=LR, unit_norm=[sae.W_dec], backend="torch")
+    trainer = Trainer(sae, SparseAdam(sae.parameters(), lr=LR, unit_norm=[sae.W_dec], backend="torch"))
     order = torch.Generator().manual_seed(1)
     for _ in range(STEPS):
-        batch = x_train[torch.randint(0, x_train.shape[0], (BATCH,), generator=order)]
-        train_step(sae, opt, batch, parallel="none")
+        trainer.step(x_train[torch.randint(0, x_train.shape[0], (BATCH,), generator=order)])
     with torch.no_grad():
         out = sae(x_test)
     fired = torch.zeros(N_FEATURES, dtype=torch.bool)

@@ -10,10 +10,15 @@ import torch
 import torch.multiprocessing as mp
 
 from flashsae import ops
-from flashsae.sae import distributed as D
-from flashsae.sae.auxk import add_aux_k_grads_
+from flashsae.kernels.keys import EMPTY_KEY, pack_keys
+from flashsae.sae.losses import add_aux_k_grads_
 from flashsae.sae.model import TopKSAE
+from flashsae.sae.parallel import process_group
+from flashsae.sae.parallel.data import allreduce_gradients
+from flashsae.sae.parallel.feature import FeatureParallelSAE, feature_split, merge_candidates
+from flashsae.sae.parallel.strategy import SingleProcess, make_strategy
 from flashsae.sae.store import InMemorySource
+from flashsae.sae.trainer import Trainer
 
 WORLD = 2
 D_MODEL, K, LOCAL_BATCH, STEPS = 16, 4, 12, 3
@@ -62,12 +67,13 @@ def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: t.detach().clone() for n, t in model.state_dict().items()}
 
 
-def run_training(model, sparse_grad: bool, batches, parallel: str) -> dict:
-    """Train STEPS steps; record step-1 gradients, their kinds, the losses and the final weights."""
-    opt = make_optimizer(model, sparse_grad)
+def run_training(model, sparse_grad: bool, batches, strategy: SingleProcess) -> dict:
+    """Train STEPS product steps; record step-1 gradients, their kinds, the losses and the final weights."""
+    trainer = Trainer(model, make_optimizer(model, sparse_grad), strategy=strategy)
     out: dict = {"losses": []}
     for step, x in zip(range(STEPS), batches):
-        out["losses"].append(D.train_step(model, opt, x, parallel=parallel))
+        trainer.step(x)
+        out["losses"].append(trainer.read_metrics()["mse"])
         if step == 0:
             out["grads"], out["sparse"] = grads(model), sparse_kinds(model)
     out["state"] = state(model)
@@ -116,24 +122,26 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     result: dict = {}
     try:
-        info = D.init_distributed(timeout_s=TIMEOUT_S)
-        assert (info.rank, info.world_size) == (rank, WORLD) and D.is_main() == (rank == 0)
+        info = process_group.init_distributed(timeout_s=TIMEOUT_S)
+        assert (info.rank, info.world_size) == (rank, WORLD) and process_group.is_main() == (rank == 0)
+        data, feature = make_strategy("data", info), make_strategy("feature", info)
+        assert (data.name, feature.name) == ("data", "feature")
         source = InMemorySource(make_data())
         for sparse in (False, True):
             local = source.batches(LOCAL_BATCH, seed=SEED, epoch=EPOCH, rank=rank, world_size=WORLD, prefetch=0)
-            result[f"dp_{sparse}"] = run_training(make_sae(F_DP, sparse), sparse, local, "data")
-            fp = D.FeatureParallelSAE.from_full(make_sae(F_FP, sparse))
+            result[f"dp_{sparse}"] = run_training(make_sae(F_DP, sparse), sparse, local, data)
+            fp = feature.wrap(make_sae(F_FP, sparse))
             whole = source.batches(LOCAL_BATCH * WORLD, seed=SEED, epoch=EPOCH, prefetch=0)
-            result[f"fp_{sparse}"] = run_training(fp, sparse, whole, "auto")
-            full = fp.gather_full()
+            result[f"fp_{sparse}"] = run_training(fp, sparse, whole, feature)
+            full = feature.full_model(fp)
             result[f"fp_{sparse}"]["gathered"] = None if full is None else state(full)
         sae, x = tie_forward_case()
         with torch.no_grad():
-            result["fp_forward"] = D.FeatureParallelSAE.from_full(sae)(x)
+            result["fp_forward"] = FeatureParallelSAE.from_full(sae)(x)
         sae, x, residual, dead = aux_case()
-        fp = D.FeatureParallelSAE.from_full(sae)
-        result["fp_aux"] = {"loss": fp.add_aux_k_grads_(x, residual, dead, AUX_K, 1.0), "grads": sparse_rows(fp)}
-        D.destroy_distributed()
+        fp = FeatureParallelSAE.from_full(sae)
+        result["fp_aux"] = {"loss": add_aux_k_grads_(fp, x, residual, dead, AUX_K, 1.0), "grads": sparse_rows(fp)}
+        process_group.destroy_distributed()
     except BaseException:
         result = {"error": traceback.format_exc()}
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -175,7 +183,7 @@ def single() -> dict:
     for sparse in (False, True):
         for name, F in (("dp", F_DP), ("fp", F_FP)):
             batches = source.batches(LOCAL_BATCH * WORLD, seed=SEED, epoch=EPOCH, prefetch=0)
-            out[f"{name}_{sparse}"] = run_training(make_sae(F, sparse), sparse, batches, "none")
+            out[f"{name}_{sparse}"] = run_training(make_sae(F, sparse), sparse, batches, SingleProcess())
     return out
 
 
@@ -201,7 +209,7 @@ def test_data_parallel_training_matches_single_process(ranks, single, sparse):
 def test_feature_parallel_grads_are_slices_of_the_single_process_grads(ranks, single, sparse):
     ref = single[f"fp_{sparse}"]["grads"]
     for r, res in enumerate(ranks):
-        offset, n = D.feature_split(F_FP, WORLD)[r]
+        offset, n = feature_split(F_FP, WORLD)[r]
         got = res[f"fp_{sparse}"]
         assert all(kind == (sparse and n_ != "b_dec") for n_, kind in got["sparse"].items()), got["sparse"]
         for name, g in ref.items():
@@ -236,10 +244,10 @@ def test_feature_parallel_forward_picks_the_single_process_topk_with_ties_and_ze
 
 
 def test_feature_split_covers_all_features_contiguously_with_uneven_counts():
-    split = D.feature_split(101, 4)
+    split = feature_split(101, 4)
     assert split == [(0, 26), (26, 25), (51, 25), (76, 25)]
     with pytest.raises(ValueError, match="n_features >= world_size"):
-        D.feature_split(3, 4)
+        feature_split(3, 4)
 
 
 @pytest.mark.parametrize("world", [2, 3, 5])
@@ -255,14 +263,15 @@ def test_merging_local_topk_candidates_equals_the_global_topk(world, dtype):
     x[:4] = 0  # rows with few positives: zero-filled slots
     ref_vals, ref_idx = ops.topk_encode(x, W, b, k, backend="torch")
     keys = []
-    for offset, n in D.feature_split(F, world):
+    for offset, n in feature_split(F, world):
         vals, idx = ops.topk_encode(x, W[offset : offset + n], b[offset : offset + n], min(k, n), backend="torch")
-        keys.append(D.pack_candidates(vals, idx + offset, k))
-    vals, idx, pos = D.merge_candidates(torch.cat(keys, dim=1), k)
+        empty = torch.full((x.shape[0], k - min(k, n)), EMPTY_KEY, dtype=torch.int64)
+        keys.append(torch.cat([pack_keys(vals, idx + offset), empty], dim=1))
+    vals, idx, pos = merge_candidates(torch.cat(keys, dim=1), k)
     assert torch.equal(idx, ref_idx)
     assert torch.equal(vals.to(dtype), ref_vals)
     # A winner's position names the rank that owns its feature (what each rank's won-mask uses).
-    offsets = torch.tensor([offset for offset, _ in D.feature_split(F, world)])
+    offsets = torch.tensor([offset for offset, _ in feature_split(F, world)])
     owner = torch.searchsorted(offsets, idx, right=True) - 1
     assert torch.equal(pos // k, owner)
 
@@ -270,13 +279,14 @@ def test_merging_local_topk_candidates_equals_the_global_topk(world, dtype):
 def test_init_distributed_is_a_single_process_no_op_without_torchrun(monkeypatch):
     for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
-    info = D.init_distributed()
+    info = process_group.init_distributed()
     assert (info.rank, info.world_size, info.is_main) == (0, 1, True)
-    assert not D.is_distributed() and D.get_world_size() == 1 and D.is_main()
+    assert not process_group.is_distributed() and process_group.get_world_size() == 1 and process_group.is_main()
+    assert isinstance(make_strategy("feature", info), SingleProcess)  # one rank always trains alone
     sae = make_sae(F_DP, False)
     sae(make_data()[:8]).x_hat.sum().backward()
     before = sae.W_dec.grad.clone()
-    D.allreduce_gradients(sae)  # nothing to reduce with one process
+    allreduce_gradients(sae)  # nothing to reduce with one process
     assert torch.equal(sae.W_dec.grad, before)
 
 
@@ -288,7 +298,7 @@ def test_feature_parallel_aux_k_selects_and_updates_the_single_process_rows(rank
     reference = sparse_rows(sae)
     assert reference["W_enc"][0].numel() > 0
     for r, res in enumerate(ranks):
-        offset, n = D.feature_split(F_FP, WORLD)[r]
+        offset, n = feature_split(F_FP, WORLD)[r]
         torch.testing.assert_close(res["fp_aux"]["loss"], loss, **TOL)
         for name, (rows, values) in reference.items():
             mine = (rows >= offset) & (rows < offset + n)

@@ -10,11 +10,11 @@ import torch
 
 from flashsae.optim import SparseAdam
 from flashsae.sae import trainer_state as TS
-from flashsae.sae.auxk import add_aux_k_grads_
+from flashsae.sae.losses import add_aux_k_grads_
 from flashsae.sae.model import TopKSAE
 from flashsae.sae.store import ActivationStore, InMemorySource
 from flashsae.sae.train import TrainConfig, mean_sq_norm_scale, train
-from flashsae.sae.trainer import NonFiniteError, fit, reconstruction_metrics
+from flashsae.sae.trainer import NonFiniteError, Trainer, reconstruction_metrics
 from tests import synthetic
 from tests.synthetic import synthetic_activations
 
@@ -44,7 +44,7 @@ def run_config(store: Path, out: Path, **overrides) -> TrainConfig:
 
 
 @pytest.mark.parametrize("optimizer", ["sparse-adam", "adam"])
-def test_fit_lowers_fvu_and_keeps_decoder_rows_unit_norm(optimizer):
+def test_trainer_lowers_fvu_and_keeps_decoder_rows_unit_norm(optimizer):
     d, n_features, k = 24, 96, 4
     x = synthetic_activations(2000, d, rank=10, seed=1)
     scale = mean_sq_norm_scale(x)
@@ -57,9 +57,13 @@ def test_fit_lowers_fvu_and_keeps_decoder_rows_unit_norm(optimizer):
     before = reconstruction_metrics(sae, x * scale)["fvu"]
     source = InMemorySource(x)
     batches = (b for epoch in range(3) for b in source.batches(100, seed=0, epoch=epoch, prefetch=0))
+    trainer = Trainer(sae, opt, aux_k=8, dead_window=600)
     logged = []
-    last = fit(sae, opt, batches, norm_scale=scale, aux_k=8, dead_window=600, log_every=20,
-               on_log=lambda step, m: logged.append((step, m)))
+    for batch in batches:
+        trainer.step(batch * scale)
+        if trainer.step_count % 20 == 0:
+            logged.append((trainer.step_count, trainer.read_metrics()))
+    last = logged[-1][1]
     after = reconstruction_metrics(sae, x * scale)["fvu"]
     assert after < 0.5 * before, (before, after)
     assert [s for s, _ in logged] == [20, 40, 60]

@@ -37,6 +37,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from ..checks import DTYPES, dtype_name
 from .checkpoint import atomic_write
 
 FORMAT_VERSION = 1
@@ -47,13 +48,6 @@ DEFAULT_SHUFFLE_BUFFER = 1 << 18
 REQUIRED_FIELDS = ("model", "site", "layer")
 # Fields the writer fills in itself; a caller may not set them.
 _WRITER_FIELDS = ("format_version", "dtype", "d_model", "n_tokens", "shard_tokens", "shards")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def _seed_of(*parts: int | str) -> int:
     """A 63-bit generator seed from ``parts``, stable across processes and platforms."""
     digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
@@ -95,7 +89,7 @@ class ActivationStoreWriter:
             raise ValueError(f"manifest_fields may not set {reserved}: the writer records them")
         if isinstance(shard_tokens, bool) or not isinstance(shard_tokens, int) or shard_tokens < 1:
             raise ValueError(f"shard_tokens must be a positive int, got {shard_tokens!r}")
-        if dtype is not None and dtype not in _DTYPES.values():
+        if dtype is not None and dtype not in DTYPES.values():
             raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -124,7 +118,7 @@ class ActivationStoreWriter:
         if self.d_model is None:
             self.d_model = chunk.shape[1]
             self.dtype = self.dtype or chunk.dtype
-            if self.dtype not in _DTYPES.values():
+            if self.dtype not in DTYPES.values():
                 raise TypeError(f"activations must be float32, bfloat16 or float16, got {self.dtype}")
         if chunk.shape[1] != self.d_model:
             raise ValueError(f"chunk has d={chunk.shape[1]} but earlier chunks had d={self.d_model}")
@@ -160,7 +154,7 @@ class ActivationStoreWriter:
             "revision": self.fields.get("revision"),
             "text_source_hash": self.fields.get("text_source_hash"),
             "normalization": self.fields.get("normalization"),
-            "dtype": _dtype_name(self.dtype),
+            "dtype": dtype_name(self.dtype),
             "d_model": self.d_model,
             "n_tokens": self.n_tokens,
             "shard_tokens": self.shard_tokens,
@@ -359,7 +353,7 @@ class ActivationStore(_ShardedSource):
                 raise ValueError(
                     f"activation store {self.directory} does not match: {field} expected {expected!r}, found {found!r}"
                 )
-        self.dtype = _DTYPES[self.manifest["dtype"]]
+        self.dtype = DTYPES[self.manifest["dtype"]]
         self.d_model = int(self.manifest["d_model"])
         self.shards: list[dict[str, Any]] = self.manifest["shards"]
         self.shard_sizes = [int(s["n_tokens"]) for s in self.shards]

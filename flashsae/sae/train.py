@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 from .. import ops
 from ..optim import SparseAdam
 from . import activations as acts
-from . import distributed as D
+from .parallel import process_group
+from .parallel.strategy import make_strategy
 from . import trainer_state as TS
 from .activations import DEFAULT_TEXT, EMBEDDED_MODEL, SITES
 from .asi import active_subspace, init_active_subspace, resolve_d_init
@@ -171,7 +172,7 @@ def _text_name(cfg: TrainConfig) -> str:
     return cfg.text or DEFAULT_TEXT
 
 
-def open_activation_source(cfg: TrainConfig, info: D.DistInfo) -> tuple[ActivationStore, dict[str, Any]]:
+def open_activation_source(cfg: TrainConfig, info: process_group.DistInfo) -> tuple[ActivationStore, dict[str, Any]]:
     """The run's activation store and what it holds (model, revision, site, layer, hook, text, seq_len).
 
     ``cfg.store``: an existing store, used as it is. Otherwise the cache (``cfg.cache`` or
@@ -196,7 +197,7 @@ def open_activation_source(cfg: TrainConfig, info: D.DistInfo) -> tuple[Activati
     }
     if info.is_main and not (cache / "manifest.json").is_file():
         _collect(cfg, cache, site, layer)
-    D.barrier()
+    process_group.barrier()
     store = ActivationStore(cache)
     request = cache / COLLECTION_FILE
     found_fields = {**store.manifest, **(json.loads(request.read_text()) if request.is_file() else {})}
@@ -260,7 +261,7 @@ def mean_sq_norm_scale(x: torch.Tensor) -> float:
 # The run
 
 
-def _resolve_device(cfg: TrainConfig, info: D.DistInfo) -> torch.device:
+def _resolve_device(cfg: TrainConfig, info: process_group.DistInfo) -> torch.device:
     if cfg.device == "auto":
         return info.device
     device = torch.device(cfg.device)
@@ -285,18 +286,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         cfg = merge_resumed_config(resumed["config"], cfg.to_dict())
     cfg.validate()
     check_log_backends(cfg.log)
-    info = D.init_distributed(timeout_s=1800.0)
-    parallel = cfg.parallel
-    if parallel == "auto" or info.world_size == 1:  # one rank: data and feature parallel are plain training
-        parallel = "data" if info.world_size > 1 else "none"
+    info = process_group.init_distributed(timeout_s=1800.0)
+    strategy = make_strategy(cfg.parallel, info)
+    parallel = strategy.name
     if resumed is not None:
-        if parallel == "feature":
-            resumed["optimizer"] = TS.load_optimizer_shard(resumed, info.rank, info.world_size)
-        elif resumed["optimizer_shards"]:
-            raise ValueError(
-                f"{resumed['path']} is a feature-parallel checkpoint: resume it with --parallel feature under "
-                f"torchrun --nproc-per-node {resumed['optimizer_shards']}"
-            )
+        resumed["optimizer"] = strategy.optimizer_state(resumed)
     device = _resolve_device(cfg, info)
     out = Path(cfg.out)
     if info.is_main:
@@ -304,7 +298,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     source, origin = open_activation_source(cfg, info)
     d_model = source.d_model
-    world = info.world_size if parallel == "data" else 1
+    world = strategy.data_shard()[1]
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of the number of ranks ({world})")
     local_batch = cfg.batch_size // world
@@ -350,9 +344,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 raise ValueError(f"--d-init {d_init} exceeds the {x0.shape[0]} tokens available for ASI (--asi-tokens)")
             init_active_subspace(sae, active_subspace(x0, d_init, center=cfg.asi_center, seed=cfg.seed))
     sae = sae.to(device)
-    model: torch.nn.Module = sae
-    if parallel == "feature":
-        model = D.FeatureParallelSAE.from_full(sae)
+    model = strategy.wrap(sae)
     optimizer = _build_optimizer(cfg, model, lr)
     tracker = FiringTracker(cfg.n_features, dead_window, device=device)
     step, epoch, batch = 0, 0, 0
@@ -361,7 +353,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         tracker.load_state_dict(state.firing)
         TS.restore_rng(state.rng)
         step, epoch, batch = state.step, state.epoch, state.batch
-    trainer = Trainer(model, optimizer, tracker=tracker, aux_k=aux_k, aux_coef=cfg.aux_coef, parallel=parallel)
+    trainer = Trainer(model, optimizer, strategy=strategy, tracker=tracker, aux_k=aux_k, aux_coef=cfg.aux_coef)
     trainer.step_count = step
     tokens = step * cfg.batch_size
 
@@ -375,22 +367,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             step=step, epoch=epoch, batch=batch, norm_scale=norm_scale, tokens=tokens,
             firing=tracker.state_dict(), rng=TS.capture_rng(),
         )
-        if parallel != "feature":  # the weights and optimizer state are the same on every rank
-            if info.is_main:
-                TS.save_checkpoint(checkpoints, sae=sae, optimizer=optimizer, state=state, config=cfg.to_dict())
-            return
-        # Feature parallel: rank 0 gathers the weights; each rank writes its own optimizer state
-        # (no rank ever holds all of it) into the staging directory before rank 0 seals it.
-        full = model.gather_full()
-        if info.is_main:
-            TS.prepare_staging(checkpoints, step)
-        D.barrier()
-        TS.save_optimizer_shard(checkpoints, step, optimizer, info.rank)
-        D.barrier()
-        if info.is_main:
-            TS.save_checkpoint(checkpoints, sae=full, optimizer=None, state=state, config=cfg.to_dict(),
-                               optimizer_shards=info.world_size)
-        D.barrier()
+        strategy.save_checkpoint(checkpoints, model, optimizer, state, cfg.to_dict())
 
     if info.is_main:
         where = f" resumed from {resumed['path']} at step {step}" if resumed else ""
@@ -404,7 +381,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     bar = tqdm(total=total_steps, initial=step, unit="step", disable=not show_bar, dynamic_ncols=True)
     try:
         while epoch < cfg.epochs:
-            rank, ranks = (info.rank, info.world_size) if parallel == "data" else (0, 1)
+            rank, ranks = strategy.data_shard()
             epoch_batches = source.batches(
                 local_batch, seed=cfg.seed, epoch=epoch, rank=rank, world_size=ranks, start_batch=batch
             )
@@ -428,7 +405,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         bar.close()
         log.close()
 
-    final_sae = model.gather_full() if parallel == "feature" else sae
+    final_sae = strategy.full_model(model)
     eval_x = (leading_tokens(source, EVAL_TOKENS, cfg.seed).to(device) * norm_scale).to(dtype)
     final_metrics = reconstruction_metrics(model, eval_x)
     dead_frac = tracker.dead_fraction()
@@ -451,7 +428,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             f"(window {dead_window} tokens), {tokens} tokens in {summary['time_s']:.1f} s; "
             f"SAE saved to {final_path}"
         )
-    D.barrier()
+    process_group.barrier()
     return summary
 
 
@@ -573,5 +550,5 @@ def run_train_command(args: argparse.Namespace) -> int:
         print(f"flashsae train: error: {exc}", file=sys.stderr)
         return 1
     finally:
-        D.destroy_distributed()
+        process_group.destroy_distributed()
     return 0
