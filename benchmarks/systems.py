@@ -228,9 +228,11 @@ def sparsify(shape: Shape, device: str) -> System:
 def flashsae(shape: Shape, device: str) -> System:
     """flashsae.TopKSAE(sparse_grad=True) + flashsae.optim.SparseAdam(unit_norm=[W_dec]), backend
     "auto"; ops ``encode`` (ops.topk_encode), ``decode`` (ops.sparse_decode), ``backward``,
-    ``optimizer`` (SparseAdam.step) and the full ``step``."""
+    ``optimizer`` (SparseAdam.step) and the full ``step``: `flashsae.sae.trainer.Trainer.step`, the
+    step `flashsae train` runs (AuxK off: no feature is dead in a benchmark)."""
     from flashsae import TopKSAE, ops
     from flashsae.optim import SparseAdam
+    from flashsae.sae.trainer import Trainer
 
     dtype = shape.torch_dtype
     sae = TopKSAE(shape.d, shape.F, shape.k, dtype=dtype, device=device, backend="auto", sparse_grad=True)
@@ -249,16 +251,14 @@ def flashsae(shape: Shape, device: str) -> System:
         loss_of(xs()).backward()
         return ()
 
-    def step(x: torch.Tensor) -> None:
-        loss_of(x).backward()
-        opt.step()
+    trainer = Trainer(sae, opt)
 
     ops_ = {
         "encode": Op(sae.encode, lambda: (xs(),)),
         "decode": Op(sae.decode, codes),
         "backward": Op(lambda loss: loss.backward(), lambda: (opt.zero_grad(set_to_none=True), (loss_of(xs()),))[1]),
         "optimizer": Op(opt.step, after_backward),
-        "step": Op(step, _zeroing(opt, xs)),
+        "step": Op(trainer.step, _zeroing(opt, xs)),
     }
     notes = f"backend={ops.resolve_backend(sae.backend, torch.device(device))}"
     if device == "cuda":
