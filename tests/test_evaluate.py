@@ -9,7 +9,7 @@ import torch
 from transformers import BertConfig, BertModel
 
 from flashsae import TopKSAE
-from flashsae.sae import activations as act
+from flashsae.sae import hf
 from flashsae.sae.cli import main
 from flashsae.sae.evaluate import DENSITY_PLOT, EVAL_FILE, evaluate
 
@@ -47,9 +47,9 @@ def zero_sae(d: int) -> TopKSAE:
 
 
 def run(sae, model, tokenizer, site, layer, **kwargs):
-    module = act.resolve_site(model, site, layer)[1]
+    module = hf.resolve_site(model, site, layer)[1]
     kwargs = {"n_tokens": N_TOKENS, "seq_len": SEQ_LEN, "batch_size": 4, "progress": False, **kwargs}
-    return evaluate(sae, model, tokenizer, module, act.iter_texts(), **kwargs)
+    return evaluate(sae, model, tokenizer, module, hf.iter_texts(), **kwargs)
 
 
 @pytest.mark.parametrize("site, layer", [("attn_out", 0), ("mlp_out", 1), ("resid", 0)])
@@ -92,8 +92,8 @@ def test_reconstruction_metrics_match_a_direct_computation(tiny_gpt2, tokenizer)
         sae.b_dec.normal_(0, 0.1)
     scale = 0.7
     r = run(sae, tiny_gpt2, tokenizer, "mlp_out", 1, norm_scale=scale)
-    module = act.resolve_site(tiny_gpt2, "mlp_out", 1)[1]
-    x = torch.cat([b["m"] for b in act.collect_activations(tiny_gpt2, tokenizer, {"m": module}, act.iter_texts(),
+    module = hf.resolve_site(tiny_gpt2, "mlp_out", 1)[1]
+    x = torch.cat([b["m"] for b in hf.collect_activations(tiny_gpt2, tokenizer, {"m": module}, hf.iter_texts(),
                                                            seq_len=SEQ_LEN, batch_size=4, max_tokens=r["n_tokens"],
                                                            progress=False)]).double() * scale
     assert x.shape[0] == r["n_tokens"]
@@ -150,7 +150,7 @@ def test_cli_rejects_a_bad_token_count(tmp_path, capsys):
 
 @pytest.mark.model
 def test_minilm_eval_of_a_random_sae_reports_cosines():
-    model, tokenizer = act.load_model()
+    model, tokenizer = hf.load_model()
     torch.manual_seed(0)
     sae = TopKSAE(384, 1536, 16)
     r = run(sae, model, tokenizer, "attn_out", 3, n_tokens=500, seq_len=128)

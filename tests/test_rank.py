@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from flashsae.analysis import effective_rank
-from flashsae.sae import activations as act
+from flashsae.sae import hf
 from flashsae.sae.cli import main
 from flashsae.sae.rank import RANK_FILE, RANK_PLOT, SPECTRA_FILE, activation_spectra, effective_ranks, format_table
 
@@ -19,9 +19,9 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def _collected(model, tokenizer, pairs, n_tokens):
     """Activations [n, d] float64 per (site, layer), collected directly."""
-    modules = {f"{s}.{l}": act.resolve_site(model, s, l)[1] for s, l in pairs}
+    modules = {f"{s}.{l}": hf.resolve_site(model, s, l)[1] for s, l in pairs}
     rows = {name: [] for name in modules}
-    for batch in act.collect_activations(model, tokenizer, modules, act.iter_texts(), seq_len=SEQ_LEN,
+    for batch in hf.collect_activations(model, tokenizer, modules, hf.iter_texts(), seq_len=SEQ_LEN,
                                          batch_size=8, max_tokens=n_tokens, progress=False):
         for name, x in batch.items():
             rows[name].append(x)
@@ -32,8 +32,8 @@ def _collected(model, tokenizer, pairs, n_tokens):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_spectra_equal_svdvals_of_collected_activations(tiny_gpt2, tokenizer, center, dtype):
     n_tokens = 301
-    pairs = [(s, l) for l in (0, 1) for s in act.SITES]
-    spectra = activation_spectra(tiny_gpt2, tokenizer, act.SITES, [0, 1], act.iter_texts(), n_tokens=n_tokens,
+    pairs = [(s, l) for l in (0, 1) for s in hf.SITES]
+    spectra = activation_spectra(tiny_gpt2, tokenizer, hf.SITES, [0, 1], hf.iter_texts(), n_tokens=n_tokens,
                                  center=center, seq_len=SEQ_LEN, batch_size=8, dtype=dtype, progress=False)
     assert list(spectra) == pairs
     reference = _collected(tiny_gpt2, tokenizer, pairs, n_tokens)
@@ -51,21 +51,21 @@ def test_spectra_equal_svdvals_of_collected_activations(tiny_gpt2, tokenizer, ce
 
 def test_randomized_method_at_full_rank_matches_gram(tiny_gpt2, tokenizer):
     kwargs = dict(n_tokens=200, seq_len=SEQ_LEN, batch_size=8, progress=False, dtype=torch.float64)
-    gram = activation_spectra(tiny_gpt2, tokenizer, ["attn_out"], [1], act.iter_texts(), **kwargs)
-    rand = activation_spectra(tiny_gpt2, tokenizer, ["attn_out"], [1], act.iter_texts(), method="randomized", **kwargs)
+    gram = activation_spectra(tiny_gpt2, tokenizer, ["attn_out"], [1], hf.iter_texts(), **kwargs)
+    rand = activation_spectra(tiny_gpt2, tokenizer, ["attn_out"], [1], hf.iter_texts(), method="randomized", **kwargs)
     s = gram[("attn_out", 1)]
     torch.testing.assert_close(rand[("attn_out", 1)], s, atol=1e-8 * float(s[0]), rtol=0)
 
 
 def test_too_few_tokens_for_a_full_spectrum_is_an_error(tiny_gpt2, tokenizer):
     with pytest.raises(ValueError, match="n_tokens must be >= d = 32"):
-        activation_spectra(tiny_gpt2, tokenizer, ["resid"], [0], act.iter_texts(), n_tokens=20, seq_len=SEQ_LEN,
+        activation_spectra(tiny_gpt2, tokenizer, ["resid"], [0], hf.iter_texts(), n_tokens=20, seq_len=SEQ_LEN,
                            progress=False)
 
 
 def test_table_lists_every_layer_and_site():
     g = torch.Generator().manual_seed(0)
-    spectra = {(s, l): torch.rand(16, generator=g).sort(descending=True).values for l in (0, 3) for s in act.SITES}
+    spectra = {(s, l): torch.rand(16, generator=g).sort(descending=True).values for l in (0, 3) for s in hf.SITES}
     table = format_table(effective_ranks(spectra)).splitlines()
     assert len(table) == 2 + 6
     assert table[2].split()[:3] == ["0", "attn_out", "16"]
@@ -123,8 +123,8 @@ CLAIM_LAYERS = (0, 1, 2, 3)
 
 @pytest.mark.model
 def test_minilm_attention_output_is_lower_dimensional_than_mlp_output():
-    model, tokenizer = act.load_model()
-    spectra = activation_spectra(model, tokenizer, act.SITES, range(act.num_layers(model)), act.iter_texts(),
+    model, tokenizer = hf.load_model()
+    spectra = activation_spectra(model, tokenizer, hf.SITES, range(hf.num_layers(model)), hf.iter_texts(),
                                  n_tokens=4000, progress=False)
     ranks = effective_ranks(spectra)
     print("\nall-MiniLM-L6-v2, pydoc topics, 4000 tokens, centered:\n" + format_table(ranks))

@@ -1,7 +1,7 @@
 """``flashsae eval``: how well a trained SAE reconstructs its site, and what splicing it in does downstream.
 
 Reconstruction, over the eval tokens (the real, non-special tokens, exactly the rows
-`activations.collect_activations` yields and an SAE is trained on), in the SAE's input units
+`hf.collect_activations` yields and an SAE is trained on), in the SAE's input units
 (``norm_scale * x``):
   - FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2, MSE per element, L0 (firing features per token),
   - dead features: the fraction that never fired over the eval tokens, and a firing-density histogram.
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import json
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -32,18 +31,14 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import activations
-from .activations import token_batches, token_windows
+from . import hf
 from .diagnostics import FiringTracker, plot_firing_density
+from .hf import is_causal_lm
+from .hf.collect import forward_kwargs, text_batches
 from .model import TopKSAE
 
 EVAL_FILE = "eval.json"
 DENSITY_PLOT = "firing_density.png"
-
-
-def is_causal_lm(model: nn.Module) -> bool:
-    """True for models with a next-token head (``*ForCausalLM`` / ``*LMHeadModel``)."""
-    return type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
 
 
 @contextlib.contextmanager
@@ -143,15 +138,13 @@ def evaluate(
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if not norm_scale > 0:
         raise ValueError(f"norm_scale must be > 0, got {norm_scale!r}")
-    if not getattr(tokenizer, "is_fast", False):
-        raise TypeError(f"evaluate needs a fast (Rust) tokenizer, got {type(tokenizer).__name__}")
+    batches = text_batches(tokenizer, texts, seq_len, batch_size)
     causal = is_causal_lm(model)
     device = next(model.parameters()).device
     sae_device = sae.W_dec.device
     scale = float(norm_scale)
     stats = _ReconstructionStats(sae, sae_device)
-    extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    extra = forward_kwargs(model)
     where: dict[str, Tensor] = {}  # the current batch's splice mask [B, T] on the model's device
 
     def check(out: Tensor) -> None:
@@ -197,10 +190,9 @@ def evaluate(
     count = 0
     seen = 0
     kept: list[tuple[dict[str, Tensor], Tensor, Tensor | None]] = []
-    windows = token_windows(tokenizer, texts, seq_len, group=batch_size)
     bar = tqdm(total=n_tokens, unit="tok", desc="evaluating", disable=not progress)
     try:
-        for input_ids, attention_mask, special in token_batches(windows, batch_size, pad_id):
+        for input_ids, attention_mask, special in batches:
             mask = attention_mask.bool() if splice_special_tokens else attention_mask.bool() & ~special
             where["mask"] = mask.to(device)
             inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
@@ -277,7 +269,7 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", type=Path, help="flashsae checkpoint directory (cfg.json + model.safetensors)")
     p.add_argument("--model", default=None, help="Hugging Face model id or directory (default: from the checkpoint)")
     p.add_argument("--revision", default=None, help="model revision (default: from the checkpoint)")
-    p.add_argument("--site", choices=activations.SITES, default=None, help="site (default: from the checkpoint)")
+    p.add_argument("--site", choices=hf.SITES, default=None, help="site (default: from the checkpoint)")
     p.add_argument("--layer", type=int, default=None, help="layer (default: from the checkpoint)")
     p.add_argument("--hook", default=None, help="dotted module path to hook instead of --site/--layer")
     p.add_argument("--norm-scale", type=float, default=None,
@@ -300,19 +292,19 @@ def _resolve_module(args: argparse.Namespace, meta: dict[str, Any],
                     model: nn.Module) -> tuple[str, nn.Module, Any, Any]:
     """(module path, module, site, layer) from the command line, falling back to the checkpoint metadata."""
     if args.hook:
-        return args.hook, activations.resolve_hook(model, args.hook), args.site, args.layer
+        return args.hook, hf.resolve_hook(model, args.hook), args.site, args.layer
     if args.site is not None or args.layer is not None:
         site = args.site if args.site is not None else meta.get("site")
         layer = args.layer if args.layer is not None else meta.get("layer")
-        if site not in activations.SITES or not isinstance(layer, int):
+        if site not in hf.SITES or not isinstance(layer, int):
             raise ValueError(
-                f"--site and --layer: need a site in {activations.SITES} and a layer, got {site!r}, {layer!r}")
-        path, module = activations.resolve_site(model, site, layer)
+                f"--site and --layer: need a site in {hf.SITES} and a layer, got {site!r}, {layer!r}")
+        path, module = hf.resolve_site(model, site, layer)
         return path, module, site, layer
     if meta.get("hook"):
-        return meta["hook"], activations.resolve_hook(model, meta["hook"]), meta.get("site"), meta.get("layer")
-    if meta.get("site") in activations.SITES and isinstance(meta.get("layer"), int):
-        path, module = activations.resolve_site(model, meta["site"], meta["layer"])
+        return meta["hook"], hf.resolve_hook(model, meta["hook"]), meta.get("site"), meta.get("layer")
+    if meta.get("site") in hf.SITES and isinstance(meta.get("layer"), int):
+        path, module = hf.resolve_site(model, meta["site"], meta["layer"])
         return path, module, meta["site"], meta["layer"]
     raise ValueError("the checkpoint's metadata names no hook or site/layer: pass --hook or --site and --layer")
 
@@ -332,14 +324,14 @@ def run_eval(args: argparse.Namespace) -> int:
     norm_scale = args.norm_scale if args.norm_scale is not None else float(meta.get("norm_scale") or 1.0)
     text = args.text if args.text is not None else meta.get("text")
     seq_len = args.seq_len or int(meta.get("seq_len") or 128)
-    model, tokenizer = activations.load_model(model_name, device=device, revision=revision)
+    model, tokenizer = hf.load_model(model_name, device=device, revision=revision)
     path, module, site, layer = _resolve_module(args, meta, model)
-    result = evaluate(sae, model, tokenizer, module, activations.iter_texts(text), n_tokens=args.n_tokens,
+    result = evaluate(sae, model, tokenizer, module, hf.iter_texts(text), n_tokens=args.n_tokens,
                       norm_scale=norm_scale, seq_len=seq_len, batch_size=args.batch_size,
                       splice_special_tokens=args.splice_special_tokens, mean_ablation=args.mean_ablation)
     density = result.pop("firing_density")
     report = {"checkpoint": str(args.checkpoint), "model": model_name, "revision": revision, "site": site,
-              "layer": layer, "hook": path, "text": text or activations.DEFAULT_TEXT, "seq_len": seq_len, **result}
+              "layer": layer, "hook": path, "text": text or hf.DEFAULT_TEXT, "seq_len": seq_len, **result}
     out = args.out if args.out is not None else args.checkpoint / "eval"
     out.mkdir(parents=True, exist_ok=True)
     (out / EVAL_FILE).write_text(json.dumps(report, indent=2))

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..analysis import EffectiveRank, effective_rank, plot_effective_rank, plot_spectra
 from ..linalg import randomized_svd
-from . import activations
+from . import hf
 
 RANK_FILE = "rank.json"
 SPECTRA_FILE = "spectra.safetensors"
@@ -31,13 +31,13 @@ Pair = tuple[str, int]
 
 
 def parse_sites(text: str) -> tuple[str, ...]:
-    """'attn_out,mlp_out' -> ('attn_out', 'mlp_out'); every name must be one of `activations.SITES`."""
+    """'attn_out,mlp_out' -> ('attn_out', 'mlp_out'); every name must be one of `hf.SITES`."""
     sites = tuple(s.strip() for s in text.split(",") if s.strip())
     if not sites:
-        raise ValueError(f"--sites must name at least one of {', '.join(activations.SITES)}, got {text!r}")
-    bad = [s for s in sites if s not in activations.SITES]
+        raise ValueError(f"--sites must name at least one of {', '.join(hf.SITES)}, got {text!r}")
+    bad = [s for s in sites if s not in hf.SITES]
     if bad:
-        raise ValueError(f"--sites: unknown site {bad[0]!r}; choose from {', '.join(activations.SITES)}")
+        raise ValueError(f"--sites: unknown site {bad[0]!r}; choose from {', '.join(hf.SITES)}")
     return tuple(dict.fromkeys(sites))
 
 
@@ -106,13 +106,13 @@ def spectra_with_count(
     pairs = [(site, layer) for layer in layers for site in sites]
     if not pairs:
         raise ValueError("sites and layers must each name at least one entry")
-    modules = {_pair_name(s, l): activations.resolve_site(model, s, l)[1] for s, l in pairs}
+    modules = {_pair_name(s, l): hf.resolve_site(model, s, l)[1] for s, l in pairs}
     names = list(modules)
     if method == "randomized" and not isinstance(texts, (list, tuple)):
         texts = list(texts)  # read n_iter + 2 times
 
     def collect() -> Iterator[Mapping[str, Tensor]]:
-        return activations.collect_activations(
+        return hf.collect_activations(
             model, tokenizer, modules, texts, seq_len=seq_len, batch_size=batch_size,
             max_tokens=n_tokens, progress=progress,
         )
@@ -203,15 +203,15 @@ def add_rank_command(subparsers: argparse._SubParsersAction) -> None:
         "the number of components for 90/95/99%% of the variance, as counts and as fractions of d. Writes "
         f"{RANK_FILE}, {SPECTRA_FILE} and PNG plots to --out.",
     )
-    p.add_argument("--model", default=activations.EMBEDDED_MODEL,
+    p.add_argument("--model", default=hf.EMBEDDED_MODEL,
                    help="Hugging Face model id or directory (default: the embedded %(default)s)")
     p.add_argument("--revision", default=None, help="model revision (branch, tag or commit)")
     p.add_argument("--layers", default="all", help="comma-separated layer indices or 'all' (default: all)")
-    p.add_argument("--sites", default=",".join(activations.SITES),
+    p.add_argument("--sites", default=",".join(hf.SITES),
                    help="comma-separated sites among %(default)s (default: all three)")
     p.add_argument("--n-tokens", type=int, default=20_000, help="tokens to read (default: %(default)s)")
     p.add_argument("--text", default=None,
-                   help=f"text source: a file, directory or Python module (default: {activations.DEFAULT_TEXT})")
+                   help=f"text source: a file, directory or Python module (default: {hf.DEFAULT_TEXT})")
     p.add_argument("--center", action=argparse.BooleanOptionalAction, default=True,
                    help="subtract the mean activation before the SVD (default: on)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default: %(default)s)")
@@ -230,21 +230,21 @@ def run_rank(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = activations.load_model(args.model, device=device, revision=args.revision)
-    layers = parse_layers(args.layers, activations.num_layers(model))
+    model, tokenizer = hf.load_model(args.model, device=device, revision=args.revision)
+    layers = parse_layers(args.layers, hf.num_layers(model))
     spectra, n_read = spectra_with_count(
-        model, tokenizer, sites, layers, activations.iter_texts(args.text), n_tokens=args.n_tokens,
+        model, tokenizer, sites, layers, hf.iter_texts(args.text), n_tokens=args.n_tokens,
         center=args.center, seq_len=args.seq_len, batch_size=args.batch_size, method=args.method,
         dtype=torch.float64 if args.float64 else torch.float32,
     )
     ranks = effective_ranks(spectra)
     print(format_table(ranks))
     info = {
-        "model": args.model, "revision": args.revision, "text": args.text or activations.DEFAULT_TEXT,
-        "text_hash": activations.text_source_hash(args.text), "n_tokens": n_read,
+        "model": args.model, "revision": args.revision, "text": args.text or hf.DEFAULT_TEXT,
+        "text_hash": hf.text_source_hash(args.text), "n_tokens": n_read,
         "center": args.center, "seq_len": args.seq_len, "method": args.method,
         "sites": list(sites), "layers": list(layers),
-        "hooks": {_pair_name(s, l): activations.resolve_site(model, s, l)[0] for l in layers for s in sites},
+        "hooks": {_pair_name(s, l): hf.resolve_site(model, s, l)[0] for l in layers for s in sites},
     }
     paths = write_report(args.out, spectra, ranks, info)
     print(f"wrote {', '.join(p.name for p in paths[:3])} and {len(paths) - 3} more plots to {args.out}")

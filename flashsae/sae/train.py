@@ -30,16 +30,17 @@ from tqdm.auto import tqdm
 
 from .. import ops
 from ..optim import SparseAdam
-from . import activations as acts
+from . import hf
 from .parallel import process_group
 from .parallel.strategy import make_strategy
 from . import trainer_state as TS
-from .activations import DEFAULT_TEXT, EMBEDDED_MODEL, SITES
+from .hf import DEFAULT_TEXT, EMBEDDED_MODEL, SITES
 from .asi import active_subspace, init_active_subspace, resolve_d_init
 from .checkpoint import atomic_write
 from .diagnostics import FiringTracker, plot_firing_density
 from .metrics_log import MetricsLog, check_log_backends, format_metrics
-from .model import TopKSAE, parse_dtype
+from ..checks import parse_dtype
+from .model import TopKSAE
 from .store import ActivationStore
 from .trainer import DEFAULT_DEAD_WINDOW, NonFiniteError, Trainer, reconstruction_metrics
 
@@ -192,7 +193,7 @@ def open_activation_source(cfg: TrainConfig, info: process_group.DistInfo) -> tu
     site, layer = _store_site(cfg)
     expect: dict[str, Any] = {
         "model": cfg.model, "revision": cfg.revision, "site": site, "layer": layer,
-        "text_source_hash": acts.text_source_hash(cfg.text), "seq_len": cfg.seq_len,
+        "text_source_hash": hf.text_source_hash(cfg.text), "seq_len": cfg.seq_len,
         "requested_tokens": cfg.n_tokens,
     }
     if info.is_main and not (cache / "manifest.json").is_file():
@@ -220,21 +221,21 @@ def _store_site(cfg: TrainConfig) -> tuple[str, int]:
     """(site, layer) as the activation store records them; a --hook path stands for its own site."""
     if not cfg.hook:
         return cfg.site, cfg.layer
-    layer = acts.layer_from_path(cfg.hook)
+    layer = hf.layer_from_path(cfg.hook)
     return cfg.hook, -1 if layer is None else layer
 
 
 def _collect(cfg: TrainConfig, cache: Path, site: str, layer: int) -> None:
     """Run the model over the text once and write its activations at the run's site into ``cache``."""
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = acts.load_model(cfg.model, device=device, revision=cfg.revision)
+    model, tokenizer = hf.load_model(cfg.model, device=device, revision=cfg.revision)
     if cfg.hook:
-        module_path, module = cfg.hook, acts.resolve_hook(model, cfg.hook)
+        module_path, module = cfg.hook, hf.resolve_hook(model, cfg.hook)
     else:
-        module_path, module = acts.resolve_site(model, cfg.site, cfg.layer)
+        module_path, module = hf.resolve_site(model, cfg.site, cfg.layer)
     print(f"collecting activations of {cfg.model} {module_path} into {cache}", file=sys.stderr)
-    acts.collect_to_store(
-        cache, model, tokenizer, module_path, module, acts.iter_texts(cfg.text),
+    hf.collect_to_store(
+        cache, model, tokenizer, module_path, module, hf.iter_texts(cfg.text),
         model_name=cfg.model, site=site, layer=layer, text_source=cfg.text, n_tokens=cfg.n_tokens,
         seq_len=cfg.seq_len, revision=cfg.revision, progress=cfg.progress, overwrite=True,
     )

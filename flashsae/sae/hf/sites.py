@@ -1,0 +1,124 @@
+"""Sites: where in a transformer an activation is read, as the module whose forward output it is.
+
+A site is one of `SITES` at a layer ``l``:
+
+- ``attn_out``: the attention block's output after its output projection, before the residual
+  add, dropout or any norm (BERT: ``attention.output.dense``; Llama: ``self_attn.o_proj``).
+- ``mlp_out``: the MLP block's output, likewise before the residual add (and before Gemma 2's
+  post-feed-forward norm).
+- ``resid``: the output of the whole layer, i.e. the residual stream after layer ``l``.
+
+`resolve_site` maps a site to its module through one table (`_LAYOUTS`, keyed by
+``config.model_type``); any other module can be named by its dotted path with `resolve_hook`.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+SITES = ("attn_out", "mlp_out", "resid")
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where the sites live: ``layers`` is the layer list's path in the base model; the others are
+    paths inside one layer (the layer itself is ``resid``)."""
+
+    layers: str
+    attn_out: str
+    mlp_out: str
+
+
+_BERT = _Layout(layers="encoder.layer", attn_out="attention.output.dense", mlp_out="output.dense")
+_GPT2 = _Layout(layers="h", attn_out="attn.c_proj", mlp_out="mlp")
+_DECODER = _Layout(layers="layers", attn_out="self_attn.o_proj", mlp_out="mlp")
+
+# The one table of supported architectures: config.model_type -> layout.
+_LAYOUTS: dict[str, _Layout] = {
+    "bert": _BERT,
+    "roberta": _BERT,
+    "xlm-roberta": _BERT,
+    "gpt2": _GPT2,
+    "llama": _DECODER,
+    "mistral": _DECODER,
+    "qwen2": _DECODER,
+    "qwen3": _DECODER,
+    "gemma": _DECODER,
+    "gemma2": _DECODER,
+}
+
+
+def supported_architectures() -> list[str]:
+    """The ``config.model_type`` names `resolve_site` knows."""
+    return sorted(_LAYOUTS)
+
+
+def num_layers(model: nn.Module) -> int:
+    """The number of transformer layers (``config.num_hidden_layers``)."""
+    config = getattr(model, "config", None)
+    n = getattr(config, "num_hidden_layers", None)
+    if not isinstance(n, int):
+        raise ValueError(f"{type(model).__name__} has no config.num_hidden_layers; cannot tell its number of layers")
+    return n
+
+
+def layer_from_path(path: str) -> int | None:
+    """The first integer component of a dotted module path (``model.layers.3.mlp`` -> 3)."""
+    match = re.search(r"(?:^|\.)(\d+)(?:\.|$)", path)
+    return int(match.group(1)) if match else None
+
+
+def _base_prefix(model: nn.Module) -> str:
+    """The dotted path of the base model inside ``model`` ("" for a base model, "model" for LlamaForCausalLM)."""
+    base = getattr(model, "base_model", model)
+    if base is model:
+        return ""
+    for name, module in model.named_modules():
+        if module is base:
+            return name
+    return ""
+
+
+def resolve_site(model: nn.Module, site: str, layer: int) -> tuple[str, nn.Module]:
+    """``(dotted path, module)`` whose forward output is ``site`` at ``layer`` (see the module docstring)."""
+    if site not in SITES:
+        raise ValueError(f"site must be one of {SITES}, got {site!r}")
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    layout = _LAYOUTS.get(model_type)
+    if layout is None:
+        raise ValueError(
+            f"architecture {model_type!r} ({type(model).__name__}) has no site table; supported: "
+            f"{supported_architectures()}. Name a module path directly with --hook, "
+            "e.g. --hook model.layers.3.self_attn.o_proj"
+        )
+    n = num_layers(model)
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n:
+        raise ValueError(f"layer must be an int in [0, {n}) for this model ({n} layers), got {layer!r}")
+    parts = [_base_prefix(model), layout.layers, str(layer)]
+    if site != "resid":
+        parts.append(getattr(layout, site))
+    path = ".".join(p for p in parts if p)
+    return path, resolve_hook(model, path)
+
+
+def resolve_hook(model: nn.Module, path: str) -> nn.Module:
+    """The submodule at dotted ``path``; a ValueError names the path and the valid names near it."""
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"hook path must be a non-empty dotted module path, got {path!r}")
+    module = model
+    for depth, part in enumerate(path.split(".")):
+        children = dict(module.named_children())
+        if part not in children:
+            parent = ".".join(path.split(".")[:depth]) or "the model"
+            names = [n for n, _ in model.named_modules() if n]
+            close = difflib.get_close_matches(path, names, n=5, cutoff=0.6)
+            hint = f"; did you mean {close}?" if close else ""
+            raise ValueError(
+                f"hook path {path!r} names no module of {type(model).__name__}: {parent} has no child {part!r} "
+                f"(its children: {sorted(children)}){hint}"
+            )
+        module = children[part]
+    return module

@@ -1,0 +1,66 @@
+"""Text sources: the default pydoc topics, local files, streamed datasets, and the source hash."""
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import pytest
+
+from flashsae.sae.hf import DEFAULT_TEXT, iter_texts, text_source_hash
+
+
+def test_default_texts_are_the_pydoc_topics_in_a_fixed_order():
+    from pydoc_data.topics import topics
+
+    texts = list(iter_texts())
+    assert len(texts) == len(topics) > 10
+    assert all(isinstance(t, str) and t.strip() for t in texts)
+    assert texts == list(iter_texts(DEFAULT_TEXT)) == [topics[k] for k in sorted(topics)]
+
+
+def test_file_texts_are_paragraphs_or_jsonl_rows(tmp_path):
+    txt = tmp_path / "notes.txt"
+    txt.write_text("First paragraph,\nsecond line.\n\n  \n\nSecond paragraph.\n   \nThird.\n\n")
+    assert list(iter_texts(str(txt))) == ["First paragraph,\nsecond line.", "Second paragraph.", "Third."]
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text(json.dumps({"text": "one\n\nstill one"}) + "\n\n" + json.dumps({"text": "two", "id": 2}) + "\n")
+    assert list(iter_texts(str(jsonl))) == ["one\n\nstill one", "two"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        list(iter_texts(str(bad)))
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        list(iter_texts(str(tmp_path / "missing.txt")))
+
+
+def test_other_names_stream_a_hugging_face_dataset(monkeypatch):
+    calls = []
+
+    def load_dataset(name, split, streaming):
+        calls.append((name, split, streaming))
+        return iter([{"text": "alpha", "n": 1}, {"text": "beta", "n": 2}])
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    assert list(iter_texts("someone/corpus", split="validation")) == ["alpha", "beta"]
+    assert calls == [("someone/corpus", "validation", True)]
+    with pytest.raises(ValueError, match="no column 'body'.*'n', 'text'"):
+        list(iter_texts("someone/corpus", text_column="body"))
+    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
+    with pytest.raises(ImportError, match="pip install datasets"):
+        list(iter_texts("someone/corpus"))
+
+
+def test_text_source_hash_is_stable_and_content_sensitive(tmp_path):
+    assert text_source_hash() == text_source_hash(DEFAULT_TEXT) == text_source_hash(None)
+    assert len(text_source_hash()) == 64
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("alpha beta\n\ngamma")
+    b.write_text("alpha beta\n\ngamma")
+    assert text_source_hash(str(a)) == text_source_hash(str(b)) != text_source_hash()
+    b.write_text("alpha beta\n\ngammA")
+    assert text_source_hash(str(a)) != text_source_hash(str(b))
+    b.write_text("alpha\n\nbeta\n\ngamma")  # same characters, other documents
+    assert text_source_hash(str(a)) != text_source_hash(str(b))
+    assert text_source_hash("x/y", split="train") != text_source_hash("x/y", split="test")
+    assert text_source_hash("x/y") != text_source_hash("x/z")
