@@ -5,6 +5,7 @@ and the value it got; none of them touches a tensor's data, so they never synchr
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -49,3 +50,29 @@ def require_choice(name: str, value: Any, allowed: tuple[Any, ...] | list[Any]) 
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}, got {value!r}")
     return value
+
+
+def require_number(name: str, value: Any, low: float = 0.0, *, strict: bool = False) -> float:
+    """``value`` if it is a finite real number (not a bool) >= low (> low when ``strict``); ValueError otherwise."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < low or (strict and value == low):
+        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {low:g}, got {value!r}")
+    return value
+
+
+def require_count_or_fraction(name: str, value: Any) -> float:
+    """``value`` if it is a count (a whole number >= 1) or a fraction in (0, 1); ValueError naming ``name``."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if not ok or (value >= 1 and value != int(value)):
+        raise ValueError(f"{name} must be a count (a whole number >= 1) or a fraction in (0, 1), got {value!r}")
+    return value
+
+
+def parse_device(name: str, value: Any) -> torch.device:
+    """The torch device named ``value`` ('cpu', 'cuda', 'cuda:1', ...); ValueError naming ``name`` otherwise."""
+    if isinstance(value, str):
+        try:
+            return torch.device(value)
+        except RuntimeError:  # torch's message lists every device type it knows
+            pass
+    raise ValueError(f"{name} must be a torch device such as cpu, cuda or cuda:1, got {value!r}")

@@ -129,6 +129,17 @@ def test_resume_with_another_config_is_a_clear_error(uninterrupted, capsys):
     assert "--n-features 512 differs from the checkpoint's n_features=1024" in err[0]
 
 
+def test_resume_takes_the_checkpoints_config_and_a_resumable_change(uninterrupted):
+    from flashsae.sae.cli import build_parser
+    from flashsae.sae.run.command import config_from_args
+
+    argv = ["train", "--resume", str(uninterrupted), "--log-every", "7", "--n-features", "1024"]
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(args)
+    assert (cfg.log_every, cfg.n_features, cfg.k, cfg.aux_k) == (7, 1024, 8, 16)
+    assert cfg.out == cfg.resume == str(uninterrupted)
+
+
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
             "-m", "flashsae", "train"]
 

@@ -13,7 +13,8 @@ from flashsae.sae import trainer_state as TS
 from flashsae.sae.losses import add_aux_k_grads_
 from flashsae.sae.model import TopKSAE
 from flashsae.sae.store import ActivationStore, InMemorySource
-from flashsae.sae.train import TrainConfig, mean_sq_norm_scale, train
+from flashsae.sae.run.config import TrainConfig
+from flashsae.sae.train import mean_sq_norm_scale, train
 from flashsae.sae.trainer import NonFiniteError, Trainer, reconstruction_metrics
 from tests import synthetic
 from tests.synthetic import synthetic_activations

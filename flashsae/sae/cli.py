@@ -2,7 +2,8 @@
 
 Each subcommand lives in the module that does its work and registers itself through an
 ``add_*_command(subparsers)`` function that sets ``func`` (namespace -> exit code). Errors a user
-can fix (bad arguments, bad inputs) end the program with one line naming the argument.
+can fix (`flashsae.errors.UserError`: bad arguments, bad inputs) end the program with one line naming
+the culprit and exit code 2; any other exception is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from ..errors import UserError
 from .evaluate import add_eval_command
 from .interop.cli import add_interop_commands
 from .rank import add_rank_command
-from .train import add_train_command
+from .run.command import add_train_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,8 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        # Argument and input errors carry their own explanation; a traceback would bury it.
+    except UserError as err:  # its message names the culprit; a traceback would bury it
         print(f"flashsae {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..errors import ConfigError, InputError, reraise_as
 from . import hf
 from .diagnostics import FiringTracker, plot_firing_density
 from .hf import is_causal_lm
@@ -297,7 +298,7 @@ def _resolve_module(args: argparse.Namespace, meta: dict[str, Any],
         site = args.site if args.site is not None else meta.get("site")
         layer = args.layer if args.layer is not None else meta.get("layer")
         if site not in hf.SITES or not isinstance(layer, int):
-            raise ValueError(
+            raise ConfigError(
                 f"--site and --layer: need a site in {hf.SITES} and a layer, got {site!r}, {layer!r}")
         path, module = hf.resolve_site(model, site, layer)
         return path, module, site, layer
@@ -306,26 +307,28 @@ def _resolve_module(args: argparse.Namespace, meta: dict[str, Any],
     if meta.get("site") in hf.SITES and isinstance(meta.get("layer"), int):
         path, module = hf.resolve_site(model, meta["site"], meta["layer"])
         return path, module, meta["site"], meta["layer"]
-    raise ValueError("the checkpoint's metadata names no hook or site/layer: pass --hook or --site and --layer")
+    raise ConfigError("the checkpoint's metadata names no hook or site/layer: pass --hook or --site and --layer")
 
 
 def run_eval(args: argparse.Namespace) -> int:
     for name in ("n_tokens", "batch_size", "seq_len"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    sae = TopKSAE.load(args.checkpoint, device=device)
+    with reraise_as(InputError, FileNotFoundError):
+        sae = TopKSAE.load(args.checkpoint, device=device)
     meta = sae.metadata
     model_name = args.model or meta.get("model")
     if not model_name:
-        raise ValueError("the checkpoint's metadata names no model: pass --model")
+        raise ConfigError("the checkpoint's metadata names no model: pass --model")
     revision = args.revision if args.revision is not None else (meta.get("revision") if args.model is None else None)
     norm_scale = args.norm_scale if args.norm_scale is not None else float(meta.get("norm_scale") or 1.0)
     text = args.text if args.text is not None else meta.get("text")
     seq_len = args.seq_len or int(meta.get("seq_len") or 128)
     model, tokenizer = hf.load_model(model_name, device=device, revision=revision)
-    path, module, site, layer = _resolve_module(args, meta, model)
+    with reraise_as(ConfigError, ValueError):  # a site, layer or hook path this model lacks
+        path, module, site, layer = _resolve_module(args, meta, model)
     result = evaluate(sae, model, tokenizer, module, hf.iter_texts(text), n_tokens=args.n_tokens,
                       norm_scale=norm_scale, seq_len=seq_len, batch_size=args.batch_size,
                       splice_special_tokens=args.splice_special_tokens, mean_ablation=args.mean_ablation)

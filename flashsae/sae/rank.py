@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..analysis import EffectiveRank, effective_rank, plot_effective_rank, plot_spectra
+from ..errors import ConfigError
 from ..linalg import randomized_svd
 from . import hf
 
@@ -34,10 +35,10 @@ def parse_sites(text: str) -> tuple[str, ...]:
     """'attn_out,mlp_out' -> ('attn_out', 'mlp_out'); every name must be one of `hf.SITES`."""
     sites = tuple(s.strip() for s in text.split(",") if s.strip())
     if not sites:
-        raise ValueError(f"--sites must name at least one of {', '.join(hf.SITES)}, got {text!r}")
+        raise ConfigError(f"--sites must name at least one of {', '.join(hf.SITES)}, got {text!r}")
     bad = [s for s in sites if s not in hf.SITES]
     if bad:
-        raise ValueError(f"--sites: unknown site {bad[0]!r}; choose from {', '.join(hf.SITES)}")
+        raise ConfigError(f"--sites: unknown site {bad[0]!r}; choose from {', '.join(hf.SITES)}")
     return tuple(dict.fromkeys(sites))
 
 
@@ -53,12 +54,12 @@ def parse_layers(text: str, n_layers: int) -> tuple[int, ...]:
         try:
             layer = int(part)
         except ValueError:
-            raise ValueError(f"--layers must be comma-separated integers or 'all', got {text!r}") from None
+            raise ConfigError(f"--layers must be comma-separated integers or 'all', got {text!r}") from None
         if not 0 <= layer < n_layers:
-            raise ValueError(f"--layers: layer {layer} is out of range; the model has layers 0..{n_layers - 1}")
+            raise ConfigError(f"--layers: layer {layer} is out of range; the model has layers 0..{n_layers - 1}")
         layers.append(layer)
     if not layers:
-        raise ValueError(f"--layers must name at least one layer (or 'all'), got {text!r}")
+        raise ConfigError(f"--layers must name at least one layer (or 'all'), got {text!r}")
     return tuple(dict.fromkeys(layers))
 
 
@@ -228,7 +229,7 @@ def run_rank(args: argparse.Namespace) -> int:
     sites = parse_sites(args.sites)
     for name in ("n_tokens", "seq_len", "batch_size"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = hf.load_model(args.model, device=device, revision=args.revision)
     layers = parse_layers(args.layers, hf.num_layers(model))

@@ -1,12 +1,12 @@
-"""The training driver: ``flashsae train`` and its Python API.
+"""The training driver: the Python API that ``flashsae train`` runs.
 
 - `train(TrainConfig) -> dict`: the whole run. Activations are collected once into an activation
   store (``OUT/activations`` or ``--cache``; reused when its manifest matches the model, site,
   layer and text), normalized, optionally used for Active Subspace Initialization, and passed over
   ``epochs`` times in the store's deterministic order by `flashsae.sae.trainer.Trainer`. Full
   training-state checkpoints (`flashsae.sae.trainer_state`) make ``--resume`` continue
-  bit-for-bit on CPU.
-- `add_train_command`: the argparse front end.
+  bit-for-bit on CPU. Its options are declared in `flashsae.sae.run.config`; the command line is
+  `flashsae.sae.run.command`.
 
 Under ``torchrun`` the run is data parallel (each rank reads its slice of every global batch,
 gradients are summed over ranks) or feature parallel (`FeatureParallelSAE`); rank 0 alone logs
@@ -14,14 +14,10 @@ and writes files.
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import math
 import sys
 import time
-import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,18 +25,20 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import ops
+from ..errors import ConfigError, InputError
 from ..optim import SparseAdam
 from . import hf
 from .parallel import process_group
 from .parallel.strategy import make_strategy
 from . import trainer_state as TS
-from .hf import DEFAULT_TEXT, EMBEDDED_MODEL, SITES
+from .hf import DEFAULT_TEXT
 from .asi import active_subspace, init_active_subspace, resolve_d_init
 from .checkpoint import atomic_write
 from .diagnostics import FiringTracker, plot_firing_density
 from .metrics_log import MetricsLog, check_log_backends, format_metrics
 from ..checks import parse_dtype
 from .model import TopKSAE
+from .run.config import TrainConfig, default_lr, merge_resumed_config
 from .store import ActivationStore
 from .trainer import DEFAULT_DEAD_WINDOW, NonFiniteError, Trainer, reconstruction_metrics
 
@@ -50,119 +48,6 @@ COLLECTION_FILE = "collection.json"  # beside the cache's manifest: the token co
 SUMMARY_FILE = "summary.json"
 FINAL_DIR = "final"
 DENSITY_PLOT = "firing_density.png"
-# Config fields that may change when a run is resumed; every other one must match the checkpoint.
-RESUMABLE_CHANGES = ("out", "resume", "progress", "log_every", "log", "checkpoint_every", "cache", "device")
-
-
-# ---------------------------------------------------------------------------------------------
-# Configuration
-
-
-def default_lr(n_features: int) -> float:
-    """Gao et al. (2024)'s scaling: ``2e-4 / sqrt(n_features / 2**14)`` (4e-4 for 4096 features)."""
-    return 2e-4 / math.sqrt(n_features / 2**14)
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a run; the defaults train the embedded demo (MiniLM layer 3 attn_out)."""
-
-    out: str = "runs/demo"
-    model: str = EMBEDDED_MODEL
-    revision: str | None = None
-    site: str = "attn_out"
-    layer: int = 3
-    hook: str | None = None
-    text: str | None = None
-    n_tokens: int | None = None
-    seq_len: int = 128
-    store: str | None = None
-    cache: str | None = None
-    n_features: int = 4096
-    k: int = 32
-    batch_size: int = 1024
-    epochs: int = 8
-    lr: float | None = None
-    dtype: str = "float32"
-    device: str = "auto"
-    backend: str = "auto"
-    seed: int = 0
-    init: str = "random"
-    d_init: float = 0.5
-    asi_center: bool = True
-    asi_tokens: int = 16384
-    aux_k: int | None = None
-    aux_coef: float = 1 / 32
-    dead_window: int | None = None
-    normalize: str = "mean-sq-norm"
-    optimizer: str = "sparse-adam"
-    log_every: int = 50
-    checkpoint_every: int = 500
-    resume: str | None = None
-    log: list[str] = field(default_factory=lambda: ["jsonl"])
-    parallel: str = "auto"
-    progress: bool = True
-
-    def validate(self) -> None:
-        """Raise ValueError naming the option for the first bad value."""
-        def positive(name: str, value: Any, low: int = 1) -> None:
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
-
-        for name in ("seq_len", "n_features", "batch_size", "epochs", "log_every", "asi_tokens"):
-            positive(name, getattr(self, name))
-        positive("checkpoint_every", self.checkpoint_every, 0)
-        positive("seed", self.seed, 0)
-        for name in ("n_tokens", "dead_window"):
-            if getattr(self, name) is not None:
-                positive(name, getattr(self, name))
-        if self.aux_k is not None:
-            positive("aux_k", self.aux_k, 0)
-            if self.aux_k > ops.MAX_K:
-                raise ValueError(f"--aux-k must be <= {ops.MAX_K}, got {self.aux_k}")
-        k_max = min(self.n_features, ops.MAX_K)
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or not 1 <= self.k <= k_max:
-            raise ValueError(f"--k must be in [1, min(--n-features={self.n_features}, {ops.MAX_K})], got {self.k}")
-        if self.site not in SITES:
-            raise ValueError(f"--site must be one of {', '.join(SITES)}, got {self.site!r}")
-        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
-            raise ValueError(f"--layer must be an integer >= 0, got {self.layer!r}")
-        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"--lr must be a positive number, got {self.lr}")
-        if not (self.aux_coef >= 0 and math.isfinite(self.aux_coef)):
-            raise ValueError(f"--aux-coef must be >= 0, got {self.aux_coef}")
-        if not (isinstance(self.d_init, (int, float)) and self.d_init > 0):
-            raise ValueError(f"--d-init must be a positive count or a fraction in (0, 1), got {self.d_init!r}")
-        choices = {
-            "init": ("random", "asi"), "normalize": ("mean-sq-norm", "none"), "optimizer": ("sparse-adam", "adam"),
-            "parallel": ("auto", "none", "data", "feature"), "backend": ops.BACKENDS,
-            "dtype": ("float32", "bfloat16", "float16"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        bad_logs = [x for x in self.log if x not in ("jsonl", "tensorboard", "wandb")]
-        if bad_logs:
-            raise ValueError(f"--log must be among jsonl, tensorboard, wandb, got {bad_logs[0]!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def merge_resumed_config(saved: dict[str, Any], overrides: dict[str, Any]) -> TrainConfig:
-    """The checkpoint's config with ``overrides``; ValueError when one changes a field a resumed run must keep."""
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    base = {k: v for k, v in saved.items() if k in known}
-    for name, value in overrides.items():
-        if name in RESUMABLE_CHANGES or name not in base:
-            continue
-        if value != base[name]:
-            raise ValueError(
-                f"--{name.replace('_', '-')} {value!r} differs from the checkpoint's {name}={base[name]!r}; "
-                "a resumed run must keep its configuration (start a new run in another --out instead)"
-            )
-    base.update({k: v for k, v in overrides.items() if k in known})
-    return TrainConfig(**base)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,7 +91,7 @@ def open_activation_source(cfg: TrainConfig, info: process_group.DistInfo) -> tu
         found = found_fields.get(name)
         if found != expected:
             flag = {"text_source_hash": "text", "requested_tokens": "n-tokens", "seq_len": "seq-len"}.get(name, name)
-            raise ValueError(
+            raise InputError(
                 f"--cache {cache} holds other activations: its {name} is {found!r} but this run's --{flag} needs "
                 f"{expected!r} (pass another --cache, or delete that directory)"
             )
@@ -254,7 +139,7 @@ def mean_sq_norm_scale(x: torch.Tensor) -> float:
     """s with ``mean ||s x||^2 = d`` for x [n, d]."""
     mean_sq = float(x.double().pow(2).sum(1).mean())
     if not math.isfinite(mean_sq) or mean_sq <= 0:
-        raise ValueError(f"cannot normalize: the activations' mean squared norm is {mean_sq}")
+        raise InputError(f"cannot normalize: the activations' mean squared norm is {mean_sq}")
     return math.sqrt(x.shape[1] / mean_sq)
 
 
@@ -267,7 +152,7 @@ def _resolve_device(cfg: TrainConfig, info: process_group.DistInfo) -> torch.dev
         return info.device
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {cfg.device}: CUDA is not available")
+        raise ConfigError(f"--device {cfg.device}: CUDA is not available")
     return device
 
 
@@ -301,11 +186,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     d_model = source.d_model
     world = strategy.data_shard()[1]
     if cfg.batch_size % world:
-        raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of the number of ranks ({world})")
+        raise ConfigError(f"--batch-size {cfg.batch_size} must be a multiple of the number of ranks ({world})")
     local_batch = cfg.batch_size // world
     n_batches = source.num_batches(cfg.batch_size)
     if n_batches == 0:
-        raise ValueError(f"--batch-size {cfg.batch_size} is larger than the {source.n_tokens} tokens in the store")
+        raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the {source.n_tokens} tokens in the store")
     total_steps = n_batches * cfg.epochs
     dtype = parse_dtype(cfg.dtype)
     lr = cfg.lr if cfg.lr is not None else default_lr(cfg.n_features)
@@ -342,7 +227,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             sae.b_dec.copy_(x0.double().mean(0).to(sae.b_dec.dtype))
         if cfg.init == "asi":
             if d_init > min(x0.shape):
-                raise ValueError(f"--d-init {d_init} exceeds the {x0.shape[0]} tokens available for ASI (--asi-tokens)")
+                raise ConfigError(f"--d-init {d_init} exceeds the {x0.shape[0]} tokens available for ASI (--asi-tokens)")
             init_active_subspace(sae, active_subspace(x0, d_init, center=cfg.asi_center, seed=cfg.seed))
     sae = sae.to(device)
     model = strategy.wrap(sae)
@@ -431,125 +316,3 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         )
     process_group.barrier()
     return summary
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line
-
-
-def _fraction_or_count(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a count or a fraction, got {text!r}") from None
-    return int(value) if value >= 1 and value == int(value) else value
-
-
-def add_train_command(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``flashsae train``; returns its parser."""
-    d = TrainConfig()
-    p = subparsers.add_parser(
-        "train",
-        help="train a TopK SAE on a transformer's activations",
-        description=(
-            "Collect a model's activations at one site into an activation store (once), then train a TopK "
-            "SAE on them for several epochs. The defaults train 4096 features, k=32 on all-MiniLM-L6-v2 "
-            "layer 3 attn_out over Python's pydoc topics. Launch with `torchrun --nproc-per-node N -m "
-            "flashsae train ...` for data- or feature-parallel training."
-        ),
-    )
-    # Defaults are None here and filled from TrainConfig later, so --resume can tell which options were given.
-    g = p.add_argument_group("activations")
-    g.add_argument("--model", help=f"Hugging Face model name or directory (default: the embedded {d.model})")
-    g.add_argument("--revision", help="model revision (default: none)")
-    g.add_argument("--site", help=f"one of {', '.join(SITES)} (default: {d.site})")
-    g.add_argument("--layer", type=int, help=f"layer index (default: {d.layer})")
-    g.add_argument("--hook", metavar="MODULE.PATH", help="hook this module path instead of --site/--layer")
-    g.add_argument("--text", help="text source: a local file (blank-line separated paragraphs, or .jsonl with a "
-                   f"'text' field) or a Hugging Face dataset name (default: Python's {DEFAULT_TEXT})")
-    g.add_argument("--n-tokens", type=int, metavar="N", help="tokens to collect (default: the whole text)")
-    g.add_argument("--seq-len", type=int, help=f"tokens per sequence (default: {d.seq_len})")
-    g.add_argument("--cache", metavar="DIR", help="activation store to reuse or fill (default: OUT/activations); "
-                   "rejected when it holds another model/site/layer/text")
-    g.add_argument("--store", metavar="DIR", help="train on this existing activation store without loading a model")
-    g = p.add_argument_group("SAE and optimization")
-    g.add_argument("--n-features", type=int, metavar="F", help=f"dictionary size (default: {d.n_features})")
-    g.add_argument("--k", type=int, help=f"active features per token (default: {d.k})")
-    g.add_argument("--batch-size", type=int, metavar="TOKENS",
-                   help=f"tokens per step, over all ranks (default: {d.batch_size})")
-    g.add_argument("--epochs", type=int, help=f"passes over the stored activations (default: {d.epochs})")
-    g.add_argument("--lr", type=float, help="learning rate (default: 2e-4 / sqrt(n_features / 2^14), Gao et al. 2024)")
-    g.add_argument("--dtype", help=f"SAE dtype: float32, bfloat16 or float16 (default: {d.dtype})")
-    g.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available, else cpu)")
-    g.add_argument("--backend", help=f"kernels: {', '.join(ops.BACKENDS)} (default: {d.backend})")
-    g.add_argument("--seed", type=int, help=f"seed for the initialization and the batch order (default: {d.seed})")
-    g.add_argument("--optimizer", help="sparse-adam (row-sparse Adam, sparse gradients) or adam (dense torch Adam) "
-                   f"(default: {d.optimizer})")
-    g.add_argument("--normalize", help="mean-sq-norm (scale activations so their mean squared norm is d; the scale is "
-                   "saved as metadata norm_scale) or none (default: mean-sq-norm)")
-    g = p.add_argument_group("initialization and dead features")
-    g.add_argument("--init", help="random, or asi (Active Subspace Initialization: project the decoder onto the top "
-                   f"--d-init singular directions of the run's activations) (default: {d.init})")
-    g.add_argument("--d-init", type=_fraction_or_count, metavar="N|FRACTION",
-                   help=f"ASI subspace dimension: a count, or a fraction of d (default: {d.d_init})")
-    g.add_argument("--asi-center", action=argparse.BooleanOptionalAction, default=None,
-                   help="subtract the activations' mean before the SVD, so the subspace spans their variation "
-                   "rather than their offset, which b_dec learns (default: centered)")
-    g.add_argument("--asi-tokens", type=int, metavar="TOKENS",
-                   help="the run's first TOKENS tokens give the initial b_dec (their mean) and the ASI subspace "
-                   f"(default: {d.asi_tokens})")
-    g.add_argument("--aux-k", type=int, metavar="N",
-                   help="AuxK: dead features that reconstruct the residual (Gao et al. 2024); "
-                   "0 disables (default: d/2)")
-    g.add_argument("--aux-coef", type=float, help=f"AuxK loss coefficient (default: {d.aux_coef:g})")
-    g.add_argument("--dead-window", type=int, metavar="TOKENS", help="a feature is dead after this many tokens "
-                   f"without firing (default: {DEFAULT_DEAD_WINDOW:,} or one epoch, whichever is shorter)")
-    g = p.add_argument_group("output and runs")
-    g.add_argument("--out", metavar="DIR", help=f"run directory (default: {d.out}; with --resume: the resumed run's)")
-    g.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its newest intact checkpoint")
-    g.add_argument("--log-every", type=int, metavar="STEPS",
-                   help=f"steps between metric lines (default: {d.log_every})")
-    g.add_argument("--checkpoint-every", type=int, metavar="STEPS",
-                   help=f"steps between full training-state checkpoints; 0 disables (default: {d.checkpoint_every})")
-    g.add_argument("--log", nargs="+", help="metric sinks among jsonl, tensorboard, wandb (OUT/metrics.jsonl is "
-                   "always written)")
-    g.add_argument("--parallel", help="auto, none, data or feature (default: auto = data under torchrun)")
-    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="show a progress bar")
-    p.set_defaults(func=run_train_command)
-
-    def one_line_error(message: str) -> None:
-        p.exit(2, f"{p.prog}: error: {message}\n")
-
-    p.error = one_line_error  # type: ignore[method-assign]
-    return p
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The TrainConfig of a parsed ``flashsae train`` command line (a resumed run's, with --resume)."""
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    if given.get("log") is not None and "jsonl" not in given["log"]:
-        given["log"] = ["jsonl", *given["log"]]
-    if "resume" in given:
-        given.setdefault("out", str(Path(given["resume"])))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # train() reports broken checkpoints when it loads one
-            path = TS.latest_checkpoint(given["resume"])
-        saved = json.loads((path / TS.CONFIG_FILE).read_text())
-        cfg = merge_resumed_config(saved, given)
-        cfg.resume = given["resume"]
-        return cfg
-    return TrainConfig(**given)
-
-
-def run_train_command(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
-    cfg.validate()
-    try:
-        train(cfg)
-    except NonFiniteError as exc:
-        print(f"flashsae train: error: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        process_group.destroy_distributed()
-    return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ...errors import InputError, reraise_as
 from ..model import TopKSAE
 from .saelens import export_saelens, import_saelens
 from .sparsify import export_sparsify, import_sparsify
@@ -42,14 +43,16 @@ def add_interop_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    sae = TopKSAE.load(args.checkpoint, backend="torch")
+    with reraise_as(InputError, FileNotFoundError):
+        sae = TopKSAE.load(args.checkpoint, backend="torch")
     out = _EXPORTERS[args.format](sae, args.out)
     print(f"wrote {args.format} SAE (d={sae.d_model}, F={sae.n_features}, k={sae.k}) to {out}")
     return 0
 
 
 def run_import(args: argparse.Namespace) -> int:
-    sae = _IMPORTERS[args.format](args.path)
+    with reraise_as(InputError, FileNotFoundError, ValueError):  # a missing file, or a SAE the format rejects
+        sae = _IMPORTERS[args.format](args.path)
     out = sae.save(args.out)
     print(f"wrote flashsae checkpoint (d={sae.d_model}, F={sae.n_features}, k={sae.k}) to {out}")
     return 0

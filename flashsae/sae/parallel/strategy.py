@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ...errors import ConfigError
 from .. import trainer_state as checkpoints
 from ..model import TopKSAE
 from .process_group import DistInfo, get_rank, get_world_size
@@ -74,7 +75,7 @@ class SingleProcess:
     def optimizer_state(self, resumed: dict[str, Any]) -> dict[str, Any]:
         """This rank's optimizer state_dict from a checkpoint read by `load_checkpoint`."""
         if resumed["optimizer_shards"]:
-            raise ValueError(
+            raise ConfigError(
                 f"{resumed['path']} is a feature-parallel checkpoint: resume it with --parallel feature under "
                 f"torchrun --nproc-per-node {resumed['optimizer_shards']}"
             )

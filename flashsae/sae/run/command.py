@@ -1,0 +1,119 @@
+"""``flashsae train`` on the command line: its parser, built from `TrainConfig`'s option declarations, and the command.
+
+Every option's argparse default is SUPPRESS, so the parsed namespace holds exactly the options the
+user gave: a new run fills the rest from `TrainConfig`, ``--resume`` from the checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from ...errors import ConfigError, InputError, reraise_as
+from .. import trainer_state as TS
+from ..metrics_log import check_log_backends
+from ..parallel import process_group
+from ..store import ActivationStore
+from ..train import train
+from ..trainer import NonFiniteError
+from .config import FIELDS, GROUPS, TrainConfig, declaration, flag, merge_resumed_config, value_type
+
+
+def describe_default(f: dataclasses.Field) -> str:
+    """``f``'s default as --help says it: the declared text, else the value ('on'/'off' for switches)."""
+    text = declaration(f).default_text
+    if text is not None:
+        return text
+    default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if isinstance(default, list):
+        return " ".join(map(str, default))
+    return f"{default:g}" if isinstance(default, float) else str(default)
+
+
+def _help(f: dataclasses.Field) -> str:
+    spec = declaration(f)
+    text = spec.help
+    if spec.choices is not None:
+        text += f"; {'any' if value_type(f)[1] else 'one'} of {', '.join(spec.choices)}"
+    return f"{text} (default: {describe_default(f)})".replace("%", "%%")
+
+
+def _argument(f: dataclasses.Field) -> dict[str, Any]:
+    """``add_argument`` keywords for field ``f``: its type, and default SUPPRESS (a missing option stays missing)."""
+    spec = declaration(f)
+    kind, many = value_type(f)
+    kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": _help(f)}
+    if kind is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    else:
+        kwargs["type"] = spec.parse or kind
+        if many:
+            kwargs["nargs"] = "+"
+    if spec.metavar is not None:
+        kwargs["metavar"] = spec.metavar
+    return kwargs
+
+
+def add_train_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``flashsae train``, one option per `TrainConfig` field; returns its parser."""
+    p = subparsers.add_parser(
+        "train",
+        help="train a TopK SAE on a transformer's activations",
+        description=(
+            "Collect a model's activations at one site into an activation store (once), then train a TopK "
+            "SAE on them for several epochs. The defaults train 4096 features, k=32 on all-MiniLM-L6-v2 "
+            "layer 3 attn_out over Python's pydoc topics. Launch with `torchrun --nproc-per-node N -m "
+            "flashsae train ...` for data- or feature-parallel training."
+        ),
+    )
+    groups = {title: p.add_argument_group(title) for title in GROUPS}
+    for f in FIELDS:
+        groups[declaration(f).group].add_argument(flag(f.name), **_argument(f))
+    p.set_defaults(func=run_train_command)
+
+    def one_line_error(message: str) -> None:
+        p.exit(2, f"{p.prog}: error: {message}\n")
+
+    p.error = one_line_error  # type: ignore[method-assign]
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of a parsed ``flashsae train`` command line (a resumed run's, with --resume); not validated."""
+    given = {f.name: getattr(args, f.name) for f in FIELDS if hasattr(args, f.name)}
+    if "resume" not in given:
+        return TrainConfig(**given)
+    given.setdefault("out", str(Path(given["resume"])))
+    with warnings.catch_warnings(), reraise_as(InputError, FileNotFoundError, TS.CheckpointError, culprit="--resume"):
+        warnings.simplefilter("ignore")  # train() reports broken checkpoints when it loads one
+        path = TS.latest_checkpoint(given["resume"])
+    return merge_resumed_config(json.loads((path / TS.CONFIG_FILE).read_text()), given)
+
+
+def check_inputs(cfg: TrainConfig) -> None:
+    """Before any work: the --log sinks are installed and a --store opens (ConfigError / InputError otherwise)."""
+    with reraise_as(ConfigError, ValueError):
+        check_log_backends(cfg.log)
+    if cfg.store is not None:
+        with reraise_as(InputError, FileNotFoundError, ValueError, culprit="--store"):
+            ActivationStore(cfg.store)
+
+
+def run_train_command(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    cfg.validate()
+    check_inputs(cfg)
+    try:
+        train(cfg)
+    except NonFiniteError as exc:
+        print(f"flashsae train: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        process_group.destroy_distributed()
+    return 0
