@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flashsae.sae import trainer_state as TS
+from flashsae.sae.run import checkpoints
 from tests.synthetic import synthetic_activations, write_store
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -71,7 +71,7 @@ def test_run_killed_mid_training_resumes_to_identical_weights(store, uninterrupt
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + TIMEOUT_S
     try:
-        while not list((out / TS.CHECKPOINTS_DIR).glob(f"step-*/{TS.MANIFEST_FILE}")):
+        while not list((out / checkpoints.CHECKPOINTS_DIR).glob(f"step-*/{checkpoints.MANIFEST_FILE}")):
             assert proc.poll() is None, f"the run ended before its first checkpoint:\n{proc.stderr.read()}"
             assert time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.005)
@@ -88,36 +88,36 @@ def test_run_killed_mid_training_resumes_to_identical_weights(store, uninterrupt
 
 def test_broken_newest_checkpoints_fall_back_to_the_previous_good_one(uninterrupted, tmp_path):
     out = tmp_path / "broken"
-    (out / TS.CHECKPOINTS_DIR).mkdir(parents=True)
-    kept = TS.list_checkpoints(uninterrupted / TS.CHECKPOINTS_DIR)
+    (out / checkpoints.CHECKPOINTS_DIR).mkdir(parents=True)
+    kept = checkpoints.list_checkpoints(uninterrupted / checkpoints.CHECKPOINTS_DIR)
     assert len(kept) == 2
     for path in kept:
-        subprocess.run(["cp", "-r", str(path), str(out / TS.CHECKPOINTS_DIR)], check=True)
-    newest, previous = (out / TS.CHECKPOINTS_DIR / p.name for p in kept)
+        subprocess.run(["cp", "-r", str(path), str(out / checkpoints.CHECKPOINTS_DIR)], check=True)
+    newest, previous = (out / checkpoints.CHECKPOINTS_DIR / p.name for p in kept)
     weights = newest / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])  # truncated
-    partial = out / TS.CHECKPOINTS_DIR / TS.checkpoint_name(10**7)  # a write that never finished
+    partial = out / checkpoints.CHECKPOINTS_DIR / checkpoints.checkpoint_name(10**7)  # a write that never finished
     partial.mkdir()
     (partial / "model.safetensors").write_bytes(b"partial")
 
     resumed = run(flashsae_train("--resume", str(out)))
     assert f"{weights} has" in resumed.stderr and "truncated" in resumed.stderr
-    assert f"{partial / TS.MANIFEST_FILE} is missing" in resumed.stderr
+    assert f"{partial / checkpoints.MANIFEST_FILE} is missing" in resumed.stderr
     assert f"resumed from {previous}" in resumed.stderr
     assert_same_weights(final_weights(out), final_weights(uninterrupted))
 
 
 def test_corrupt_checkpoint_is_rejected_by_its_hash(uninterrupted, tmp_path):
-    copy = tmp_path / TS.checkpoint_name(5)
-    subprocess.run(["cp", "-r", str(TS.latest_checkpoint(uninterrupted)), str(copy)], check=True)
-    TS.verify_checkpoint(copy)
-    data = bytearray((copy / TS.OPTIMIZER_FILE).read_bytes())
+    copy = tmp_path / checkpoints.checkpoint_name(5)
+    subprocess.run(["cp", "-r", str(checkpoints.latest_checkpoint(uninterrupted)), str(copy)], check=True)
+    checkpoints.verify_checkpoint(copy)
+    data = bytearray((copy / checkpoints.OPTIMIZER_FILE).read_bytes())
     data[len(data) // 2] ^= 0xFF
-    (copy / TS.OPTIMIZER_FILE).write_bytes(bytes(data))
-    with pytest.raises(TS.CheckpointError, match=r"optimizer\.pt is corrupt: sha256"):
-        TS.verify_checkpoint(copy)
-    with pytest.raises(TS.CheckpointError, match="no intact checkpoint"):
-        TS.latest_checkpoint(tmp_path)
+    (copy / checkpoints.OPTIMIZER_FILE).write_bytes(bytes(data))
+    with pytest.raises(checkpoints.CheckpointError, match=r"optimizer\.pt is corrupt: sha256"):
+        checkpoints.verify_checkpoint(copy)
+    with pytest.raises(checkpoints.CheckpointError, match="no intact checkpoint"):
+        checkpoints.latest_checkpoint(tmp_path)
 
 
 def test_resume_with_another_config_is_a_clear_error(uninterrupted, capsys):
@@ -153,16 +153,16 @@ def test_feature_parallel_run_resumes_from_a_mid_run_checkpoint_to_identical_wei
             "--aux-k", "0", "--parallel", "feature"]
     full = tmp_path / "full"
     run([*TORCHRUN, "--out", str(full), *args])
-    kept = TS.list_checkpoints(full / TS.CHECKPOINTS_DIR)
-    assert [p.name for p in kept] == [TS.checkpoint_name(30), TS.checkpoint_name(20)]
-    assert {TS.optimizer_shard_file(0), TS.optimizer_shard_file(1)} <= {p.name for p in kept[1].iterdir()}
+    kept = checkpoints.list_checkpoints(full / checkpoints.CHECKPOINTS_DIR)
+    assert [p.name for p in kept] == [checkpoints.checkpoint_name(30), checkpoints.checkpoint_name(20)]
+    assert {checkpoints.optimizer_shard_file(0), checkpoints.optimizer_shard_file(1)} <= {p.name for p in kept[1].iterdir()}
 
     cut = tmp_path / "cut"
     shutil.copytree(full, cut)
     shutil.rmtree(cut / "final")
-    shutil.rmtree(cut / TS.CHECKPOINTS_DIR / TS.checkpoint_name(30))
+    shutil.rmtree(cut / checkpoints.CHECKPOINTS_DIR / checkpoints.checkpoint_name(30))
     resumed = run([*TORCHRUN, "--resume", str(cut)])
-    assert f"resumed from {cut / TS.CHECKPOINTS_DIR / TS.checkpoint_name(20)}" in resumed.stderr
+    assert f"resumed from {cut / checkpoints.CHECKPOINTS_DIR / checkpoints.checkpoint_name(20)}" in resumed.stderr
     assert_same_weights(final_weights(cut), final_weights(full))
 
     single = run(flashsae_train("--resume", str(cut)), check=False)
@@ -189,7 +189,7 @@ def test_torchrun_two_ranks_match_one_process(store, tmp_path, parallel):
     a, b = final_weights(single), final_weights(dist_out)
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=f"{name} differs")
-    assert TS.list_checkpoints(dist_out / TS.CHECKPOINTS_DIR)  # rank 0 wrote them
+    assert checkpoints.list_checkpoints(dist_out / checkpoints.CHECKPOINTS_DIR)  # rank 0 wrote them
     dist_metrics = [json.loads(line) for line in (dist_out / "metrics.jsonl").read_text().splitlines()]
     for got, expected in zip(dist_metrics, metrics, strict=True):
         assert math.isclose(got["aux_loss"], expected["aux_loss"], rel_tol=1e-4), (got, expected)

@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from flashsae.optim import SparseAdam
-from flashsae.sae import trainer_state as TS
+from flashsae.sae.run import checkpoints
 from flashsae.sae.losses import add_aux_k_grads_
 from flashsae.sae.model import TopKSAE
 from flashsae.sae.store import ActivationStore, InMemorySource
 from flashsae.sae.run.config import TrainConfig
-from flashsae.sae.train import mean_sq_norm_scale, train
+from flashsae.sae.run.driver import train
+from flashsae.sae.run.source import mean_sq_norm_scale
 from flashsae.sae.trainer import NonFiniteError, Trainer, reconstruction_metrics
 from tests import synthetic
 from tests.synthetic import synthetic_activations
@@ -187,9 +188,9 @@ def test_nan_in_activations_stops_with_the_step_and_keeps_the_last_checkpoint(tm
                      asi_tokens=200)
     with pytest.raises(NonFiniteError, match=r"step 21\b.*NaN or Inf"):
         train(cfg)
-    newest = TS.latest_checkpoint(tmp_path / "run")
-    assert newest.name == TS.checkpoint_name(20)
-    loaded = TS.load_checkpoint(newest)
+    newest = checkpoints.latest_checkpoint(tmp_path / "run")
+    assert newest.name == checkpoints.checkpoint_name(20)
+    loaded = checkpoints.load_checkpoint(newest)
     assert loaded["trainer"].step == 20
     sae = TopKSAE.load(newest)
     assert all(torch.isfinite(p).all() for p in sae.parameters())

@@ -18,7 +18,7 @@ from torch import nn
 
 from .. import ops
 from ..checks import dtype_name, parse_dtype, require_choice, require_int, require_k
-from .checkpoint import atomic_write
+from .atomic import atomic_write
 
 CONFIG_FILE = "cfg.json"
 WEIGHTS_FILE = "model.safetensors"

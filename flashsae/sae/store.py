@@ -38,7 +38,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from ..checks import DTYPES, dtype_name
-from .checkpoint import atomic_write
+from .atomic import atomic_write
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"

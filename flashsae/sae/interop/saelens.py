@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from ... import ops
 from ...checks import dtype_name, parse_dtype
-from ..checkpoint import atomic_write
+from ..atomic import atomic_write
 from ..model import TopKSAE
 from ._common import FLASHSAE_METADATA_KEY, build_sae, patch_methods, raw_space_weights
 

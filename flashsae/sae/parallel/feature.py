@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ...kernels.keys import EMPTY_KEY, pack_keys, unpack_keys
-from .. import trainer_state as checkpoints
+from ..run import checkpoints
 from ..losses import keep_rows
 from ..model import Selection, TopKSAE
 from .process_group import barrier, get_rank, get_world_size

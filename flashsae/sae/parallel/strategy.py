@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ...errors import ConfigError
-from .. import trainer_state as checkpoints
+from ..run import checkpoints
 from ..model import TopKSAE
 from .process_group import DistInfo, get_rank, get_world_size
 

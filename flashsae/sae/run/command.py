@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import ConfigError, InputError, reraise_as
-from .. import trainer_state as TS
-from ..metrics_log import check_log_backends
 from ..parallel import process_group
 from ..store import ActivationStore
-from ..train import train
 from ..trainer import NonFiniteError
+from . import checkpoints
+from .driver import train
+from .metrics_log import check_log_backends
 from .config import FIELDS, GROUPS, TrainConfig, declaration, flag, merge_resumed_config, value_type
 
 
@@ -90,10 +90,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if "resume" not in given:
         return TrainConfig(**given)
     given.setdefault("out", str(Path(given["resume"])))
-    with warnings.catch_warnings(), reraise_as(InputError, FileNotFoundError, TS.CheckpointError, culprit="--resume"):
+    with warnings.catch_warnings(), reraise_as(InputError, FileNotFoundError, checkpoints.CheckpointError, culprit="--resume"):
         warnings.simplefilter("ignore")  # train() reports broken checkpoints when it loads one
-        path = TS.latest_checkpoint(given["resume"])
-    return merge_resumed_config(json.loads((path / TS.CONFIG_FILE).read_text()), given)
+        path = checkpoints.latest_checkpoint(given["resume"])
+    return merge_resumed_config(json.loads((path / checkpoints.CONFIG_FILE).read_text()), given)
 
 
 def check_inputs(cfg: TrainConfig) -> None:

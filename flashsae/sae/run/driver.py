@@ -1,0 +1,284 @@
+"""The training driver: `train(TrainConfig) -> summary`, what ``flashsae train`` runs.
+
+A run is set up (`_set_up`: the resumed checkpoint, the parallel strategy, the activation source,
+the sizes and hyper-parameters, the SAE and its `Trainer`), looped (`_loop`: epochs over the
+store's deterministic batch order, metrics, checkpoints) and finished (`_finish`: evaluation, the
+final SAE, the firing-density plot and ``summary.json``). Full training-state checkpoints
+(`flashsae.sae.run.checkpoints`) make ``--resume`` continue bit-for-bit on CPU. Under ``torchrun``
+the strategy (`flashsae.sae.parallel`) decides what each rank holds and reads; rank 0 alone logs
+and writes files.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ...checks import MAX_K, parse_dtype
+from ...errors import ConfigError
+from ...optim import SparseAdam
+from ..asi import active_subspace, init_active_subspace, resolve_d_init
+from ..atomic import atomic_write
+from ..diagnostics import FiringTracker, plot_firing_density
+from ..model import TopKSAE
+from ..parallel import process_group
+from ..parallel.strategy import SingleProcess, make_strategy
+from ..store import ActivationStore
+from ..trainer import DEFAULT_DEAD_WINDOW, NonFiniteError, Trainer, reconstruction_metrics
+from . import checkpoints
+from .config import TrainConfig, default_lr, merge_resumed_config
+from .metrics_log import MetricsLog, check_log_backends, format_metrics
+from .source import leading_tokens, mean_sq_norm_scale, open_activation_source
+
+NORM_TOKENS = 1 << 16  # tokens used to estimate the normalization scale
+EVAL_TOKENS = 1 << 16  # tokens of the final evaluation in the summary
+SUMMARY_FILE = "summary.json"
+FINAL_DIR = "final"
+DENSITY_PLOT = "firing_density.png"
+
+
+@dataclass
+class Position:
+    """Where a run stands: ``step`` steps and ``tokens`` tokens done; the next batch is ``batch`` of ``epoch``."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+    tokens: int = 0
+
+
+@dataclass
+class Run:
+    """Everything a set-up run holds; built by `_set_up`, advanced by `_loop`, summarized by `_finish`."""
+
+    cfg: TrainConfig
+    info: process_group.DistInfo
+    strategy: SingleProcess
+    device: torch.device
+    out: Path
+    source: ActivationStore
+    n_batches: int
+    dtype: torch.dtype
+    norm_scale: float
+    model: TopKSAE
+    trainer: Trainer
+    position: Position
+    resumed_from: Path | None
+
+    @property
+    def total_steps(self) -> int:
+        return self.n_batches * self.cfg.epochs
+
+    def batch(self, x: torch.Tensor) -> torch.Tensor:
+        """A stored batch as the SAE trains on it: on the device, normalized, in the SAE's dtype."""
+        return (x.to(self.device) * self.norm_scale).to(self.dtype)
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run ``cfg`` to the end; returns the summary (also written to ``OUT/summary.json`` by rank 0)."""
+    start_time = time.perf_counter()
+    resumed: dict[str, Any] | None = None
+    if cfg.resume:
+        resumed = checkpoints.load_checkpoint(checkpoints.latest_checkpoint(cfg.resume))
+        cfg = merge_resumed_config(resumed["config"], cfg.to_dict())
+    cfg.validate()
+    check_log_backends(cfg.log)
+    run = _set_up(cfg, resumed)
+    _loop(run)
+    return _finish(run, start_time)
+
+
+# --------------------------------------------------------------------------------------------- set-up
+def _set_up(cfg: TrainConfig, resumed: dict[str, Any] | None) -> Run:
+    info = process_group.init_distributed(timeout_s=1800.0)
+    strategy = make_strategy(cfg.parallel, info)
+    if resumed is not None:
+        resumed["optimizer"] = strategy.optimizer_state(resumed)
+    device = _resolve_device(cfg, info)
+    out = Path(cfg.out)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    source, origin = open_activation_source(cfg, info)
+    n_batches = _check_batch_size(cfg, source, strategy)
+    dtype = parse_dtype(cfg.dtype)
+    state: checkpoints.TrainerState | None = resumed["trainer"] if resumed is not None else None
+    if state is not None:
+        norm_scale = state.norm_scale
+    elif cfg.normalize == "mean-sq-norm":
+        norm_scale = mean_sq_norm_scale(leading_tokens(source, NORM_TOKENS, cfg.seed))
+    else:
+        norm_scale = 1.0
+    sae = _build_sae(cfg, source, origin, norm_scale, dtype, resumed)
+    model = strategy.wrap(sae.to(device))
+    dead_window = cfg.dead_window or min(DEFAULT_DEAD_WINDOW, n_batches * cfg.batch_size)
+    trainer = _build_trainer(cfg, model, strategy, dead_window, source.d_model, device)
+    position = Position()
+    if resumed is not None:
+        trainer.optimizer.load_state_dict(resumed["optimizer"])
+        trainer.tracker.load_state_dict(state.firing)
+        checkpoints.restore_rng(state.rng)
+        position = Position(state.step, state.epoch, state.batch, state.step * cfg.batch_size)
+    trainer.step_count = position.step
+    return Run(cfg, info, strategy, device, out, source, n_batches, dtype, norm_scale, model, trainer, position,
+               resumed["path"] if resumed is not None else None)
+
+
+def _resolve_device(cfg: TrainConfig, info: process_group.DistInfo) -> torch.device:
+    if cfg.device == "auto":
+        return info.device
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {cfg.device}: CUDA is not available")
+    return device
+
+
+def _check_batch_size(cfg: TrainConfig, source: ActivationStore, strategy: SingleProcess) -> int:
+    """The number of global batches per epoch; ConfigError when the batch does not split or fit."""
+    ranks = strategy.data_shard()[1]
+    if cfg.batch_size % ranks:
+        raise ConfigError(f"--batch-size {cfg.batch_size} must be a multiple of the number of ranks ({ranks})")
+    n_batches = source.num_batches(cfg.batch_size)
+    if n_batches == 0:
+        raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the {source.n_tokens} tokens in the store")
+    return n_batches
+
+
+def _build_sae(
+    cfg: TrainConfig, source: ActivationStore, origin: dict[str, Any], norm_scale: float, dtype: torch.dtype,
+    resumed: dict[str, Any] | None,
+) -> TopKSAE:
+    """The whole SAE on the CPU: the checkpoint's weights, or b_dec at the data mean and a random or ASI decoder."""
+    d_model = source.d_model
+    d_init = resolve_d_init(cfg.d_init, d_model) if cfg.init == "asi" else None
+    metadata = {
+        **origin, "norm_scale": norm_scale, "init": cfg.init, "d_init": d_init,
+        "n_tokens": source.n_tokens, "epochs": cfg.epochs, "seed": cfg.seed, "normalize": cfg.normalize,
+    }
+    torch.manual_seed(cfg.seed)
+    sae = TopKSAE(d_model, cfg.n_features, cfg.k, dtype=dtype, backend=cfg.backend,
+                  sparse_grad=cfg.optimizer == "sparse-adam", metadata=metadata)
+    if resumed is not None:
+        sae.load_state_dict(TopKSAE.load(resumed["path"], dtype=dtype).state_dict())
+        return sae
+    x0 = leading_tokens(source, cfg.asi_tokens, cfg.seed) * norm_scale
+    if not torch.isfinite(x0).all():
+        raise NonFiniteError(f"the run's first {x0.shape[0]} tokens (--asi-tokens) contain NaN or Inf; nothing was trained")
+    with torch.no_grad():  # b_dec starts at the mean activation, so the features model the variation
+        sae.b_dec.copy_(x0.double().mean(0).to(sae.b_dec.dtype))
+    if cfg.init == "asi":
+        if d_init > min(x0.shape):
+            raise ConfigError(f"--d-init {d_init} exceeds the {x0.shape[0]} tokens available for ASI (--asi-tokens)")
+        init_active_subspace(sae, active_subspace(x0, d_init, center=cfg.asi_center, seed=cfg.seed))
+    return sae
+
+
+def _build_trainer(
+    cfg: TrainConfig, model: TopKSAE, strategy: SingleProcess, dead_window: int, d_model: int, device: torch.device
+) -> Trainer:
+    lr = cfg.lr if cfg.lr is not None else default_lr(cfg.n_features)
+    if cfg.optimizer == "sparse-adam":
+        optimizer: torch.optim.Optimizer = SparseAdam(model.parameters(), lr=lr, unit_norm=[model.W_dec],
+                                                      backend=cfg.backend)
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    aux_k = cfg.aux_k if cfg.aux_k is not None else min(d_model // 2, MAX_K)
+    tracker = FiringTracker(cfg.n_features, dead_window, device=device)
+    return Trainer(model, optimizer, strategy=strategy, tracker=tracker, aux_k=aux_k, aux_coef=cfg.aux_coef)
+
+
+# ----------------------------------------------------------------------------------------------- loop
+def _loop(run: Run) -> None:
+    """Epochs over the store from ``run.position``, with metrics every --log-every and checkpoints every
+    --checkpoint-every steps; stops with NonFiniteError (naming the step) on NaN/Inf."""
+    cfg, pos, trainer = run.cfg, run.position, run.trainer
+    _announce(run)
+    log = MetricsLog(run.out, cfg.log, cfg.to_dict(), enabled=run.info.is_main)
+    bar = tqdm(total=run.total_steps, initial=pos.step, unit="step", dynamic_ncols=True,
+               disable=not (cfg.progress and run.info.is_main))
+    shard, shards = run.strategy.data_shard()
+    try:
+        while pos.epoch < cfg.epochs:
+            for x in run.source.batches(cfg.batch_size // shards, seed=cfg.seed, epoch=pos.epoch, rank=shard,
+                                        world_size=shards, start_batch=pos.batch):
+                trainer.step(run.batch(x))
+                pos.step, pos.batch, pos.tokens = pos.step + 1, pos.batch + 1, pos.tokens + cfg.batch_size
+                bar.update(1)
+                if pos.step % cfg.log_every == 0 or pos.step == run.total_steps:
+                    record = {"step": pos.step, "tokens": pos.tokens, **trainer.read_metrics()}
+                    log.write(record)
+                    if run.info.is_main:
+                        bar.write(format_metrics(pos.step, record))
+                if pos.batch == run.n_batches:
+                    pos.epoch, pos.batch = pos.epoch + 1, 0
+                if cfg.checkpoint_every and pos.step % cfg.checkpoint_every == 0:
+                    _save_checkpoint(run)
+            if pos.batch != 0:  # the store ended early: move on
+                pos.epoch, pos.batch = pos.epoch + 1, 0
+        trainer.check_finite()
+    finally:
+        bar.close()
+        log.close()
+
+
+def _announce(run: Run) -> None:
+    if not run.info.is_main:
+        return
+    cfg, trainer = run.cfg, run.trainer
+    where = f" resumed from {run.resumed_from} at step {run.position.step}" if run.resumed_from else ""
+    print(
+        f"training {cfg.n_features} features, k={cfg.k}, d={run.source.d_model} on {run.source.n_tokens} tokens x "
+        f"{cfg.epochs} epochs ({run.total_steps} steps of {cfg.batch_size}), "
+        f"lr {trainer.optimizer.param_groups[0]['lr']:.3g}, {cfg.optimizer}, init {cfg.init}, "
+        f"parallel {run.strategy.name}, device {run.device}{where}",
+        file=sys.stderr,
+    )
+
+
+def _save_checkpoint(run: Run) -> None:
+    run.trainer.check_finite()  # never checkpoint weights that saw NaN/Inf
+    pos = run.position
+    state = checkpoints.TrainerState(
+        step=pos.step, epoch=pos.epoch, batch=pos.batch, norm_scale=run.norm_scale, tokens=pos.tokens,
+        firing=run.trainer.tracker.state_dict(), rng=checkpoints.capture_rng(),
+    )
+    run.strategy.save_checkpoint(run.out / checkpoints.CHECKPOINTS_DIR, run.model, run.trainer.optimizer, state,
+                                 run.cfg.to_dict())
+
+
+# --------------------------------------------------------------------------------------------- finish
+def _finish(run: Run, start_time: float) -> dict[str, Any]:
+    """Evaluate on the first EVAL_TOKENS tokens, save the final SAE, the density plot and the summary."""
+    cfg, trainer, tracker = run.cfg, run.trainer, run.trainer.tracker
+    final_sae = run.strategy.full_model(run.model)
+    eval_x = run.batch(leading_tokens(run.source, EVAL_TOKENS, cfg.seed))
+    final_metrics = reconstruction_metrics(run.model, eval_x)
+    dead_frac = tracker.dead_fraction()
+    summary: dict[str, Any] = {}
+    if run.info.is_main:
+        final_path = final_sae.save(run.out / FINAL_DIR)
+        plot_firing_density(tracker.firing_density(), run.out / DENSITY_PLOT,
+                            title=f"Feature firing density, F = {cfg.n_features}")
+        summary = {
+            **final_metrics, "dead_frac": dead_frac, "dead_window": tracker.window,
+            "never_fired_frac": float((tracker.fire_count == 0).float().mean()),
+            "tokens": run.position.tokens, "steps": run.position.step, "epochs": cfg.epochs,
+            "n_features": cfg.n_features, "k": cfg.k, "lr": trainer.optimizer.param_groups[0]["lr"],
+            "aux_k": trainer.aux_k, "norm_scale": run.norm_scale, "init": cfg.init,
+            "d_init": final_sae.metadata.get("d_init"), "time_s": time.perf_counter() - start_time,
+            "checkpoint": str(final_path), "eval_tokens": eval_x.shape[0], "parallel": run.strategy.name,
+            "world_size": run.info.world_size,
+        }
+        atomic_write(run.out / SUMMARY_FILE, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+        print(
+            f"done: FVU {summary['fvu']:.4f}, L0 {summary['l0']:.1f}, dead {100 * dead_frac:.2f}% "
+            f"(window {tracker.window} tokens), {run.position.tokens} tokens in {summary['time_s']:.1f} s; "
+            f"SAE saved to {final_path}"
+        )
+    process_group.barrier()
+    return summary

@@ -1,0 +1,114 @@
+"""A run's activations: an existing store, or a cache collected once from the model and reused after.
+
+`open_activation_source` returns the store and what it holds (model, site, layer, text, ...);
+`leading_tokens` and `mean_sq_norm_scale` give the first tokens of the run's batch order and the
+normalization scale estimated from them.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ...errors import InputError
+from .. import hf
+from ..atomic import atomic_write
+from ..parallel import process_group
+from ..store import ActivationStore
+from .config import TrainConfig
+
+COLLECTION_FILE = "collection.json"  # beside the cache's manifest: the token count requested
+CACHE_DIR = "activations"
+# Manifest fields a reused cache must match, and the option that sets each.
+_CACHE_FLAGS = {"text_source_hash": "text", "requested_tokens": "n-tokens", "seq_len": "seq-len"}
+
+
+def open_activation_source(cfg: TrainConfig, info: process_group.DistInfo) -> tuple[ActivationStore, dict[str, Any]]:
+    """The run's activation store and what it holds (model, revision, site, layer, hook, text, seq_len).
+
+    ``cfg.store``: an existing store, used as it is. Otherwise the cache (``cfg.cache`` or
+    ``OUT/activations``) is reused when its manifest matches the run and filled (by rank 0) when
+    it is empty; a cache for other activations is an error.
+    """
+    if cfg.store is not None:
+        store = ActivationStore(cfg.store)
+        m = store.manifest
+        return store, {
+            "model": m.get("model"), "revision": m.get("revision"), "site": m.get("site"), "layer": m.get("layer"),
+            "hook": m.get("hook", m.get("module_path")), "text": m.get("text", m.get("text_source")),
+            "seq_len": m.get("seq_len"),
+        }
+    cache = Path(cfg.cache) if cfg.cache else Path(cfg.out) / CACHE_DIR
+    site, layer = _store_site(cfg)
+    if info.is_main and not (cache / "manifest.json").is_file():
+        _collect(cfg, cache, site, layer)
+    process_group.barrier()
+    store = ActivationStore(cache)
+    _check_cache(cache, store, {
+        "model": cfg.model, "revision": cfg.revision, "site": site, "layer": layer,
+        "text_source_hash": hf.text_source_hash(cfg.text), "seq_len": cfg.seq_len,
+        "requested_tokens": cfg.n_tokens,
+    })
+    return store, {
+        "model": cfg.model, "revision": cfg.revision, "site": None if cfg.hook else cfg.site,
+        "layer": None if cfg.hook else cfg.layer, "hook": store.manifest.get("hook", cfg.hook),
+        "text": cfg.text or hf.DEFAULT_TEXT, "seq_len": cfg.seq_len,
+    }
+
+
+def _check_cache(cache: Path, store: ActivationStore, expect: dict[str, Any]) -> None:
+    """InputError naming the first field in which the cache differs from what this run needs."""
+    request = cache / COLLECTION_FILE
+    found_fields = {**store.manifest, **(json.loads(request.read_text()) if request.is_file() else {})}
+    for name, expected in expect.items():
+        found = found_fields.get(name)
+        if found != expected:
+            raise InputError(
+                f"--cache {cache} holds other activations: its {name} is {found!r} but this run's "
+                f"--{_CACHE_FLAGS.get(name, name)} needs {expected!r} (pass another --cache, or delete that directory)"
+            )
+
+
+def _store_site(cfg: TrainConfig) -> tuple[str, int]:
+    """(site, layer) as the activation store records them; a --hook path stands for its own site."""
+    if not cfg.hook:
+        return cfg.site, cfg.layer
+    layer = hf.layer_from_path(cfg.hook)
+    return cfg.hook, -1 if layer is None else layer
+
+
+def _collect(cfg: TrainConfig, cache: Path, site: str, layer: int) -> None:
+    """Run the model over the text once and write its activations at the run's site into ``cache``."""
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = hf.load_model(cfg.model, device=device, revision=cfg.revision)
+    if cfg.hook:
+        module_path, module = cfg.hook, hf.resolve_hook(model, cfg.hook)
+    else:
+        module_path, module = hf.resolve_site(model, cfg.site, cfg.layer)
+    print(f"collecting activations of {cfg.model} {module_path} into {cache}", file=sys.stderr)
+    hf.collect_to_store(
+        cache, model, tokenizer, module_path, module, hf.iter_texts(cfg.text),
+        model_name=cfg.model, site=site, layer=layer, text_source=cfg.text, n_tokens=cfg.n_tokens,
+        seq_len=cfg.seq_len, revision=cfg.revision, progress=cfg.progress, overwrite=True,
+    )
+    # What was asked for (the texts may hold fewer tokens), so a later run can tell whether the cache fits.
+    request = json.dumps({"requested_tokens": cfg.n_tokens})
+    atomic_write(cache / COLLECTION_FILE, lambda tmp: Path(tmp).write_text(request))
+
+
+def leading_tokens(source: Any, n: int, seed: int) -> torch.Tensor:
+    """The first ``n`` tokens (all, if fewer) of epoch 0's batch order: fp32 [n, d] on CPU."""
+    n = min(n, source.n_tokens)
+    return next(iter(source.batches(n, seed=seed, epoch=0, prefetch=0)))
+
+
+def mean_sq_norm_scale(x: torch.Tensor) -> float:
+    """s with ``mean ||s x||^2 = d`` for x [n, d]."""
+    mean_sq = float(x.double().pow(2).sum(1).mean())
+    if not math.isfinite(mean_sq) or mean_sq <= 0:
+        raise InputError(f"cannot normalize: the activations' mean squared norm is {mean_sq}")
+    return math.sqrt(x.shape[1] / mean_sq)
