@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from flashsae import ops
+from flashsae.kernels.registry import resolve_backend
 
 from . import machine
 from .shapes import shapes_for
@@ -79,7 +79,7 @@ class Recorder:
             rounds=self.rounds,
             warmup_rounds=self.warmup,
             timer=self.timer,
-            flashsae_encoder_backend=ops.resolve_backend("auto", torch.device(self.device)),
+            flashsae_encoder_backend=resolve_backend("auto", torch.device(self.device)),
             peak_memory=(
                 "torch.cuda.max_memory_allocated during one call minus torch.cuda.memory_allocated before it "
                 "(parameters, optimizer state, input batches; gradients set to None)"

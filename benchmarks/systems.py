@@ -230,7 +230,8 @@ def flashsae(shape: Shape, device: str) -> System:
     "auto"; ops ``encode`` (ops.topk_encode), ``decode`` (ops.sparse_decode), ``backward``,
     ``optimizer`` (SparseAdam.step) and the full ``step``: `flashsae.sae.trainer.Trainer.step`, the
     step `flashsae train` runs (AuxK off: no feature is dead in a benchmark)."""
-    from flashsae import TopKSAE, ops
+    from flashsae import TopKSAE
+    from flashsae.kernels.registry import resolve_backend
     from flashsae.optim import SparseAdam
     from flashsae.sae.trainer import Trainer
 
@@ -260,9 +261,9 @@ def flashsae(shape: Shape, device: str) -> System:
         "optimizer": Op(opt.step, after_backward),
         "step": Op(trainer.step, _zeroing(opt, xs)),
     }
-    notes = f"backend={ops.resolve_backend(sae.backend, torch.device(device))}"
+    notes = f"backend={resolve_backend(sae.backend, torch.device(device))}"
     if device == "cuda":
-        from flashsae.kernels.topk_encode import encode_plan
+        from flashsae.kernels.fused_encode import encode_plan
 
         plan = encode_plan(shape.B, shape.F, shape.d, shape.k, dtype=dtype)
         notes += (f"; fused encoder plan: {plan['n_ranges']} feature ranges, {plan['candidates_per_row']} "

@@ -6,6 +6,7 @@ and the value it got; none of them touches a tensor's data, so they never synchr
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -76,3 +77,49 @@ def parse_device(name: str, value: Any) -> torch.device:
         except RuntimeError:  # torch's message lists every device type it knows
             pass
     raise ValueError(f"{name} must be a torch device such as cpu, cuda or cuda:1, got {value!r}")
+
+
+def require_real(name: str, value: Any, *, low: float | None = None, below: float | None = None) -> float:
+    """``value`` if it is a real number (not a bool) with low <= value < below (either bound optional);
+    ValueError naming ``name`` otherwise. NaN fails every bound."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    ok = ok and (low is None or value >= low) and (below is None or value < below)
+    if not ok:
+        bounds = [f">= {low}"] * (low is not None) + [f"< {below}"] * (below is not None)
+        raise ValueError(f"{name} must be a real number {' and '.join(bounds)}".rstrip() + f", got {value!r}")
+    return value
+
+
+def require_dtype(name: str, dtype: Any, allowed: tuple[torch.dtype, ...] | list[torch.dtype]) -> torch.dtype:
+    """``dtype`` if it is one of ``allowed``; TypeError naming ``name`` and the allowed dtypes otherwise."""
+    if dtype not in allowed:
+        names = [dtype_name(d) for d in allowed]
+        choices = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+        raise TypeError(f"{name} must be {choices}, got {dtype}")
+    return dtype
+
+
+def require_float_tensor(name: str, t: Any, dims: int) -> torch.Tensor:
+    """``t`` if it is a ``dims``-D tensor of a `DTYPES` dtype; TypeError / ValueError naming ``name`` otherwise."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != dims:
+        raise ValueError(f"{name} must be {dims}-D, got shape {tuple(t.shape)}")
+    require_dtype(name, t.dtype, tuple(DTYPES.values()))
+    return t
+
+
+def require_like(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor, *, dtype: bool = True) -> torch.Tensor:
+    """``t`` if it has ``ref``'s device (and dtype, unless ``dtype=False``); TypeError / ValueError naming both otherwise."""
+    if dtype and t.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; they must match")
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; they must match")
+    return t
+
+
+def require_shape(name: str, t: torch.Tensor, expected: tuple[int, ...]) -> torch.Tensor:
+    """``t`` if its shape is ``expected``; ValueError naming ``name`` otherwise."""
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(t.shape)}")
+    return t

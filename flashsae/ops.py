@@ -1,9 +1,11 @@
-"""The functional API: `topk_encode` and `sparse_decode`, validated here and dispatched to a backend.
+"""The functional API: `topk_encode` and `sparse_decode`, validated here and composed from backend primitives.
 
-Backends: ``"triton"`` (fused GPU kernels; on CPU tensors only under ``TRITON_INTERPRET=1``),
-``"torch"`` (`flashsae.kernels.reference`, runs anywhere) and ``"auto"`` (Triton on CUDA tensors,
-torch elsewhere). Both backends share one autograd Function per op, so gradients are the same
-sparse computation whatever runs the forward.
+Each op is one autograd Function whose forward and backward call only the primitives of a
+`flashsae.kernels.registry.Backend` (``topk_encode``, ``gather_rows``, ``row_dots``,
+``segment_rows``), so every backend computes the same sparse gradients. ``backend`` picks the
+primitives by name (`BACKENDS`): ``"triton"`` (GPU kernels; on CPU tensors only under
+``TRITON_INTERPRET=1``), ``"torch"`` (runs anywhere) or ``"auto"`` (Triton on CUDA tensors, torch
+elsewhere).
 
 With ``sparse_grad=True`` the gradients of ``W_enc``, ``W_dec`` and ``b_enc`` are coalesced sparse
 COO tensors holding only the rows of features that fired (``flashsae.optim.SparseAdam`` consumes
@@ -11,66 +13,13 @@ them); with ``sparse_grad=False`` they are dense-shaped, for any torch optimizer
 """
 from __future__ import annotations
 
-import importlib
-import os
-from types import ModuleType
-
 import torch
 
-from .kernels import reference
+from .checks import require_float_tensor, require_k, require_like, require_shape
+from .kernels.registry import Backend, backend_names, get_backend
 
-BACKENDS = ("auto", "triton", "torch")
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-MAX_K = 512
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend ("triton" or "torch") that runs on ``device``."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(
-            f"backend='triton' needs CUDA tensors (got device {device}); on CPU set TRITON_INTERPRET=1 "
-            "before importing triton to use the interpreter, or use backend='torch'"
-        )
-    return backend
-
-
-def _kernel_module(backend: str, op: str) -> ModuleType:
-    """The module implementing ``op`` on ``backend``; Triton modules are imported on first use."""
-    if backend == "torch":
-        return reference
-    return importlib.import_module(f"flashsae.kernels.{op}")
-
-
-def _check_float(name: str, t: torch.Tensor, dims: int) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != dims:
-        raise ValueError(f"{name} must be {dims}-D, got shape {tuple(t.shape)}")
-    if t.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
-
-
-def _check_same(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
-    if t.dtype != ref.dtype:
-        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; they must match")
-    if t.device != ref.device:
-        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; they must match")
-
-
-def _check_shape(name: str, t: torch.Tensor, expected: tuple[int, ...]) -> None:
-    if tuple(t.shape) != expected:
-        raise ValueError(f"{name} must have shape {expected}, got {tuple(t.shape)}")
-
-
-def _check_k(k: int, n_features: int) -> None:
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
-    if not 1 <= k <= min(n_features, MAX_K):
-        raise ValueError(f"k must be in [1, min(n_features={n_features}, {MAX_K})], got k={k}")
+# The names a ``backend`` argument accepts.
+BACKENDS = backend_names()
 
 
 def _row_gradient(rows: torch.Tensor, grad_rows: torch.Tensor, like: torch.Tensor, sparse: bool) -> torch.Tensor:
@@ -84,11 +33,16 @@ def _row_gradient(rows: torch.Tensor, grad_rows: torch.Tensor, like: torch.Tenso
 
 
 class TopKEncode(torch.autograd.Function):
-    """relu((x - b_pre) @ W_enc.T + b_enc) -> top-k; backward touches only the selected features."""
+    """relu((x - b_pre) @ W_enc.T + b_enc) -> top-k; backward touches only the selected features.
+
+    Backward, with fired = vals > 0 and grad_pre = grad_vals where fired (the ReLU's gate):
+    grad_x = gather_rows(grad_pre, idx, W_enc), grad_b_pre = -grad_x.sum(0), and the rows of W_enc
+    and b_enc that fired from segment_rows(grad_pre, idx, x, fired, shift=b_pre).
+    """
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, b_pre, k: int, backend: str, sparse_grad: bool):
-        vals, idx = _kernel_module(backend, "topk_encode").topk_encode_forward(x, W_enc, b_enc, k, b_pre)
+    def forward(ctx, x, W_enc, b_enc, b_pre, k: int, backend: Backend, sparse_grad: bool):
+        vals, idx = backend.topk_encode(x, W_enc, b_enc, k, b_pre)
         ctx.mark_non_differentiable(idx)
         ctx.save_for_backward(x, W_enc, b_pre, vals, idx)
         ctx.backend, ctx.sparse_grad, ctx.b_enc_like = backend, sparse_grad, b_enc
@@ -97,23 +51,33 @@ class TopKEncode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_vals, _grad_idx):
         x, W_enc, b_pre, vals, idx = ctx.saved_tensors
-        kernels = _kernel_module(ctx.backend, "sparse_decode")
-        grad_x, rows, grad_W_rows, grad_b_rows = kernels.topk_encode_backward(
-            grad_vals, vals, idx, x, W_enc, b_pre
-        )
-        need = ctx.needs_input_grad
-        grad_W = _row_gradient(rows, grad_W_rows, W_enc, ctx.sparse_grad) if need[1] else None
-        grad_b = _row_gradient(rows, grad_b_rows, ctx.b_enc_like, ctx.sparse_grad) if need[2] else None
-        grad_b_pre = (-grad_x.sum(0)).to(b_pre.dtype) if b_pre is not None and need[3] else None
-        return grad_x.to(x.dtype), grad_W, grad_b, grad_b_pre, None, None, None
+        backend, need = ctx.backend, ctx.needs_input_grad
+        fired = vals > 0
+        grad_pre = torch.where(fired, grad_vals.to(torch.float32), 0.0).contiguous()
+        grad_x = grad_W = grad_b = grad_b_pre = None
+        if need[0] or need[3]:
+            grad_x = backend.gather_rows(grad_pre, idx, W_enc)
+            grad_b_pre = (-grad_x.sum(0)).to(b_pre.dtype) if b_pre is not None and need[3] else None
+            grad_x = grad_x.to(x.dtype) if need[0] else None
+        if need[1] or need[2]:
+            rows, grad_W_rows, grad_b_rows = backend.segment_rows(grad_pre, idx, x, fired, shift=b_pre)
+            grad_W = _row_gradient(rows, grad_W_rows, W_enc, ctx.sparse_grad) if need[1] else None
+            grad_b = _row_gradient(rows, grad_b_rows, ctx.b_enc_like, ctx.sparse_grad) if need[2] else None
+        return grad_x, grad_W, grad_b, grad_b_pre, None, None, None
 
 
 class SparseDecode(torch.autograd.Function):
-    """sum_j vals[:, j] * W_dec[idx[:, j]] + b_dec; backward touches only the rows that fired."""
+    """sum_j vals[:, j] * W_dec[idx[:, j]] + b_dec; backward touches only the rows that fired.
+
+    Forward: gather_rows(vals, idx, W_dec, bias=b_dec) into an output of W_dec's dtype. Backward:
+    grad_vals = row_dots(grad_out, idx, W_dec), the rows of W_dec that fired from
+    segment_rows(vals, idx, grad_out, vals > 0), grad_b_dec = grad_out.sum(0).
+    """
 
     @staticmethod
-    def forward(ctx, vals, idx, W_dec, b_dec, backend: str, sparse_grad: bool):
-        x_hat = _kernel_module(backend, "sparse_decode").sparse_decode_forward(vals, idx, W_dec, b_dec)
+    def forward(ctx, vals, idx, W_dec, b_dec, backend: Backend, sparse_grad: bool):
+        out = torch.empty(idx.shape[0], W_dec.shape[1], dtype=W_dec.dtype, device=W_dec.device)
+        x_hat = backend.gather_rows(vals, idx, W_dec, b_dec, out=out)
         ctx.save_for_backward(vals, idx, W_dec)
         ctx.backend, ctx.sparse_grad = backend, sparse_grad
         return x_hat
@@ -121,12 +85,15 @@ class SparseDecode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         vals, idx, W_dec = ctx.saved_tensors
-        kernels = _kernel_module(ctx.backend, "sparse_decode")
-        grad_vals, rows, grad_rows = kernels.sparse_decode_backward(grad_out.contiguous(), vals, idx, W_dec)
-        need = ctx.needs_input_grad
-        grad_W = _row_gradient(rows, grad_rows, W_dec, ctx.sparse_grad) if need[2] else None
+        backend, need = ctx.backend, ctx.needs_input_grad
+        grad_out = grad_out.contiguous()
+        grad_vals = backend.row_dots(grad_out, idx, W_dec).to(vals.dtype) if need[0] else None
+        grad_W = None
+        if need[2]:
+            rows, grad_rows, _ = backend.segment_rows(vals, idx, grad_out, vals > 0)
+            grad_W = _row_gradient(rows, grad_rows, W_dec, ctx.sparse_grad)
         grad_b = grad_out.sum(0, dtype=torch.float32).to(W_dec.dtype) if need[3] else None
-        return grad_vals.to(vals.dtype), None, grad_W, grad_b, None, None
+        return grad_vals, None, grad_W, grad_b, None, None
 
 
 def topk_encode(
@@ -147,24 +114,24 @@ def topk_encode(
     filled with zeros at the lowest unchosen indices). Differentiable w.r.t. x, W_enc, b_enc, b_pre.
     Non-contiguous inputs are copied to contiguous ones.
     """
-    _check_float("x", x, 2)
-    _check_float("W_enc", W_enc, 2)
-    _check_same("W_enc", W_enc, "x", x)
+    require_float_tensor("x", x, 2)
+    require_float_tensor("W_enc", W_enc, 2)
+    require_like("W_enc", W_enc, "x", x)
     n_features, d = W_enc.shape
     if x.shape[1] != d:
         raise ValueError(f"x has {x.shape[1]} columns but W_enc [F, d] has d={d}")
-    _check_float("b_enc", b_enc, 1)
-    _check_same("b_enc", b_enc, "x", x)
-    _check_shape("b_enc", b_enc, (n_features,))
+    require_float_tensor("b_enc", b_enc, 1)
+    require_like("b_enc", b_enc, "x", x)
+    require_shape("b_enc", b_enc, (n_features,))
     if b_pre is not None:
-        _check_float("b_pre", b_pre, 1)
-        _check_same("b_pre", b_pre, "x", x)
-        _check_shape("b_pre", b_pre, (d,))
+        require_float_tensor("b_pre", b_pre, 1)
+        require_like("b_pre", b_pre, "x", x)
+        require_shape("b_pre", b_pre, (d,))
         b_pre = b_pre.contiguous()
-    _check_k(k, n_features)
-    resolved = resolve_backend(backend, x.device)
+    require_k(k, n_features)
+    kernels = get_backend(backend, x.device)
     return TopKEncode.apply(
-        x.contiguous(), W_enc.contiguous(), b_enc.contiguous(), b_pre, k, resolved, sparse_grad
+        x.contiguous(), W_enc.contiguous(), b_enc.contiguous(), b_pre, k, kernels, sparse_grad
     )
 
 
@@ -184,20 +151,19 @@ def sparse_decode(
     vals, W_dec, b_dec. Indices are checked on the host only for CPU tensors (a device check
     would synchronize).
     """
-    _check_float("vals", vals, 2)
-    _check_float("W_dec", W_dec, 2)
-    _check_same("W_dec", W_dec, "vals", vals)
-    _check_float("b_dec", b_dec, 1)
-    _check_same("b_dec", b_dec, "vals", vals)
-    _check_shape("b_dec", b_dec, (W_dec.shape[1],))
+    require_float_tensor("vals", vals, 2)
+    require_float_tensor("W_dec", W_dec, 2)
+    require_like("W_dec", W_dec, "vals", vals)
+    require_float_tensor("b_dec", b_dec, 1)
+    require_like("b_dec", b_dec, "vals", vals)
+    require_shape("b_dec", b_dec, (W_dec.shape[1],))
     if not isinstance(idx, torch.Tensor) or idx.dtype != torch.int64:
         raise TypeError(f"idx must be an int64 tensor, got {getattr(idx, 'dtype', type(idx).__name__)}")
-    _check_shape("idx", idx, tuple(vals.shape))
-    if idx.device != vals.device:
-        raise ValueError(f"idx is on {idx.device} but vals is on {vals.device}; they must match")
+    require_shape("idx", idx, tuple(vals.shape))
+    require_like("idx", idx, "vals", vals, dtype=False)
     if idx.device.type == "cpu" and idx.numel() and (idx.min() < 0 or idx.max() >= W_dec.shape[0]):
         raise ValueError(f"idx entries must lie in [0, {W_dec.shape[0]}), got [{idx.min()}, {idx.max()}]")
-    resolved = resolve_backend(backend, vals.device)
+    kernels = get_backend(backend, vals.device)
     return SparseDecode.apply(
-        vals.contiguous(), idx.contiguous(), W_dec.contiguous(), b_dec.contiguous(), resolved, sparse_grad
+        vals.contiguous(), idx.contiguous(), W_dec.contiguous(), b_dec.contiguous(), kernels, sparse_grad
     )

@@ -1,14 +1,13 @@
 """`SparseAdam`: Adam that touches only the rows a sparse gradient names."""
 from __future__ import annotations
 
-import importlib
 from collections.abc import Iterable
 from typing import Any, Callable
 
 import torch
 
-from .kernels import reference
-from .ops import BACKENDS, resolve_backend
+from .checks import require_choice, require_dtype, require_real
+from .kernels.registry import backend_names, get_backend
 
 MOMENT_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -33,8 +32,9 @@ class SparseAdam(torch.optim.Optimizer):
     - ``moment_dtype`` (float32 | bfloat16) stores m and v; the math is always fp32.
 
     Moments are created at a parameter's first step (dense [rows, ...] buffers, like Adam's).
-    ``backend``: "auto" = Triton kernel for CUDA tensors, torch elsewhere; "triton" on CPU needs
-    TRITON_INTERPRET=1; "torch" anywhere. State round-trips through ``state_dict``.
+    ``backend`` (a name of `flashsae.kernels.registry.backend_names`): "auto" = Triton kernel for
+    CUDA tensors, torch elsewhere; "triton" on CPU needs TRITON_INTERPRET=1; "torch" anywhere.
+    State round-trips through ``state_dict``.
     """
 
     def __init__(
@@ -48,16 +48,14 @@ class SparseAdam(torch.optim.Optimizer):
         unit_norm: Iterable[torch.Tensor] = (),
         backend: str = "auto",
     ) -> None:
-        if not lr >= 0.0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"betas must lie in [0, 1), got {betas}")
-        if not eps >= 0.0:
-            raise ValueError(f"eps must be >= 0, got {eps}")
-        if moment_dtype not in MOMENT_DTYPES:
-            raise TypeError(f"moment_dtype must be torch.float32 or torch.bfloat16, got {moment_dtype}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        require_real("lr", lr, low=0.0)
+        if len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        require_real("betas[0]", betas[0], low=0.0, below=1.0)
+        require_real("betas[1]", betas[1], low=0.0, below=1.0)
+        require_real("eps", eps, low=0.0)
+        require_dtype("moment_dtype", moment_dtype, MOMENT_DTYPES)
+        require_choice("backend", backend, backend_names())
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, moment_dtype=moment_dtype, backend=backend)
         super().__init__(params, defaults)
         known = {id(p) for group in self.param_groups for p in group["params"]}
@@ -74,7 +72,7 @@ class SparseAdam(torch.optim.Optimizer):
                     raise ValueError(f"SparseAdam needs contiguous params, got strides {p.stride()}")
 
     def normalizes(self, param: torch.Tensor) -> bool:
-        """True when ``param`` is one of the ``unit_norm`` parameters (its touched rows are kept unit-norm)."""
+        """True when ``param`` is one of the ``unit_norm`` parameters (its touched rows are kept at unit norm)."""
         return id(param) in self._unit_norm
 
     @torch.no_grad()
@@ -89,19 +87,17 @@ class SparseAdam(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                n_rows = p.shape[0] if p.dim() else 1
+                n_param_rows = p.shape[0] if p.dim() else 1
                 state = self.state[p]
                 if not state:
-                    state["step"] = torch.zeros(n_rows, dtype=torch.int64, device=p.device)
+                    state["step"] = torch.zeros(n_param_rows, dtype=torch.int64, device=p.device)
                     state["exp_avg"] = torch.zeros_like(p, dtype=group["moment_dtype"], memory_format=torch.contiguous_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=group["moment_dtype"], memory_format=torch.contiguous_format)
                 grad, rows = _grad_rows(p)
-                backend = resolve_backend(group["backend"], p.device)
-                kernels = reference if backend == "torch" else importlib.import_module("flashsae.kernels.sparse_adam")
-                kernels.sparse_adam_step_(
-                    p.view(n_rows, -1), grad, rows,
-                    state["exp_avg"].view(n_rows, -1), state["exp_avg_sq"].view(n_rows, -1), state["step"],
-                    lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], unit_norm=id(p) in self._unit_norm,
+                get_backend(group["backend"], p.device).sparse_adam_step_(
+                    p.view(n_param_rows, -1), grad, rows,
+                    state["exp_avg"].view(n_param_rows, -1), state["exp_avg_sq"].view(n_param_rows, -1), state["step"],
+                    lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], unit_norm=self.normalizes(p),
                 )
         return loss
 
@@ -121,9 +117,9 @@ class SparseAdam(torch.optim.Optimizer):
 def _grad_rows(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """p.grad as (rows of gradient [U, m] contiguous, rows [U] int64 unique) or (dense [n, m], None)."""
     grad = p.grad
-    n_rows = p.shape[0] if p.dim() else 1
+    n_param_rows = p.shape[0] if p.dim() else 1
     if not grad.is_sparse:
-        return grad.reshape(n_rows, -1).contiguous(), None
+        return grad.reshape(n_param_rows, -1).contiguous(), None
     if grad.sparse_dim() != 1:
         raise ValueError(
             f"SparseAdam needs sparse gradients over dim 0 only (sparse_dim=1), got sparse_dim={grad.sparse_dim()}"

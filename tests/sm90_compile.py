@@ -39,37 +39,37 @@ def cases() -> Iterator[tuple[str, object, dict, dict, dict]]:
     """(name, jit function, signature, constexprs, options) for every GPU launch configuration."""
     import torch
 
-    from flashsae.kernels import sparse_adam, sparse_decode, topk_encode
+    from flashsae.kernels import fused_encode, rows, sparse_adam
 
-    enc = topk_encode._topk_range_kernel
+    enc = fused_encode._topk_range_kernel
     for kp in (2, 64, 128, 256, 512):
         for dtype, torch_dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
             if dtype == "fp16" and kp != 64:  # fp16 shares bf16's table; once is enough
                 continue
-            for bm, bn, bk, warps, stages in topk_encode._block_configs(kp, torch_dtype):
+            for bm, bn, bk, warps, stages in fused_encode._block_configs(kp, torch_dtype):
                 sig = _signature(enc, {"x_ptr": dtype, "w_ptr": dtype, "bias_ptr": "fp32", "cand_ptr": "i64"})
                 consts = {"KP": kp, "LOG_KP": kp.bit_length() - 1, "IEEE_FP32": dtype == "fp32",
                           "UPCAST_BF16": False, "BM": bm, "BN": bn, "BK": bk}
                 yield (f"topk_range KP={kp} {dtype} BM={bm} BN={bn} BK={bk} warps={warps} stages={stages}",
                        enc, sig, consts, {"num_warps": warps, "num_stages": stages})
-    fold = topk_encode._fold_pre_bias_kernel
+    fold = fused_encode._fold_pre_bias_kernel
     for dtype in ("bf16", "fp32"):
         sig = _signature(fold, {"w_ptr": dtype, "b_ptr": dtype, "pre_ptr": dtype, "out_ptr": "fp32"})
-        consts = {"BLOCK_F": topk_encode.FOLD_BLOCK_F, "BLOCK_D": topk_encode.FOLD_BLOCK_D}
-        yield f"fold_pre_bias {dtype}", fold, sig, consts, {"num_warps": topk_encode.FOLD_WARPS}
-    block_d = sparse_decode.MAX_BLOCK_D
-    gather = sparse_decode._gather_rows_kernel
+        consts = {"BLOCK_F": fused_encode.FOLD_BLOCK_F, "BLOCK_D": fused_encode.FOLD_BLOCK_D}
+        yield f"fold_pre_bias {dtype}", fold, sig, consts, {"num_warps": fused_encode.FOLD_WARPS}
+    block_d = rows.MAX_BLOCK_D
+    gather = rows._gather_rows_kernel
     for dtype in ("bf16", "fp32"):
         sig = _signature(gather, {"coef_ptr": dtype, "idx_ptr": "i64", "w_ptr": dtype, "bias_ptr": dtype, "out_ptr": dtype})
         yield (f"gather_rows {dtype}", gather, sig,
-               {"HAS_BIAS": True, "BLOCK_B": sparse_decode.BLOCK_TOKENS, "BLOCK_D": block_d}, {})
-    dots = sparse_decode._row_dots_kernel
+               {"HAS_BIAS": True, "BLOCK_B": rows.BLOCK_TOKENS, "BLOCK_D": block_d}, {})
+    dots = rows._row_dots_kernel
     sig = _signature(dots, {"grad_ptr": "bf16", "idx_ptr": "i64", "w_ptr": "bf16", "out_ptr": "fp32"})
-    yield "row_dots bf16", dots, sig, {"BLOCK_B": sparse_decode.BLOCK_TOKENS, "BLOCK_D": block_d}, {}
-    seg = sparse_decode._segment_rows_kernel
+    yield "row_dots bf16", dots, sig, {"BLOCK_B": rows.BLOCK_TOKENS, "BLOCK_D": block_d}, {}
+    seg = rows._segment_rows_kernel
     sig = _signature(seg, {"coef_ptr": "fp32", "pairs_ptr": "i64", "offsets_ptr": "i64", "vec_ptr": "bf16",
                            "shift_ptr": "bf16", "out_ptr": "fp32", "coef_sum_ptr": "fp32"})
-    yield "segment_rows bf16", seg, sig, {"HAS_SHIFT": True, "BLOCK_P": sparse_decode.BLOCK_PAIRS, "BLOCK_D": block_d}, {}
+    yield "segment_rows bf16", seg, sig, {"HAS_SHIFT": True, "BLOCK_P": rows.BLOCK_PAIRS, "BLOCK_D": block_d}, {}
     adam = sparse_adam._sparse_adam_kernel
     block_d = sparse_adam.MAX_BLOCK_D
     for moments in ("fp32", "bf16"):

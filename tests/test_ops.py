@@ -6,6 +6,7 @@ import torch
 
 from flashsae import ops
 from flashsae.kernels import reference
+from flashsae.kernels.registry import resolve_backend
 from tests.alloc_log import AllocationLog
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -59,8 +60,8 @@ def test_topk_encode_matches_float64_reference(B, d, F, k, with_b_pre, dtype):
 
 def test_topk_encode_chunked_sweep_equals_one_chunk():
     x, W, b, b_pre = make_encoder(9, 24, 1000, torch.float32, seed=3)
-    one = reference.topk_encode_forward(x, W, b, 7, b_pre)
-    chunked = reference.topk_encode_forward(x, W, b, 7, b_pre, chunk_size=13)
+    one = reference.topk_encode(x, W, b, 7, b_pre)
+    chunked = reference.topk_encode(x, W, b, 7, b_pre, chunk_size=13)
     assert torch.equal(one[0], chunked[0]) and torch.equal(one[1], chunked[1])
 
 
@@ -207,9 +208,9 @@ def test_bad_arguments_raise_errors_naming_them(call, message):
 def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
-        ops.resolve_backend("triton", torch.device("cpu"))
-    assert ops.resolve_backend("auto", torch.device("cpu")) == "torch"
-    assert ops.resolve_backend("auto", torch.device("cuda")) == "triton"
+        ops.topk_encode(torch.randn(2, 8), torch.randn(5, 8), torch.randn(5), 2, backend="triton")
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert resolve_backend("auto", torch.device("cuda")) == "triton"
 
 
 def test_non_contiguous_inputs_give_the_same_result():

@@ -185,6 +185,18 @@ def test_rejects_bad_arguments():
         SparseAdam([p], betas=(1.0, 0.999))
     with pytest.raises(ValueError, match="backend"):
         SparseAdam([p], backend="cuda")
+    with pytest.raises(ValueError, match="lr must be a real number >= 0"):
+        SparseAdam([p], lr=float("nan"))
+    with pytest.raises(ValueError, match="eps must be a real number >= 0"):
+        SparseAdam([p], eps=-1e-8)
+
+
+def test_normalizes_names_exactly_the_unit_norm_params():
+    W, b, other = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(4, 3))
+    opt = SparseAdam([W, b], unit_norm=[W])
+    assert opt.normalizes(W)
+    assert not opt.normalizes(b) and not opt.normalizes(other)
+    assert not SparseAdam([W, b]).normalizes(W)
 
 
 def sae_loss(sae, x):

@@ -1,7 +1,7 @@
 """A full sparse training step of an F = 2^18 SAE never allocates an F x d tensor; the dense one does."""
 from __future__ import annotations
 
-import sys
+import dataclasses
 
 import pytest
 import torch
@@ -10,6 +10,7 @@ from torch.utils._pytree import tree_flatten
 
 from flashsae import TopKSAE
 from flashsae.kernels import reference
+from flashsae.kernels.registry import get_backend, override_backend
 from flashsae.optim import SparseAdam
 
 F, D, K, B = 1 << 18, 64, 4, 8
@@ -76,10 +77,12 @@ def largest_allocation_of_second_step(sparse_grad: bool, backend: str) -> tuple[
 
 
 @pytest.fixture
-def torch_encoder_forward(monkeypatch):
+def torch_encoder_forward():
     """The interpreter cannot sweep 2^18 features in test time: the Triton variant keeps the torch
     encoder forward (it allocates O(B * chunk)) and runs every sparse part through Triton."""
-    monkeypatch.setitem(sys.modules, "flashsae.kernels.topk_encode", reference)
+    triton = get_backend("triton", "cpu")
+    with override_backend("triton", dataclasses.replace(triton, topk_encode=reference.topk_encode)):
+        yield
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -4,8 +4,10 @@ For a non-negative fp32 value (a ReLU output), its bit pattern read as an int32 
 value. ``key = bits << 32 | (2^31 - 1 - index)`` therefore sorts descending by value and, among
 equal values, ascending by feature index: a plain integer top-k over keys is an exact top-k with
 ties to the lower index, whatever order the candidates arrive in. -1 is below every real key
-(a real zero has key >= 0) and marks an empty slot. The reference, the Triton kernels and the
-feature-parallel merge all use this one format; indices must be < 2^31.
+(a real zero has key >= 0) and marks an empty slot. The reference, the Triton encoder (whose
+in-kernel packing, `flashsae.kernels.fused_encode._pack_key`, takes its constants from here) and
+the feature-parallel merge all use this one format; indices must be < 2^31. Importing this module
+never imports triton.
 """
 from __future__ import annotations
 
@@ -17,12 +19,17 @@ EMPTY_KEY = -1
 
 
 def pack_keys(vals: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """(vals >= 0 any float dtype, idx int64 of the same shape) -> int64 keys.
+    """(vals of any float dtype, idx int64 broadcastable to vals' shape) -> int64 keys of vals' shape.
 
-    ``+ 0.0`` turns -0.0 into +0.0, whose bit pattern the order needs.
+    The key holds relu(vals): the bit patterns are clamped at 0, so -0.0 and negative values pack
+    as +0.0 (the order needs +0.0's pattern), as in the Triton encoder. The clamp, the shift and the
+    OR work in place on the one new int64 tensor: packing holds 8 new bytes per value.
     """
-    bits = (vals.to(torch.float32) + 0.0).view(torch.int32).to(torch.int64)
-    return (bits << 32) | (INDEX_MASK - idx)
+    keys = vals.to(torch.float32).view(torch.int32).to(torch.int64)
+    keys.clamp_(min=0)
+    keys <<= 32
+    keys |= INDEX_MASK - idx
+    return keys
 
 
 def unpack_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

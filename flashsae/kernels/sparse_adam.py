@@ -1,4 +1,5 @@
-"""Triton row-sparse Adam step: reads and writes only the touched rows of a parameter and its moments.
+"""Triton row-sparse Adam step (the "triton" backend's ``sparse_adam_step_``): reads and writes only
+the touched rows of a parameter and its moments.
 
 Same signature and semantics as `flashsae.kernels.reference.sparse_adam_step_`: lazy Adam with a
 per-row step count, optional unit-norm rows (gradient component along the row removed before the
@@ -25,12 +26,12 @@ _TINY = tl.constexpr(1.1754943508222875e-38)  # smallest normal fp32 (a constexp
 @triton.jit
 def _sparse_adam_kernel(
     param_ptr, grad_ptr, rows_ptr, m_ptr, v_ptr, step_size_ptr, bc2_sqrt_ptr,
-    n_rows, width, beta1, beta2, eps,
+    n_touched, width, beta1, beta2, eps,
     HAS_ROWS: tl.constexpr, UNIT_NORM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     r = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    row_mask = r < n_rows
+    row_mask = r < n_touched
     if HAS_ROWS:
         prow = tl.load(rows_ptr + r, mask=row_mask, other=0)
     else:

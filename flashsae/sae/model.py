@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .. import ops
+from ..kernels.registry import backend_names
 from ..checks import dtype_name, parse_dtype, require_choice, require_int, require_k
 from .atomic import atomic_write
 
@@ -71,7 +72,7 @@ class TopKSAE(nn.Module):
         require_int("d_model", d_model)
         require_int("n_features", n_features)
         require_k(k, n_features)
-        require_choice("backend", backend, ops.BACKENDS)
+        require_choice("backend", backend, backend_names())
         self.d_model, self.n_features, self.k = d_model, n_features, k
         self.backend, self.sparse_grad = backend, sparse_grad
         self.metadata: dict[str, Any] = dict(metadata or {})

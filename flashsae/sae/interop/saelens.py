@@ -20,7 +20,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ... import ops
-from ...checks import dtype_name, parse_dtype
+from ...checks import dtype_name, parse_dtype, require_choice
+from ...kernels.registry import backend_names
 from ..atomic import atomic_write
 from ..model import TopKSAE
 from ._common import FLASHSAE_METADATA_KEY, build_sae, patch_methods, raw_space_weights
@@ -141,8 +142,7 @@ def patch_saelens(sae: Any, *, backend: str = "auto", sparse_grad: bool = False)
     architecture = cfg.architecture() if cfg is not None and hasattr(cfg, "architecture") else None
     if architecture != "topk":
         raise ValueError(f"patch_saelens needs a SAELens 'topk' SAE, got architecture {architecture!r}")
-    if backend not in ops.BACKENDS:
-        raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
+    require_choice("backend", backend, backend_names())
     sae._flashsae_options = {"backend": backend, "sparse_grad": sparse_grad}
     methods: dict[str, Any] = {"decode": _decode, "encode": _encode}
     if hasattr(sae, "encode_with_hidden_pre"):

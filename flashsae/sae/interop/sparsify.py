@@ -20,6 +20,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ... import ops
+from ...checks import require_choice
+from ...kernels.registry import backend_names
 from ..atomic import atomic_write
 from ..model import TopKSAE
 from ._common import FLASHSAE_METADATA_KEY, build_sae, patch_methods, raw_space_weights
@@ -116,8 +118,7 @@ def patch_sparsify(coder: Any, *, backend: str = "auto", sparse_grad: bool = Fal
         raise ValueError(f"patch_sparsify needs a SparseCoder with activation 'topk', got {getattr(cfg, 'activation', None)!r}")
     if getattr(coder, "W_dec", None) is None:
         raise ValueError("patch_sparsify needs a SparseCoder with a decoder (decoder=True)")
-    if backend not in ops.BACKENDS:
-        raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
+    require_choice("backend", backend, backend_names())
     coder._flashsae_options = {"backend": backend, "sparse_grad": sparse_grad}
     patch_methods(coder, {"encode": _encode, "decode": _decode, "forward": _forward})
     return coder

@@ -23,6 +23,7 @@ from ...checks import (
     DTYPES, MAX_K, parse_device, require_choice, require_count_or_fraction, require_int, require_k, require_number,
 )
 from ...errors import ConfigError
+from ...kernels.registry import backend_names
 from ..hf import DEFAULT_TEXT, EMBEDDED_MODEL, SITES
 from ..trainer import DEFAULT_DEAD_WINDOW
 
@@ -133,7 +134,7 @@ class TrainConfig:
     dtype: str = option("float32", SAE, "SAE parameter dtype", choices=tuple(DTYPES))
     device: str = option("auto", SAE, "cpu, cuda or cuda:N; auto is cuda when available, else cpu", check=_device,
                          resumable=True)
-    backend: str = option("auto", SAE, "kernels", choices=ops.BACKENDS)
+    backend: str = option("auto", SAE, "kernels", choices=backend_names())
     seed: int = option(0, SAE, "seed for the initialization and the batch order", check=_integer(0))
     init: str = option("random", INIT, "asi is Active Subspace Initialization: the decoder starts in the top "
                        "--d-init singular directions of the run's activations", choices=("random", "asi"))

@@ -1,6 +1,6 @@
-"""Triton kernels for the sparse parts of a TopK SAE: gather decode, its backward, compact row gradients.
+"""Triton row kernels: the sparse primitives of the "triton" backend, shared by decode and encoder backward.
 
-Three primitives, each one kernel, shared by the decoder and the encoder backward:
+Three primitives, each one kernel (the `flashsae.kernels.registry.Backend` docstring has the contract):
 
 - ``gather_rows``:  out[t] = sum_j coef[t, j] * W[idx[t, j]] (+ bias)     (decode; encoder grad_x)
 - ``row_dots``:     out[t, j] = <grad[t], W[idx[t, j]]>                   (decoder grad_vals)
@@ -10,8 +10,8 @@ Three primitives, each one kernel, shared by the decoder and the encoder backwar
 The segment step groups the (token, slot) pairs that fired by feature with one stable sort of the
 B * k pairs (O(B k), never O(F)); then one program sums one feature's pairs in a fixed order, so the
 row gradients are deterministic (no atomics). All math is fp32; outputs are cast on store.
-Launchers are plain Python with the same signatures and return conventions as
-`flashsae.kernels.reference`; inputs are assumed validated and contiguous (`flashsae.ops` does that).
+Launchers are plain Python with the signatures of `flashsae.kernels.reference`; inputs are assumed
+validated and contiguous (`flashsae.ops` does that). `flashsae.ops` composes the ops from them.
 """
 from __future__ import annotations
 
@@ -192,58 +192,16 @@ def segment_rows(
     coef_sums [U] fp32. ``out`` (optional, fp32 [>= U, d]) receives grad_rows; tests poison it.
     """
     rows, offsets, pairs = group_pairs(idx, fired)
-    n_rows, d = rows.shape[0], vecs.shape[1]
-    grad_rows = out[:n_rows] if out is not None else torch.empty(n_rows, d, dtype=torch.float32, device=vecs.device)
-    coef_sums = torch.empty(n_rows, dtype=torch.float32, device=vecs.device)
-    if n_rows == 0 or d == 0:
+    n_touched, d = rows.shape[0], vecs.shape[1]
+    grad_rows = out[:n_touched] if out is not None else torch.empty(n_touched, d, dtype=torch.float32, device=vecs.device)
+    coef_sums = torch.empty(n_touched, dtype=torch.float32, device=vecs.device)
+    if n_touched == 0 or d == 0:
         return rows, grad_rows, coef_sums.zero_()
     block_d = _block_d(d)
-    grid = (n_rows, triton.cdiv(d, block_d))
+    grid = (n_touched, triton.cdiv(d, block_d))
     _segment_rows_kernel[grid](
         coef, pairs, offsets, vecs, shift if shift is not None else vecs, grad_rows, coef_sums,
         idx.shape[1], d,
         HAS_SHIFT=shift is not None, BLOCK_P=BLOCK_PAIRS, BLOCK_D=block_d,
     )
     return rows, grad_rows, coef_sums
-
-
-# ------------------------------------------------------------------------- backend entry points
-def sparse_decode_forward(
-    vals: torch.Tensor, idx: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor
-) -> torch.Tensor:
-    """``x_hat = sum_j vals[:, j, None] * W_dec[idx[:, j]] + b_dec``: [B, k], [B, k], [F, d], [d] -> [B, d] in W_dec's dtype."""
-    out = torch.empty(idx.shape[0], W_dec.shape[1], dtype=W_dec.dtype, device=W_dec.device)
-    return gather_rows(vals, idx, W_dec, b_dec, out=out)
-
-
-def sparse_decode_backward(
-    grad_out: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor, W_dec: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Decoder gradients from grad_out [B, d] (contiguous).
-
-    Returns grad_vals [B, k] fp32, and W_dec's gradient in compact form: rows [U] int64 (features
-    with a positive value in ``vals``) and grad_rows [U, d] fp32. b_dec's gradient is grad_out.sum(0).
-    """
-    grad_vals = row_dots(grad_out, idx, W_dec)
-    rows, grad_rows, _ = segment_rows(vals, idx, grad_out, vals > 0)
-    return grad_vals, rows, grad_rows
-
-
-def topk_encode_backward(
-    grad_vals: torch.Tensor,
-    vals: torch.Tensor,
-    idx: torch.Tensor,
-    x: torch.Tensor,
-    W_enc: torch.Tensor,
-    b_pre: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Encoder gradients through the top-k and the ReLU, from grad_vals [B, k].
-
-    Returns grad_x [B, d] fp32 (b_pre's gradient is -grad_x.sum(0)), and the compact gradients of
-    the active features: rows [U] int64, grad_W_rows [U, d] fp32, grad_b_rows [U] fp32.
-    """
-    fired = vals > 0
-    grad_pre = torch.where(fired, grad_vals.to(torch.float32), 0.0).contiguous()
-    grad_x = gather_rows(grad_pre, idx, W_enc)
-    rows, grad_W_rows, grad_b_rows = segment_rows(grad_pre, idx, x, fired, shift=b_pre)
-    return grad_x, rows, grad_W_rows, grad_b_rows

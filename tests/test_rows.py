@@ -1,4 +1,5 @@
-"""Sparse decode, its backward and the encoder backward: both backends against float64 dense autograd."""
+"""The row primitives (gather_rows, row_dots, segment_rows) and the ops composed of them: sparse decode,
+its backward and the encoder backward, on both backends against float64 dense autograd."""
 from __future__ import annotations
 
 
@@ -7,12 +8,13 @@ import torch
 
 from flashsae import ops
 from flashsae.kernels import reference
-from flashsae.kernels import sparse_decode as triton_sd
+from flashsae.kernels import rows as triton_rows
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Max error relative to the reference's largest magnitude (at least 1), per dtype.
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
 BACKENDS = ["torch", "triton"]
+PRIMITIVES = {"torch": reference, "triton": triton_rows}
 # (B, d, F, k): a covering set of odd shapes, every B, d, F, k value of the plan at least once.
 SHAPES = [(1, 24, 50, 1), (9, 100, 1000, 8), (64, 24, 50, 33), (9, 24, 1000, 33)]
 
@@ -117,16 +119,16 @@ def test_triton_launchers_write_every_output_element(dtype):
     ref_x, ref_gv, ref_gW, _ = dense_decode_grads(vals, idx, W, b, grad_out)
 
     out = torch.full((B, d), float("nan"), dtype=dtype)
-    triton_sd.gather_rows(vals, idx, W, b, out=out)
+    triton_rows.gather_rows(vals, idx, W, b, out=out)
     assert_close(out, ref_x, dtype, "gather_rows")
 
     dots = torch.full((B, k), float("nan"))
-    triton_sd.row_dots(grad_out, idx, W, out=dots)
+    triton_rows.row_dots(grad_out, idx, W, out=dots)
     assert_close(dots, ref_gv, dtype, "row_dots")
 
     rows = fired_rows(idx, vals)
     poisoned = torch.full((rows.numel() + 5, d), float("nan"))
-    got_rows, grad_rows, coef_sums = triton_sd.segment_rows(vals, idx, grad_out, vals > 0, out=poisoned)
+    got_rows, grad_rows, coef_sums = triton_rows.segment_rows(vals, idx, grad_out, vals > 0, out=poisoned)
     assert torch.equal(got_rows, rows)
     assert_close(grad_rows, ref_gW[rows], dtype, "segment_rows")
     assert torch.isnan(poisoned[rows.numel() :]).all(), "segment_rows wrote past its U rows"
@@ -134,24 +136,48 @@ def test_triton_launchers_write_every_output_element(dtype):
     assert_close(coef_sums, ref_sums[rows], dtype, "coef sums")
 
 
-def test_segment_rows_with_shift_matches_torch_backend():
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gather_rows_adds_the_bias_and_writes_a_given_output_in_its_dtype(backend, dtype):
+    B, d, F, k = 37, 100, 50, 8
+    vals, idx, W, b, _ = make_decode(B, d, F, k, dtype, seed=9)
+    ref = torch.einsum("tk,tkd->td", vals.double(), W.double()[idx])
+    plain = PRIMITIVES[backend].gather_rows(vals, idx, W)
+    assert plain.dtype == torch.float32
+    assert_close(plain, ref, dtype, "gather_rows")
+    out = torch.full((B, d), float("nan"), dtype=dtype)
+    got = PRIMITIVES[backend].gather_rows(vals, idx, W, b, out=out)
+    assert got is out
+    assert_close(out, ref + b.double(), dtype, "gather_rows with bias into out")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_segment_rows_with_shift_matches_float64_shifted_sums(backend, dtype):
     B, d, F, k = 20, 24, 50, 33
-    vals, idx, W, _, _ = make_decode(B, d, F, k, torch.float32, seed=5)
-    x = torch.randn(B, d)
-    shift = torch.randn(d)
-    ref_rows, ref_grad, ref_sums = reference.segment_rows(vals, idx, x - shift, vals > 0)
-    rows, grad, sums = triton_sd.segment_rows(vals, idx, x, vals > 0, shift=shift)
+    vals, idx, _, _, _ = make_decode(B, d, F, k, dtype, seed=5)
+    g = torch.Generator().manual_seed(6)
+    x, shift = torch.randn(B, d, generator=g).to(dtype), torch.randn(d, generator=g).to(dtype)
+    fired = vals > 0
+    rows, grad, sums = PRIMITIVES[backend].segment_rows(vals, idx, x, fired, shift=shift)
+    ref_rows = fired_rows(idx, vals)
+    shifted = x.double() - shift.double()
+    ref_grad = torch.zeros(F, d, dtype=torch.float64).index_add_(
+        0, idx[fired], vals.double()[fired, None] * shifted[fired.nonzero()[:, 0]]
+    )
     assert torch.equal(rows, ref_rows)
-    torch.testing.assert_close(grad, ref_grad, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(sums, ref_sums, atol=1e-5, rtol=1e-5)
+    assert grad.dtype == sums.dtype == torch.float32
+    assert_close(grad, ref_grad[ref_rows], dtype, "segment_rows with shift")
+    ref_sums = torch.zeros(F, dtype=torch.float64).index_add_(0, idx[fired], vals.double()[fired])
+    assert_close(sums, ref_sums[ref_rows], dtype, "coef sums")
 
 
 def test_segment_rows_is_deterministic():
     B, d, F, k = 32, 100, 50, 33
     vals, idx, _, _, grad_out = make_decode(B, d, F, k, torch.float32, seed=11)
-    first = triton_sd.sparse_decode_backward(grad_out, vals, idx, torch.randn(F, d))
-    second = triton_sd.sparse_decode_backward(grad_out, vals, idx, torch.randn(F, d))
-    assert torch.equal(first[1], second[1]) and torch.equal(first[2], second[2])
+    first = triton_rows.segment_rows(vals, idx, grad_out, vals > 0)
+    second = triton_rows.segment_rows(vals, idx, grad_out, vals > 0)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -6,7 +6,7 @@ import torch
 
 from flashsae import ops
 from flashsae.kernels import reference
-from flashsae.kernels import topk_encode as tk
+from flashsae.kernels import fused_encode as tk
 
 FP32, BF16, FP16 = torch.float32, torch.bfloat16, torch.float16
 # Absolute tolerance on a pre-activation, relative to the largest |term| sum |x - b_pre| @ |W|.T + |b|
@@ -73,7 +73,7 @@ def assert_exact_topk(vals, idx, x, W, b, b_pre, k):
 @pytest.mark.parametrize("B,d,F,k,dtype,with_pre", CASES)
 def test_forward_matches_float64_topk(B, d, F, k, dtype, with_pre):
     x, W, b, b_pre = make_inputs(B, d, F, dtype, seed=B * 1000 + d + F + k, with_pre=with_pre)
-    vals, idx = tk.topk_encode_forward(x, W, b, k, b_pre, poison=True)
+    vals, idx = tk.topk_encode(x, W, b, k, b_pre, poison=True)
     assert_exact_topk(vals, idx, x, W, b, b_pre, k)
 
 
@@ -82,20 +82,20 @@ def test_one_long_range_and_few_ranges_agree_with_float64(n_ranges):
     """One program sweeping all 33 tiles of F keeps filtering by its running k-th key exactly."""
     B, d, F, k = 9, 24, 4099, 33
     x, W, b, b_pre = make_inputs(B, d, F, FP32, seed=n_ranges)
-    vals, idx = tk.topk_encode_forward(x, W, b, k, b_pre, n_ranges=n_ranges, poison=True)
+    vals, idx = tk.topk_encode(x, W, b, k, b_pre, n_ranges=n_ranges, poison=True)
     assert_exact_topk(vals, idx, x, W, b, b_pre, k)
 
 
 @pytest.mark.parametrize("dtype", [FP32, BF16])
 def test_k_512_with_more_features(dtype):
     x, W, b, b_pre = make_inputs(3, 16, 1500, dtype, seed=512)
-    vals, idx = tk.topk_encode_forward(x, W, b, 512, b_pre, poison=True)
+    vals, idx = tk.topk_encode(x, W, b, 512, b_pre, poison=True)
     assert_exact_topk(vals, idx, x, W, b, b_pre, 512)
 
 
 def test_k_equal_to_n_features_selects_every_feature():
     x, W, b, b_pre = make_inputs(5, 16, 100, FP16, seed=100)
-    vals, idx = tk.topk_encode_forward(x, W, b, 100, b_pre, poison=True)
+    vals, idx = tk.topk_encode(x, W, b, 100, b_pre, poison=True)
     assert torch.equal(idx.sort(dim=1).values, torch.arange(100).expand(5, 100))
     assert_exact_topk(vals, idx, x, W, b, b_pre, 100)
 
@@ -120,11 +120,11 @@ def test_ties_go_to_the_lower_index_across_tiles_and_ranges(dtype):
     b[twins] = 200.0  # above every other feature: the twins are the top 5 of every row
     W[[1200, 1201, 40]] = W[5].clone()  # a second tie group among the rest
     b[[1200, 1201, 40]] = b[5].item()
-    ref_vals, ref_idx = reference.topk_encode_forward(x, W, b, k, b_pre)
+    ref_vals, ref_idx = reference.topk_encode(x, W, b, k, b_pre)
     pre, _ = dense_float64(x, W, b, b_pre)
     assert (pre.topk(k + 1, dim=1).values.diff(dim=1) == 0).any(), "the test needs ties among the rest"
     for n_ranges in (1, 3):
-        vals, idx = tk.topk_encode_forward(x, W, b, k, b_pre, n_ranges=n_ranges, poison=True)
+        vals, idx = tk.topk_encode(x, W, b, k, b_pre, n_ranges=n_ranges, poison=True)
         assert torch.equal(idx[:, :5], torch.tensor(twins).expand(B, 5))
         assert torch.equal(idx, ref_idx)
         assert torch.equal(vals, ref_vals)
@@ -140,13 +140,13 @@ def test_rows_without_enough_positives_fill_zeros_at_lowest_indices(dtype):
     x[1] = 0.0
     b_zero = b.clone()
     b_zero[[700, 2]] = -10.0  # ... and none at all with this bias
-    vals, idx = tk.topk_encode_forward(x, W, b, k, None, poison=True)
+    vals, idx = tk.topk_encode(x, W, b, k, None, poison=True)
     assert torch.equal(idx, torch.tensor([700, 2, 0, 1, 3, 4]).expand(B, k))
     assert (vals[:, :2] > 0).all() and (vals[:, 2:] == 0).all()
-    vals, idx = tk.topk_encode_forward(x, W, b_zero, k, None, n_ranges=2, poison=True)
+    vals, idx = tk.topk_encode(x, W, b_zero, k, None, n_ranges=2, poison=True)
     assert torch.equal(idx, torch.arange(k).expand(B, k))
     assert (vals == 0).all() and not torch.signbit(vals).any()
-    ref_vals, ref_idx = reference.topk_encode_forward(x, W, b_zero, k)
+    ref_vals, ref_idx = reference.topk_encode(x, W, b_zero, k)
     assert torch.equal(idx, ref_idx) and torch.equal(vals, ref_vals)
 
 
@@ -161,8 +161,8 @@ def test_stage_one_writes_every_candidate_slot():
 
 
 def test_plan_bounds_candidates_and_covers_every_feature():
-    for n_rows, n_features, d, k in [(4096, 2**20, 4096, 64), (4096, 2**20, 768, 32), (8, 2**20, 768, 512), (1, 100, 16, 1)]:
-        plan = tk.encode_plan(n_rows, n_features, d, k, n_sms=132)
+    for n_tokens, n_features, d, k in [(4096, 2**20, 4096, 64), (4096, 2**20, 768, 32), (8, 2**20, 768, 512), (1, 100, 16, 1)]:
+        plan = tk.encode_plan(n_tokens, n_features, d, k, n_sms=132)
         assert plan["candidates_per_row"] == plan["n_ranges"] * plan["kp"] <= tk.MAX_CANDIDATES_PER_ROW
         assert plan["kp"] >= k and plan["range_len"] % tk.RANGE_ALIGN == 0
         assert (plan["n_ranges"] - 1) * plan["range_len"] < n_features <= plan["n_ranges"] * plan["range_len"]

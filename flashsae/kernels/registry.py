@@ -1,0 +1,188 @@
+"""The kernel backends, declared once: a name -> factory table, and how a name resolves on a device.
+
+A `Backend` is the set of primitives the ops (`flashsae.ops`) and the optimizer
+(`flashsae.optim.SparseAdam`) are composed of; everything above this module is backend-agnostic.
+Built-in backends:
+
+- ``"torch"``: `flashsae.kernels.reference`, runs on any device (the CPU backend, and the oracle
+  the Triton kernels are tested against).
+- ``"triton"``: the fused encoder (`flashsae.kernels.fused_encode`), the row kernels
+  (`flashsae.kernels.rows`) and the sparse Adam kernel (`flashsae.kernels.sparse_adam`). Needs CUDA
+  tensors, or CPU tensors under ``TRITON_INTERPRET=1``. Imported on first use, so flashsae does
+  not import triton while only the torch backend runs.
+
+``"auto"`` is not a backend but a rule: Triton on CUDA tensors, torch elsewhere.
+
+Adding a backend is one entry in `_TABLE`: a factory that builds its `Backend` (importing its
+modules there, so nothing loads before first use) and whether it runs Triton. A second Triton
+encoder sharing the row and Adam kernels, say, would be::
+
+    "triton-fused": _Entry(lambda: _assemble("triton-fused", other_encoder, rows, sparse_adam), uses_triton=True)
+
+To try one out, or to swap one for a test, use `override_backend`, a context manager that restores
+the table on exit::
+
+    fast = dataclasses.replace(get_backend("triton", device), topk_encode=my_encoder)
+    with override_backend("triton", fast):
+        ops.topk_encode(x, W_enc, b_enc, k, backend="triton")   # runs my_encoder
+
+`register_backend` adds or replaces an entry for the rest of the process.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+from ..checks import require_choice
+
+AUTO = "auto"
+# What "auto" means: the backend for a device type, or AUTO_FALLBACK for every other device.
+AUTO_BY_DEVICE_TYPE = {"cuda": "triton"}
+AUTO_FALLBACK = "torch"
+
+
+@dataclass(frozen=True)
+class Backend:
+    """The primitives a backend provides. Inputs are validated and contiguous (`flashsae.ops` and
+    `SparseAdam` see to it); floats are one of fp32 | bf16 | fp16 unless stated, and all math is fp32.
+    B tokens, k slots per token, F features, d model width.
+
+    ``topk_encode(x, W_enc, b_enc, k, b_pre) -> (vals, idx)``
+        Top-k of ``relu((x - b_pre) @ W_enc.T + b_enc)`` per token, never forming [B, F]. x [B, d],
+        W_enc [F, d], b_enc [F], b_pre [d] or None, 1 <= k <= min(F, MAX_K). Returns vals [B, k] in
+        x's dtype sorted descending and idx [B, k] int64: ties go to the lower feature index, and a
+        token with fewer than k positive values fills up with zeros at the lowest unchosen indices
+        (the order of `flashsae.kernels.keys`).
+    ``gather_rows(coef, idx, W, bias=None, out=None) -> out``
+        ``out[t] = sum_j coef[t, j] * W[idx[t, j]] (+ bias)``: coef [B, k], idx [B, k] int64,
+        W [F, d], bias [d] or None. ``out`` defaults to a new fp32 [B, d] tensor; a given ``out``
+        [B, d] is written in its own dtype and returned.
+    ``row_dots(grad, idx, W) -> out``
+        ``out[t, j] = <grad[t], W[idx[t, j]]>``: grad [B, d], idx [B, k] int64, W [F, d] -> [B, k] fp32.
+    ``segment_rows(coef, idx, vecs, fired, shift=None) -> (rows, grad_rows, coef_sums)``
+        Per-feature sums over the (token, slot) pairs where ``fired``: coef [B, k], idx [B, k]
+        int64, vecs [B, d], fired [B, k] bool, shift [d] or None. rows [U] int64 are the sorted
+        unique features that fired, ``grad_rows[u] = sum_{idx[t, j] = rows[u], fired} coef[t, j] *
+        (vecs[t] - shift)`` [U, d] fp32, and coef_sums [U] fp32 the per-feature sums of coef.
+    ``sparse_adam_step_(param, grad, rows, exp_avg, exp_avg_sq, step, *, lr, beta1, beta2, eps, unit_norm=False) -> None``
+        One lazy Adam step, in place, on the touched rows of param [n, m] with moments exp_avg /
+        exp_avg_sq [n, m] fp32 | bf16 and per-row step counts step [n] int64. grad [U, m] holds the
+        gradient of rows ``rows`` [U] int64 (unique), or is [n, m] with rows=None (every row).
+        Untouched rows are neither read nor written; see `flashsae.optim.SparseAdam` for the math.
+    """
+
+    name: str
+    topk_encode: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    gather_rows: Callable[..., torch.Tensor]
+    row_dots: Callable[..., torch.Tensor]
+    segment_rows: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    sparse_adam_step_: Callable[..., None]
+
+
+BackendFactory = Callable[[], Backend]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    factory: BackendFactory
+    # Triton backends need CUDA tensors, or TRITON_INTERPRET=1 for tensors on other devices.
+    uses_triton: bool
+
+
+def _assemble(name: str, encoder: ModuleType, rows: ModuleType, adam: ModuleType) -> Backend:
+    """A `Backend` from the modules holding its primitives, under their interface names."""
+    return Backend(name, encoder.topk_encode, rows.gather_rows, rows.row_dots, rows.segment_rows, adam.sparse_adam_step_)
+
+
+def _torch_backend() -> Backend:
+    from . import reference
+
+    return _assemble("torch", reference, reference, reference)
+
+
+def _triton_backend() -> Backend:
+    from . import fused_encode, rows, sparse_adam
+
+    return _assemble("triton", fused_encode, rows, sparse_adam)
+
+
+# The one table of backends: name -> how to build it. Order is the order `backend_names` lists.
+_TABLE: dict[str, _Entry] = {
+    "torch": _Entry(_torch_backend, uses_triton=False),
+    "triton": _Entry(_triton_backend, uses_triton=True),
+}
+_built: dict[str, Backend] = {}
+
+
+def backend_names() -> tuple[str, ...]:
+    """The names a ``backend`` argument accepts: "auto" and every registered backend."""
+    return (AUTO, *_TABLE)
+
+
+def resolve_backend(name: str, device: torch.device | str) -> str:
+    """The registered backend that ``name`` runs on tensors of ``device``.
+
+    "auto" is Triton on CUDA tensors and torch elsewhere. A Triton backend on a non-CUDA device
+    needs ``TRITON_INTERPRET=1``; ValueError (naming ``backend``) for that and for unknown names.
+    """
+    require_choice("backend", name, backend_names())
+    device = torch.device(device)
+    if name == AUTO:
+        return AUTO_BY_DEVICE_TYPE.get(device.type, AUTO_FALLBACK)
+    if _TABLE[name].uses_triton and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"backend={name!r} needs CUDA tensors (got device {device}); on CPU set TRITON_INTERPRET=1 "
+            "before importing triton to use the interpreter, or use backend='torch'"
+        )
+    return name
+
+
+def get_backend(name: str, device: torch.device | str) -> Backend:
+    """The `Backend` that ``name`` resolves to on ``device`` (built on first use, then cached)."""
+    resolved = resolve_backend(name, device)
+    if resolved not in _built:
+        _built[resolved] = _TABLE[resolved].factory()
+    return _built[resolved]
+
+
+def register_backend(name: str, factory: BackendFactory, *, uses_triton: bool) -> None:
+    """Add backend ``name`` (or replace it) for the rest of the process.
+
+    ``factory()`` builds the `Backend` on first use; ``uses_triton`` says whether it needs CUDA
+    tensors (or the interpreter). "auto" keeps its rule and never picks a new name.
+    """
+    if name == AUTO or not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty string other than {AUTO!r}, got {name!r}")
+    _TABLE[name] = _Entry(factory, uses_triton)
+    _built.pop(name, None)
+
+
+@contextmanager
+def override_backend(
+    name: str, backend: Backend | BackendFactory, *, uses_triton: bool | None = None
+) -> Iterator[None]:
+    """Within the block, ``name`` runs ``backend`` (a `Backend`, or a factory of one).
+
+    ``uses_triton`` defaults to the overridden entry's (False for a new name). On exit the table
+    and the cache are as they were, so tests never patch modules.
+    """
+    saved_entry, saved_built = _TABLE.get(name), _built.get(name)
+    if uses_triton is None:
+        uses_triton = saved_entry.uses_triton if saved_entry is not None else False
+    factory = (lambda: backend) if isinstance(backend, Backend) else backend
+    register_backend(name, factory, uses_triton=uses_triton)
+    try:
+        yield
+    finally:
+        _built.pop(name, None)
+        if saved_entry is None:
+            _TABLE.pop(name, None)
+        else:
+            _TABLE[name] = saved_entry
+            if saved_built is not None:
+                _built[name] = saved_built
