@@ -18,6 +18,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
+from .checks import require_int
+
 __all__ = ["EffectiveRank", "effective_rank", "explained_variance_curve", "plot_spectra",
            "plot_effective_rank", "THRESHOLDS"]
 
@@ -111,8 +113,7 @@ def effective_rank(S: Tensor, d: Optional[int] = None,
     k = S.shape[-1]
     if d is None:
         d = k
-    if isinstance(d, bool) or not isinstance(d, int) or d < k:
-        raise ValueError(f"d must be an int >= len(S) = {k}, got {d!r}")
+    require_int(f"d (at least len(S) = {k})", d, k)
 
     ssum = S.sum(-1, keepdim=True)
     p = S / torch.where(ssum > 0, ssum, 1.0)

@@ -30,9 +30,12 @@ def parse_dtype(name: str, *, arg: str = "dtype") -> torch.dtype:
 
 
 def require_int(name: str, value: Any, low: int = 1, high: int | None = None) -> int:
-    """``value`` if it is an int (not a bool) in [low, high]; ValueError naming ``name`` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+    """``value`` if it is an int (not a bool) in [low, high]; TypeError (not an int) or ValueError
+    (out of range) naming ``name`` otherwise."""
+    bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer {bounds}, got {value!r}")
+    if value < low or (high is not None and value > high):
         raise ValueError(f"{name} must be an integer {bounds}, got {value!r}")
     return value
 

@@ -46,6 +46,8 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
+from .checks import require_int
+
 __all__ = ["SVDResult", "randomized_svd", "passes_needed"]
 
 Source = Union[Tensor, Callable[[], Iterable[Tensor]], Iterable[Tensor]]
@@ -219,10 +221,7 @@ def randomized_svd(
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     for name, val, lo in (("rank", rank, 1), ("oversample", oversample, 0), ("n_iter", n_iter, 0),
                           ("chunk_rows", chunk_rows, 1)):
-        if isinstance(val, bool) or not isinstance(val, int):
-            raise TypeError(f"{name} must be an int, got {type(val).__name__}")
-        if val < lo:
-            raise ValueError(f"{name} must be >= {lo}, got {val}")
+        require_int(name, val, lo)
 
     stream = _Stream(A, chunk_rows, dtype, device)
     if method == "gram":

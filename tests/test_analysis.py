@@ -90,7 +90,7 @@ def test_as_dict_and_invalid_inputs():
         effective_rank(torch.tensor([1.0, -0.1]))
     with pytest.raises(ValueError, match="NaN or Inf"):
         effective_rank(torch.tensor([1.0, float("nan")]))
-    with pytest.raises(ValueError, match=r"d must be an int >= len\(S\) = 3"):
+    with pytest.raises(ValueError, match=r"d \(at least len\(S\) = 3\) must be an integer >= 3"):
         effective_rank(torch.ones(3), d=2)
     with pytest.raises(ValueError, match="k >= 1"):
         effective_rank(torch.ones(0))

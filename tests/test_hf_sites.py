@@ -71,8 +71,8 @@ def test_site_errors_are_clear():
     model = build("llama", wrapper=True)
     with pytest.raises(ValueError, match="site must be one of.*attn_out"):
         resolve_site(model, "mlp_in", 0)
-    for layer in (2, -1, True, 1.0):
-        with pytest.raises(ValueError, match=r"layer must be an int in \[0, 2\).*2 layers"):
+    for layer, error in ((2, ValueError), (-1, ValueError), (True, TypeError), (1.0, TypeError)):
+        with pytest.raises(error, match=r"layer \(this model has 2 layers\) must be an integer in \[0, 1\]"):
             resolve_site(model, "resid", layer)
 
 

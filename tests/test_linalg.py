@@ -230,9 +230,9 @@ def test_rank_larger_than_streamed_n_is_rejected_after_first_pass(method):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"rank": 0}, "rank must be >= 1"),
-    ({"rank": 3, "n_iter": -1}, "n_iter must be >= 0"),
-    ({"rank": 3, "oversample": -2}, "oversample must be >= 0"),
+    ({"rank": 0}, "rank must be an integer >= 1, got 0"),
+    ({"rank": 3, "n_iter": -1}, "n_iter must be an integer >= 0, got -1"),
+    ({"rank": 3, "oversample": -2}, "oversample must be an integer >= 0, got -2"),
     ({"rank": 3, "method": "qr"}, "method must be one of"),
     ({"rank": 3, "dtype": torch.float16}, "dtype must be torch.float32 or torch.float64"),
 ])
@@ -242,7 +242,7 @@ def test_bad_arguments_are_named(kwargs, match):
 
 
 def test_rank_must_be_int():
-    with pytest.raises(TypeError, match="rank must be an int"):
+    with pytest.raises(TypeError, match="rank must be an integer >= 1, got 2.0"):
         randomized_svd(A_SMALL, 2.0)
 
 

@@ -12,6 +12,7 @@ from flashsae import TopKSAE
 from flashsae.kernels import reference
 from flashsae.kernels.registry import get_backend, override_backend
 from flashsae.optim import SparseAdam
+from flashsae.sae.trainer import Trainer
 
 F, D, K, B = 1 << 18, 64, 4, 8
 
@@ -51,17 +52,8 @@ def _storage_ptr(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
 
 
-def train_step(sae: TopKSAE, opt: torch.optim.Optimizer, x: torch.Tensor) -> None:
-    """Forward, loss, backward, drop parallel decoder grads, optimizer step, renormalize the decoder."""
-    opt.zero_grad(set_to_none=True)
-    loss = (sae(x).x_hat - x).pow(2).sum(-1).mean()
-    loss.backward()
-    sae.remove_parallel_grads_()
-    opt.step()
-    sae.normalize_decoder_()
-
-
 def largest_allocation_of_second_step(sparse_grad: bool, backend: str) -> tuple[int, str]:
+    """The largest allocation of the product step (`Trainer.step`) once the optimizer moments exist."""
     g = torch.Generator().manual_seed(0)
     sae = TopKSAE(D, F, K, backend=backend, sparse_grad=sparse_grad)
     sae.reset_parameters(generator=g)
@@ -69,10 +61,11 @@ def largest_allocation_of_second_step(sparse_grad: bool, backend: str) -> tuple[
         opt = SparseAdam(sae.parameters(), lr=1e-3, backend=backend, unit_norm=[sae.W_dec])
     else:
         opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
-    train_step(sae, opt, torch.randn(B, D, generator=g))  # creates the optimizer moments
+    trainer = Trainer(sae, opt)
+    trainer.step(torch.randn(B, D, generator=g))  # creates the optimizer moments
     x = torch.randn(B, D, generator=g)
     with AllocationRecorder() as rec:
-        train_step(sae, opt, x)
+        trainer.step(x)
     return rec.largest
 
 

@@ -12,19 +12,17 @@ from typing import Callable, Iterable
 
 import torch
 
+from ..checks import require_count_or_fraction, require_int
 from ..linalg import randomized_svd
 from .model import TopKSAE
 
 
 def resolve_d_init(d_init: float, d_model: int) -> int:
     """Subspace dimension from a count (``>= 1``) or a fraction of ``d_model`` (``0 < d_init < 1``)."""
-    if isinstance(d_init, bool) or not isinstance(d_init, (int, float)) or d_init <= 0:
-        raise ValueError(f"d_init must be a positive count or a fraction in (0, 1), got {d_init!r}")
+    require_count_or_fraction("d_init", d_init)
     if d_init < 1:
         return max(1, round(d_init * d_model))
-    if d_init != int(d_init) or d_init > d_model:
-        raise ValueError(f"d_init must be an integer count <= d_model={d_model}, got {d_init!r}")
-    return int(d_init)
+    return require_int(f"d_init (at most d_model={d_model})", int(d_init), 1, d_model)
 
 
 def active_subspace(

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..checks import require_int
 from ..errors import ConfigError, InputError, reraise_as
 from . import hf
 from .diagnostics import FiringTracker, plot_firing_density
@@ -135,8 +136,7 @@ def evaluate(
     "firing_density": fp64 [F] tensor (fraction of eval tokens each feature fired on).
     """
     for name, value in (("n_tokens", n_tokens), ("seq_len", seq_len), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        require_int(name, value)
     if not norm_scale > 0:
         raise ValueError(f"norm_scale must be > 0, got {norm_scale!r}")
     batches = text_batches(tokenizer, texts, seq_len, batch_size)

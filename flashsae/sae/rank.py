@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from ..checks import require_int
 from ..analysis import EffectiveRank, effective_rank, plot_effective_rank, plot_spectra
 from ..errors import ConfigError
 from ..linalg import randomized_svd
@@ -102,8 +103,7 @@ def spectra_with_count(
     Returns ({(site, layer): S [d] in ``dtype``, descending}, tokens read); sum(S**2) is n times
     the total variance. The text may run out before ``n_tokens``.
     """
-    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
-        raise ValueError(f"n_tokens must be a positive int, got {n_tokens!r}")
+    require_int("n_tokens", n_tokens)
     pairs = [(site, layer) for layer in layers for site in sites]
     if not pairs:
         raise ValueError("sites and layers must each name at least one entry")

@@ -37,7 +37,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from ..checks import DTYPES, dtype_name
+from ..checks import DTYPES, dtype_name, require_dtype, require_int
 from .atomic import atomic_write
 
 FORMAT_VERSION = 1
@@ -87,10 +87,9 @@ class ActivationStoreWriter:
         reserved = [f for f in _WRITER_FIELDS if f in manifest_fields]
         if reserved:
             raise ValueError(f"manifest_fields may not set {reserved}: the writer records them")
-        if isinstance(shard_tokens, bool) or not isinstance(shard_tokens, int) or shard_tokens < 1:
-            raise ValueError(f"shard_tokens must be a positive int, got {shard_tokens!r}")
-        if dtype is not None and dtype not in DTYPES.values():
-            raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+        require_int("shard_tokens", shard_tokens)
+        if dtype is not None:
+            require_dtype("dtype", dtype, tuple(DTYPES.values()))
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         manifest = self.directory / MANIFEST_FILE
@@ -212,8 +211,7 @@ class _ShardedSource(abc.ABC):
         checks = (("batch_size", batch_size, 1), ("world_size", world_size, 1), ("prefetch", prefetch, 0),
                   ("start_batch", start_batch, 0))
         for name, value, low in checks:
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+            require_int(name, value, low)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         buffer = self.default_shuffle_buffer if shuffle_buffer is None else shuffle_buffer

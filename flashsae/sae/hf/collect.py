@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ...checks import DTYPES, require_dtype, require_int
 from ..store import DEFAULT_SHARD_TOKENS, ActivationStore, ActivationStoreWriter
 from .sites import layer_from_path
 from .texts import DEFAULT_TEXT, text_source_hash
@@ -182,13 +183,11 @@ def collect_activations(
         raise TypeError("texts must be an iterable of str, not a single str")
     if not modules:
         raise ValueError("modules must name at least one module to hook")
-    for arg, value, low in (("seq_len", seq_len, 1), ("batch_size", batch_size, 1), ("max_tokens", max_tokens, 1)):
-        if arg == "max_tokens" and value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{arg} must be an int >= {low}, got {value!r}")
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    require_int("seq_len", seq_len)
+    require_int("batch_size", batch_size)
+    if max_tokens is not None:
+        require_int("max_tokens", max_tokens)
+    require_dtype("dtype", dtype, tuple(DTYPES.values()))
     batches = text_batches(tokenizer, texts, seq_len, batch_size)
     n_special = tokenizer.num_special_tokens_to_add(pair=False)
     if seq_len <= n_special:

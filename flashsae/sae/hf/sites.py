@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ...checks import require_int
+
 SITES = ("attn_out", "mlp_out", "resid")
 
 
@@ -95,8 +97,7 @@ def resolve_site(model: nn.Module, site: str, layer: int) -> tuple[str, nn.Modul
             "e.g. --hook model.layers.3.self_attn.o_proj"
         )
     n = num_layers(model)
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n:
-        raise ValueError(f"layer must be an int in [0, {n}) for this model ({n} layers), got {layer!r}")
+    require_int(f"layer (this model has {n} layers)", layer, 0, n - 1)
     parts = [_base_prefix(model), layout.layers, str(layer)]
     if site != "resid":
         parts.append(getattr(layout, site))

@@ -18,7 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ... import ops
 from ...checks import (
     DTYPES, MAX_K, parse_device, require_choice, require_count_or_fraction, require_int, require_k, require_number,
 )
