@@ -16,7 +16,7 @@ VALIDATED = [f.name for f in FIELDS if declaration(f).choices is not None or dec
 
 # A value each validated option rejects, as command-line words (each passes argparse's type conversion).
 BAD_VALUES = {
-    "site": ["mlp_in"], "layer": ["-1"], "n_tokens": ["0"], "seq_len": ["0"], "n_features": ["0"],
+    "site": ["mlp_hidden"], "layer": ["-1"], "n_tokens": ["0"], "seq_len": ["0"], "n_features": ["0"],
     "k": ["600"], "batch_size": ["0"], "epochs": ["0"], "lr": ["0"], "dtype": ["float64"], "device": ["gpu"],
     "backend": ["cuda"], "seed": ["-1"], "init": ["pca"], "d_init": ["1.5"], "asi_tokens": ["0"], "aux_k": ["513"],
     "aux_coef": ["-0.5"], "dead_window": ["0"], "normalize": ["layer-norm"], "optimizer": ["sgd"],

@@ -206,7 +206,7 @@ def test_nan_in_activations_stops_with_the_step_and_keeps_the_last_checkpoint(tm
     [
         (["--k", "300", "--n-features", "256"], "--k"),
         (["--k", "0"], "--k"),
-        (["--site", "mlp_in"], "--site"),
+        (["--site", "mlp_hidden"], "--site"),
         (["--n-features", "-3"], "--n-features"),
         (["--k", "three"], "--k"),
         (["--optimizer", "sgd"], "--optimizer"),
