@@ -24,6 +24,7 @@ from ...checks import (
 from ...errors import ConfigError
 from ...kernels.registry import backend_names
 from ..hf import DEFAULT_TEXT, EMBEDDED_MODEL, SITES
+from ..hf.texts import STDLIB_TEXT
 from ..trainer import DEFAULT_DEAD_WINDOW
 
 # The argparse groups of `flashsae train --help`, in the order it lists them.
@@ -114,8 +115,9 @@ class TrainConfig:
     layer: int = option(3, ACTIVATIONS, "layer index", check=_integer(0))
     hook: str | None = option(None, ACTIVATIONS, "hook this module path instead of --site/--layer",
                               metavar="MODULE.PATH", default_text="none")
-    text: str | None = option(None, ACTIVATIONS, "text source: a local file (blank-line separated paragraphs, or "
-                              ".jsonl with a 'text' field) or a Hugging Face dataset name",
+    text: str | None = option(None, ACTIVATIONS, f"text source: {STDLIB_TEXT} (the standard library's docstrings "
+                              "and comments, ~1M tokens), a local file (blank-line separated paragraphs, or .jsonl "
+                              "with a 'text' field) or a Hugging Face dataset name",
                               default_text=f"Python's {DEFAULT_TEXT}")
     n_tokens: int | None = option(None, ACTIVATIONS, "tokens to collect", metavar="N", check=_integer(1),
                                   default_text="the whole text")
