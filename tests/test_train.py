@@ -174,7 +174,8 @@ def test_k_annealing_subspace_tracking_and_scale_calibration_in_a_run(tmp_path):
     assert energies[0] < 0.6  # random rows: about rank / d = 0.31 of their energy inside the top directions
     sae = TopKSAE.load(tmp_path / "run" / "final")
     scale = sae.metadata["init_encoder_scale"]
-    assert math.isfinite(scale) and scale > 0 and scale != 1.0
+    assert math.isfinite(scale) and scale > 0 and scale != 1.0 and scale == sae.metadata["init_optimal_encoder_scale"]
+    assert 0 < sae.metadata["init_fvu"] < 1  # calibrated: the start explains some variance
 
 
 def test_asi_init_starts_decoder_in_the_active_subspace_and_b_dec_at_the_mean(tmp_path):

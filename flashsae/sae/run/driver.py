@@ -184,8 +184,11 @@ def _build_sae(
         sae.b_dec.copy_(x0.double().mean(0).to(sae.b_dec.dtype))
     if cfg.init == "asi":
         init_active_subspace(sae, subspace)
+    x0 = x0.to(dtype)
+    sae.metadata["init_optimal_encoder_scale"] = sae.optimal_encoder_scale(x0)
     if cfg.init_scale == "calibrate":
-        sae.metadata["init_encoder_scale"] = sae.calibrate_encoder_scale_(x0.to(dtype))
+        sae.metadata["init_encoder_scale"] = sae.calibrate_encoder_scale_(x0)
+    sae.metadata["init_fvu"] = reconstruction_metrics(sae, x0)["fvu"]
     return sae
 
 
