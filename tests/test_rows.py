@@ -9,48 +9,12 @@ import torch
 from flashsae import ops
 from flashsae.kernels import reference
 from flashsae.kernels import rows as triton_rows
+from tests.oracles import DTYPES, assert_close, dense_decode_grads, fired_rows, make_decode
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# Max error relative to the reference's largest magnitude (at least 1), per dtype.
-TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
 BACKENDS = ["torch", "triton"]
 PRIMITIVES = {"torch": reference, "triton": triton_rows}
 # (B, d, F, k): a covering set of odd shapes, every B, d, F, k value of the plan at least once.
 SHAPES = [(1, 24, 50, 1), (9, 100, 1000, 8), (64, 24, 50, 33), (9, 24, 1000, 33)]
-
-
-
-def assert_close(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str) -> None:
-    assert got.shape == ref.shape, what
-    assert torch.isfinite(got).all(), f"{what}: non-finite entries"
-    scale = ref.abs().max().clamp_min(1.0).item()
-    err = (got.double() - ref.double()).abs().max().item() if got.numel() else 0.0
-    assert err <= TOL[dtype] * scale, f"{what}: max error {err:.3g} > {TOL[dtype]} * {scale:.3g}"
-
-
-def make_decode(B, d, F, k, dtype, seed):
-    """vals >= 0 with some zeros, idx distinct per row from a small pool so features repeat across tokens."""
-    g = torch.Generator().manual_seed(seed)
-    pool = torch.randperm(F, generator=g)[: min(F, k + 3)]
-    idx = torch.stack([pool[torch.randperm(pool.numel(), generator=g)[:k]] for _ in range(B)])
-    vals = torch.rand(B, k, generator=g) * 2
-    vals[::3, k // 2 :] = 0.0  # rows with fewer than k active features
-    W = torch.randn(F, d, generator=g) / d**0.5
-    b = 0.1 * torch.randn(d, generator=g)
-    grad_out = torch.randn(B, d, generator=g)
-    return vals.to(dtype), idx, W.to(dtype), b.to(dtype), grad_out.to(dtype)
-
-
-def dense_decode_grads(vals, idx, W, b, grad_out):
-    """float64 autograd of (vals[..., None] * W[idx]).sum(1) + b: (x_hat, grad_vals, grad_W, grad_b)."""
-    v, Wd, bd = (t.detach().double().requires_grad_() for t in (vals, W, b))
-    x_hat = (v[:, :, None] * Wd[idx]).sum(1) + bd
-    x_hat.backward(grad_out.double())
-    return x_hat.detach(), v.grad, Wd.grad, bd.grad
-
-
-def fired_rows(idx, vals):
-    return torch.unique(idx[vals > 0])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

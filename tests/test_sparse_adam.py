@@ -10,19 +10,11 @@ import torch
 
 from flashsae import TopKSAE
 from flashsae.optim import SparseAdam
+from tests.oracles import (
+    BETAS, EPS, LR, bits, check_bf16_moments, check_bf16_params, check_lazy_adam, skipping_steps, sparse_rows_grad,
+)
 
 BACKENDS = ["torch", "triton"]
-LR, BETAS, EPS = 1e-2, (0.9, 0.999), 1e-8
-
-
-
-def sparse_rows_grad(rows: torch.Tensor, values: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    return torch.sparse_coo_tensor(rows[None], values, shape, is_coalesced=True, check_invariants=True)
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """The raw bit pattern, so NaN == NaN and -0.0 != 0.0."""
-    return t.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -48,100 +40,20 @@ def test_matches_torch_adam_when_every_row_is_touched(backend):
     assert torch.equal(opt.state[ours[0]]["step"], torch.full((37,), 6))
 
 
-def lazy_adam_reference(w0, steps, unit_norm):
-    """Plain-Python float64 lazy Adam, one row at a time: per-row step counts, untouched rows frozen."""
-    w = w0.double().clone()
-    m, v = torch.zeros_like(w), torch.zeros_like(w)
-    t = [0] * w.shape[0]
-    b1, b2 = BETAS
-    for rows, grads in steps:
-        for r, gr in zip(rows.tolist(), grads.double()):
-            if unit_norm:
-                gr = gr - (gr @ w[r]) / (w[r] @ w[r]) * w[r]
-            t[r] += 1
-            m[r] = b1 * m[r] + (1 - b1) * gr
-            v[r] = b2 * v[r] + (1 - b2) * gr * gr
-            m_hat, v_hat = m[r] / (1 - b1 ** t[r]), v[r] / (1 - b2 ** t[r])
-            w[r] = w[r] - LR * m_hat / (v_hat.sqrt() + EPS)
-            if unit_norm:
-                w[r] = w[r] / w[r].norm()
-    return w, m, v, torch.tensor(t)
-
-
-def skipping_steps(n_rows, width, n_steps, seed):
-    """Random row subsets per step; rows 0..2 are never touched, row 3 every step."""
-    g = torch.Generator().manual_seed(seed)
-    steps = []
-    for _ in range(n_steps):
-        chosen = torch.randperm(n_rows - 4, generator=g)[: (n_rows - 4) // 3] + 4
-        rows = torch.cat([torch.tensor([3]), chosen]).sort().values
-        steps.append((rows, torch.randn(rows.numel(), width, generator=g)))
-    return steps
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("unit_norm", [False, True])
 def test_lazy_semantics_match_plain_python_reference(backend, unit_norm):
-    n_rows, width = 41, 19
-    g = torch.Generator().manual_seed(1)
-    w0 = torch.randn(n_rows, width, generator=g)
-    if unit_norm:
-        w0 = w0 / w0.norm(dim=1, keepdim=True)
-    w0[:3] = float("nan")  # never touched: must come out bit-identical, NaN and all
-    steps = skipping_steps(n_rows, width, 5, seed=2)
-    param = torch.nn.Parameter(w0.clone())
-    opt = SparseAdam([param], lr=LR, betas=BETAS, eps=EPS, backend=backend, unit_norm=[param] if unit_norm else [])
-    for i, (rows, grads) in enumerate(steps):
-        param.grad = sparse_rows_grad(rows, grads, (n_rows, width))
-        before = {k: v.clone() for k, v in opt.state[param].items()}
-        w_before = param.detach().clone()
-        opt.step()
-        untouched = torch.ones(n_rows, dtype=torch.bool)
-        untouched[rows] = False
-        assert torch.equal(bits(param.detach()[untouched]), bits(w_before[untouched]))
-        for key, value in before.items():
-            assert torch.equal(bits(opt.state[param][key][untouched]), bits(value[untouched])), key
-    w_ref, m_ref, v_ref, t_ref = lazy_adam_reference(w0, steps, unit_norm)
-    live = slice(3, None)
-    torch.testing.assert_close(param.detach()[live].double(), w_ref[live], atol=2e-6, rtol=1e-5)
-    torch.testing.assert_close(opt.state[param]["exp_avg"][live].double(), m_ref[live], atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(opt.state[param]["exp_avg_sq"][live].double(), v_ref[live], atol=1e-6, rtol=1e-5)
-    assert torch.equal(opt.state[param]["step"], t_ref)
-    if unit_norm:
-        norms = param.detach()[live].double().norm(dim=1)
-        torch.testing.assert_close(norms, torch.ones_like(norms), atol=1e-6, rtol=0)
+    check_lazy_adam(backend, unit_norm)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16_moments_stay_close_to_fp32_lazy_adam(backend):
-    n_rows, width, n_steps = 41, 19, 5
-    w0 = torch.randn(n_rows, width, generator=torch.Generator().manual_seed(3))
-    steps = skipping_steps(n_rows, width, n_steps, seed=4)
-    param = torch.nn.Parameter(w0.clone())
-    opt = SparseAdam([param], lr=LR, moment_dtype=torch.bfloat16, backend=backend)
-    for rows, grads in steps:
-        param.grad = sparse_rows_grad(rows, grads, (n_rows, width))
-        opt.step()
-    assert opt.state[param]["exp_avg"].dtype == opt.state[param]["exp_avg_sq"].dtype == torch.bfloat16
-    w_ref = lazy_adam_reference(w0, steps, unit_norm=False)[0]
-    # bf16 moments carry ~2^-8 relative error; each update is at most ~lr per element.
-    err = (param.detach().double() - w_ref).abs().max().item()
-    assert err <= 2e-2 * LR * n_steps, err
+    check_bf16_moments(backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16_params_follow_fp32_lazy_adam(backend):
-    n_rows, width = 41, 19
-    w0 = torch.randn(n_rows, width, generator=torch.Generator().manual_seed(5)).bfloat16()
-    steps = skipping_steps(n_rows, width, 3, seed=6)
-    param = torch.nn.Parameter(w0.clone())
-    opt = SparseAdam([param], lr=LR, backend=backend)
-    for rows, grads in steps:
-        param.grad = sparse_rows_grad(rows, grads.bfloat16(), (n_rows, width))
-        opt.step()
-    w_ref = lazy_adam_reference(w0, [(r, gr.bfloat16()) for r, gr in steps], unit_norm=False)[0]
-    assert param.dtype == torch.bfloat16
-    torch.testing.assert_close(param.detach().double(), w_ref, atol=2e-2, rtol=1e-2)
+    check_bf16_params(backend)
 
 
 @pytest.mark.parametrize("moment_dtype,param_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
