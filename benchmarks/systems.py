@@ -199,6 +199,50 @@ def saelens(shape: Shape, device: str) -> System:
                   notes="TopKTrainingSAE(TopKTrainingSAEConfig defaults: rescale_acts_by_decoder_norm=True)")
 
 
+class SAELensTopKAlgorithm(torch.nn.Module):
+    """SAELens 6.54.12's TopKTrainingSAE step written out in plain torch, for a machine without the
+    package: W_enc [d, F] (SAELens's layout), W_dec [F, d] kaiming-uniform with W_enc = W_dec.T,
+    zero biases; with its config defaults (apply_b_dec_to_input, rescale_acts_by_decoder_norm, no
+    sparse activations, no hooks doing anything): hidden_pre = ((x - b_dec) @ W_enc + b_enc) *
+    |W_dec rows|, top-k (unsorted) then ReLU scattered into a dense [B, F] tensor, decode
+    (acts / |W_dec rows|) @ W_dec + b_dec, loss = squared error summed over d, averaged over tokens.
+    """
+
+    def __init__(self, shape: Shape, device: str) -> None:
+        super().__init__()
+        W_dec = torch.empty(shape.F, shape.d, device=device, dtype=shape.torch_dtype)
+        torch.nn.init.kaiming_uniform_(W_dec)
+        self.W_dec = torch.nn.Parameter(W_dec)
+        self.W_enc = torch.nn.Parameter(W_dec.T.clone().contiguous())
+        self.b_enc = torch.nn.Parameter(torch.zeros(shape.F, device=device, dtype=shape.torch_dtype))
+        self.b_dec = torch.nn.Parameter(torch.zeros(shape.d, device=device, dtype=shape.torch_dtype))
+        self.k = shape.k
+
+    def loss(self, x: torch.Tensor) -> torch.Tensor:
+        norms = self.W_dec.norm(dim=-1)
+        hidden_pre = ((x - self.b_dec) @ self.W_enc + self.b_enc) * norms
+        values, indices = torch.topk(hidden_pre, k=self.k, dim=-1, sorted=False)
+        acts = torch.zeros_like(hidden_pre).scatter(-1, indices, values.relu())
+        x_hat = (acts * (1 / norms)) @ self.W_dec + self.b_dec
+        return torch.nn.functional.mse_loss(x_hat, x, reduction="none").sum(dim=-1).mean()
+
+
+def saelens_algorithm(shape: Shape, device: str) -> System:
+    """`SAELensTopKAlgorithm` stepped as SAETrainer._train_step does: loss.backward ->
+    clip_grad_norm_(1.0) -> torch.optim.Adam.step -> zero_grad. A re-implementation, timed only
+    where the sae-lens package cannot be imported; labelled as such in every report."""
+    sae, xs = SAELensTopKAlgorithm(shape, device), input_pool(shape, device)
+    opt = torch.optim.Adam(sae.parameters(), lr=LR, betas=(0.9, 0.999))
+
+    def step(x: torch.Tensor) -> None:
+        sae.loss(x).backward()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        opt.step()
+
+    return System({"step": Op(step, _zeroing(opt, xs))}, [sae, opt],
+                  notes="SAELens 6.54.12's TopKTrainingSAE step re-implemented in plain torch (package not importable)")
+
+
 def sparsify(shape: Shape, device: str) -> System:
     """sparsify's SparseCoder (activation="topk", normalize_decoder=True) stepped as its Trainer
     does with optimizer="adam": set_decoder_norm_to_unit_norm -> forward -> fvu.backward ->
@@ -225,19 +269,23 @@ def sparsify(shape: Shape, device: str) -> System:
 
 # --- flashsae ----------------------------------------------------------------------------------
 
-def flashsae(shape: Shape, device: str) -> System:
-    """flashsae.TopKSAE(sparse_grad=True) + flashsae.optim.SparseAdam(unit_norm=[W_dec]), backend
-    "auto"; ops ``encode`` (ops.topk_encode), ``decode`` (ops.sparse_decode), ``backward``,
+def flashsae(shape: Shape, device: str, backend: str = "auto") -> System:
+    """flashsae.TopKSAE(sparse_grad=True) + flashsae.optim.SparseAdam(unit_norm=[W_dec]) on kernel
+    ``backend``; ops ``encode`` (ops.topk_encode), ``decode`` (ops.sparse_decode), ``backward``,
     ``optimizer`` (SparseAdam.step) and the full ``step``: `flashsae.sae.trainer.Trainer.step`, the
-    step `flashsae train` runs (AuxK off: no feature is dead in a benchmark)."""
+    step `flashsae train` runs (AuxK off: no feature is dead in a benchmark). On CUDA, when the
+    trainer module offers ``CapturedStep``, also ``step_graph``: the same step replayed from a CUDA
+    graph (recorded at its first call, a warm-up round)."""
     from flashsae import TopKSAE
     from flashsae.kernels.registry import resolve_backend
     from flashsae.optim import SparseAdam
+    from flashsae.sae import trainer as trainer_module
     from flashsae.sae.trainer import Trainer
 
     dtype = shape.torch_dtype
-    sae = TopKSAE(shape.d, shape.F, shape.k, dtype=dtype, device=device, backend="auto", sparse_grad=True)
-    opt = SparseAdam(sae.parameters(), lr=LR, moment_dtype=_moment_dtype(shape), unit_norm=[sae.W_dec])
+    sae = TopKSAE(shape.d, shape.F, shape.k, dtype=dtype, device=device, backend=backend, sparse_grad=True)
+    opt = SparseAdam(sae.parameters(), lr=LR, moment_dtype=_moment_dtype(shape), unit_norm=[sae.W_dec],
+                     backend=backend)
     xs = input_pool(shape, device)
 
     def loss_of(x: torch.Tensor) -> torch.Tensor:
@@ -261,6 +309,9 @@ def flashsae(shape: Shape, device: str) -> System:
         "optimizer": Op(opt.step, after_backward),
         "step": Op(trainer.step, _zeroing(opt, xs)),
     }
+    captured_step = getattr(trainer_module, "CapturedStep", None)
+    if captured_step is not None and device == "cuda":
+        ops_["step_graph"] = Op(_replayed(captured_step, trainer), lambda: (xs(),))
     notes = f"backend={resolve_backend(sae.backend, torch.device(device))}"
     if device == "cuda":
         from flashsae.kernels.fused_encode import encode_plan
@@ -269,6 +320,19 @@ def flashsae(shape: Shape, device: str) -> System:
         notes += (f"; fused encoder plan: {plan['n_ranges']} feature ranges, {plan['candidates_per_row']} "
                   f"candidates per row ({plan['candidates_bytes'] / 2**20:.1f} MiB)")
     return System(ops_, [sae, opt], notes=notes)
+
+
+def _replayed(captured_step: Callable[..., Any], trainer: Any) -> Callable[[torch.Tensor], None]:
+    """A step function that records ``captured_step(trainer, x)`` at its first call and replays it after."""
+    graph: list[Any] = []
+
+    def step(x: torch.Tensor) -> None:
+        if graph:
+            graph[0](x)
+        else:
+            graph.append(captured_step(trainer, x))
+
+    return step
 
 
 BUILDERS: dict[str, Callable[[Shape, str], System]] = {
