@@ -52,11 +52,14 @@ class Plan:
         available = self.left_s() - self.reserve_s
         return max(0.0, available * SHARES[phase] / sum(SHARES[p] for p in rest))
 
+    def planned(self) -> dict[str, float]:
+        """The slices as laid out up front: the budget less the reserve, split by the phases' shares."""
+        total_share = sum(SHARES[p] for p in self.phases)
+        return {p: (self.total_s - self.reserve_s) * SHARES[p] / total_share for p in self.phases}
+
     def describe(self) -> str:
         """The plan as first laid out, one line."""
-        total_share = sum(SHARES[p] for p in self.phases)
-        usable = self.total_s - self.reserve_s
-        parts = [f"{p} {usable * SHARES[p] / total_share:.0f} s" for p in self.phases]
+        parts = [f"{p} {s:.0f} s" for p, s in self.planned().items()]
         return (f"budget {self.total_s:.0f} s: " + ", ".join(parts)
                 + f", start-up and reports {self.reserve_s:.0f} s; time a phase leaves unused passes to the next")
 
