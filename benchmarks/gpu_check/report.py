@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ..report import _bytes  # noqa: E402
 from .budget import PHASES  # noqa: E402
 from .records import final_records, read_records  # noqa: E402
 
@@ -53,15 +55,6 @@ def write(out: Path, run: dict[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------ Markdown
 def _ms(c: dict[str, Any]) -> str:
     return f"{c['median_ms']:.3g} ({c['min_ms']:.3g}–{c['max_ms']:.3g})"
-
-
-def _bytes(n: int | None) -> str:
-    if n is None:
-        return "n/a"
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return f"{n} B"
 
 
 def _cell(text: Any) -> str:
@@ -184,45 +177,51 @@ def _shapes(perf: list[dict[str, Any]]) -> list[str]:
     return list(dict.fromkeys(c["shape"]["id"] for c in perf if c.get("search") != "largest_f"))
 
 
+def _step_label(c: dict[str, Any]) -> str:
+    return f"{c['system']} {c['op']}".removesuffix(" step")
+
+
+def _lookup(rows: list[dict[str, Any]], key: str, shape_id: str, match: Callable[[dict[str, Any]], bool]) -> float:
+    return next((c[key] for c in rows if c["shape"]["id"] == shape_id and match(c) and c.get(key)), float("nan"))
+
+
+def _bar_chart(path: Path, groups: list[str], series: list[str], value: Callable[[str, str], float], *,
+               ylabel: str, title: str, log: bool, tick_labels: list[str], marks: list[float] | None = None) -> None:
+    """Bars of ``value(group, series)``: one cluster per group, one colour per series; ``marks``: one
+    black tick per group (a floor)."""
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(groups) * max(1, len(series))), 4.5))
+    width = 0.8 / max(1, len(series))
+    centres = [j + 0.4 - width / 2 for j in range(len(groups))]
+    for i, name in enumerate(series):
+        ax.bar([j + i * width for j in range(len(groups))], [value(g, name) for g in groups], width, label=name)
+    if marks is not None:
+        ax.scatter(centres, marks, marker="_", s=600, color="k", label="step floor", zorder=3)
+    ax.set_xticks(centres, tick_labels, fontsize=7, rotation=0 if log else 60, ha="center" if log else "right")
+    ax.set_yscale("log") if log else ax.set_ylim(bottom=0)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_steps(perf: list[dict[str, Any]], path: Path, meta: dict[str, Any]) -> None:
     """Step time (median, log scale) of every system at every shape, with the step floor."""
     shapes = _shapes(perf)
     steps = [c for c in perf if c.get("op", "").startswith("step") and c.get("search") != "largest_f"]
-    systems = list(dict.fromkeys(f"{c['system']} {c['op']}".removesuffix(" step") for c in steps))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(shapes) * max(1, len(systems)) / 3), 4.5))
-    width = 0.8 / max(1, len(systems))
-    for i, label in enumerate(systems):
-        ys = [next((c["median_ms"] for c in steps if c["shape"]["id"] == s
-                    and f"{c['system']} {c['op']}".removesuffix(" step") == label), float("nan")) for s in shapes]
-        ax.bar([j + i * width for j in range(len(shapes))], ys, width, label=label)
-    floors = [next((c["floor_ms"] for c in steps if c["shape"]["id"] == s and c.get("floor_ms")), float("nan")) for s in shapes]
-    ax.scatter([j + 0.4 - width / 2 for j in range(len(shapes))], floors, marker="_", s=600, color="k", label="step floor", zorder=3)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))], [s.replace("-", "\n", 3) for s in shapes], fontsize=7)
-    ax.set_yscale("log")
-    ax.set_ylabel("step time, ms (median)")
-    ax.set_title(f"Training step per system — {meta.get('device_name', '?')}", fontsize=10)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _bar_chart(path, shapes, list(dict.fromkeys(map(_step_label, steps))),
+               lambda s, label: _lookup(steps, "median_ms", s, lambda c: _step_label(c) == label),
+               ylabel="step time, ms (median)", title=f"Training step per system — {meta.get('device_name', '?')}",
+               log=True, tick_labels=[s.replace("-", "\n", 3) for s in shapes],
+               marks=[_lookup(steps, "floor_ms", s, lambda c: True) for s in shapes])
 
 
 def plot_floor_fractions(perf: list[dict[str, Any]], path: Path, meta: dict[str, Any]) -> None:
     """floor / time (1 = at the floor) for every op with a floor, per shape."""
-    shapes = _shapes(perf)
     rows = [c for c in perf if c.get("floor_fraction") and c.get("search") != "largest_f"]
     labels = list(dict.fromkeys(f"{c['system']}:{c['op']}" for c in rows))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(labels) * max(1, len(shapes))), 4.5))
-    width = 0.8 / max(1, len(shapes))
-    for i, s in enumerate(shapes):
-        ys = [next((c["floor_fraction"] for c in rows if c["shape"]["id"] == s and f"{c['system']}:{c['op']}" == label),
-                   float("nan")) for label in labels]
-        ax.bar([j + i * width for j in range(len(labels))], ys, width, label=s)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))], labels, rotation=60, ha="right", fontsize=7)
-    ax.set_ylim(bottom=0)
-    ax.set_ylabel("floor time / measured time")
-    ax.set_title(f"Fraction of the floor — {meta.get('device_name', '?')}", fontsize=10)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _bar_chart(path, labels, _shapes(perf),
+               lambda label, s: _lookup(rows, "floor_fraction", s, lambda c: f"{c['system']}:{c['op']}" == label),
+               ylabel="floor time / measured time", title=f"Fraction of the floor — {meta.get('device_name', '?')}",
+               log=False, tick_labels=labels)
