@@ -21,6 +21,7 @@ BAD_VALUES = {
     "backend": ["cuda"], "seed": ["-1"], "init": ["pca"], "d_init": ["1.5"], "asi_tokens": ["0"], "aux_k": ["513"],
     "aux_coef": ["-0.5"], "dead_window": ["0"], "normalize": ["layer-norm"], "optimizer": ["sgd"],
     "log_every": ["0"], "checkpoint_every": ["-1"], "log": ["jsonl", "csv"], "parallel": ["pipeline"],
+    "overwrite": ["--resume", "runs/elsewhere"],
 }
 
 # A valid value other than the default for every option.
@@ -30,7 +31,7 @@ CHANGED = {
     "k": 8, "batch_size": 256, "epochs": 2, "lr": 1e-3, "dtype": "bfloat16", "device": "cpu", "backend": "torch",
     "seed": 3, "init": "asi", "d_init": 0.25, "asi_center": False, "asi_tokens": 4096, "aux_k": 16, "aux_coef": 0.1,
     "dead_window": 5000, "normalize": "none", "optimizer": "adam", "log_every": 10, "checkpoint_every": 0,
-    "resume": "runs/demo", "log": ["jsonl", "wandb"], "parallel": "data", "progress": False,
+    "resume": "runs/demo", "log": ["jsonl", "wandb"], "parallel": "data", "progress": False, "overwrite": True,
 }
 
 
@@ -174,7 +175,8 @@ def test_every_option_has_a_changed_value_here():
 
 
 def test_the_resumable_options_are_the_run_bookkeeping_ones():
-    assert RESUMABLE == {"out", "resume", "progress", "log_every", "log", "checkpoint_every", "cache", "device"}
+    assert RESUMABLE == {"out", "resume", "progress", "log_every", "log", "checkpoint_every", "cache", "device",
+                         "overwrite"}
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -2,15 +2,27 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Callable
+
+_FILE_MODE = 0o666  # what open() asks for; the process umask takes its bits away, as for any other file
+
+
+def _create_temporary(target: Path) -> str:
+    """A new empty file next to ``target`` with the permissions the user's umask gives (mkstemp's are 0600)."""
+    while True:
+        tmp = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE))
+            return str(tmp)
+        except FileExistsError:
+            continue
 
 
 def atomic_write(target: Path, write: Callable[[str], object]) -> None:
     """Call ``write(tmp_path)`` on a temporary file next to ``target``, fsync it, then rename it over ``target``."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = _create_temporary(target)
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
