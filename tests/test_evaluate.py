@@ -46,10 +46,10 @@ def zero_sae(d: int) -> TopKSAE:
     return sae
 
 
-def run(sae, model, tokenizer, site, layer, **kwargs):
+def run(sae, model, tokenizer, site, layer, documents="all", **kwargs):
     module = hf.resolve_site(model, site, layer)[1]
     kwargs = {"n_tokens": N_TOKENS, "seq_len": SEQ_LEN, "batch_size": 4, "progress": False, **kwargs}
-    return evaluate(sae, model, tokenizer, module, hf.iter_texts(), **kwargs)
+    return evaluate(sae, model, tokenizer, module, hf.iter_texts(documents=documents), **kwargs)
 
 
 @pytest.mark.parametrize("site, layer", [("attn_out", 0), ("mlp_out", 1), ("resid", 0)])
@@ -130,7 +130,9 @@ def test_cli_evaluates_a_checkpoint_from_its_metadata(saved_gpt2, tiny_gpt2, tok
     assert "next-token CE" in printed and "FVU" in printed
     report = json.loads((out / EVAL_FILE).read_text())
     assert report["hook"] == "transformer.h.1.mlp" and report["norm_scale"] == 0.8 and report["seq_len"] == SEQ_LEN
-    expected = run(sae, tiny_gpt2, tokenizer, "mlp_out", 1, norm_scale=0.8)
+    # By default eval reads the held-out documents only; this SAE's metadata does not say training left them out.
+    assert report["documents"] == "heldout" and report["held_out_from_training"] is None
+    expected = run(sae, tiny_gpt2, tokenizer, "mlp_out", 1, documents="heldout", norm_scale=0.8)
     for key in ("n_tokens", "fvu", "l0", "n_dead", "ce_clean", "ce_spliced", "ce_zero_ablated", "ce_mean_ablated"):
         assert report[key] == pytest.approx(expected[key], rel=1e-6), key
     assert (out / DENSITY_PLOT).read_bytes()[:8] == PNG_MAGIC

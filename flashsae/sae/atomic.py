@@ -1,10 +1,13 @@
-"""Atomic file writes: a crash leaves either the old file or the new one, never half of one."""
+"""Writing the commands' files: atomically (a crash leaves either the old file or the new one, never half
+of one), with the permissions the user's umask gives, into output directories made up front."""
 from __future__ import annotations
 
 import os
 import secrets
 from pathlib import Path
 from typing import Callable
+
+from ..errors import ConfigError
 
 _FILE_MODE = 0o666  # what open() asks for; the process umask takes its bits away, as for any other file
 
@@ -31,3 +34,13 @@ def atomic_write(target: Path, write: Callable[[str], object]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def make_output_dir(path: Path, option: str = "--out") -> Path:
+    """Create directory ``path`` (and its parents) before any work; ConfigError naming ``option`` and the
+    reason (a read-only file system, a file in the way, no permission) when that is impossible."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"{option} {path}: cannot write there ({err.strerror or err})") from None
+    return path

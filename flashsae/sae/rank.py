@@ -19,11 +19,12 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from ..checks import require_int
 from ..analysis import EffectiveRank, effective_rank, plot_effective_rank, plot_spectra
-from ..errors import ConfigError
+from ..checks import device_or_default, require_int
+from ..errors import ConfigError, InputError, reraise_as
 from ..linalg import randomized_svd
 from . import hf
+from .atomic import make_output_dir
 
 RANK_FILE = "rank.json"
 SPECTRA_FILE = "spectra.safetensors"
@@ -122,11 +123,11 @@ def spectra_with_count(
     batches = iter(collect())
     first = next(batches, None)
     if first is None:
-        raise ValueError("the text yielded no tokens")
+        raise InputError("the text yielded no tokens")
     widths = {name: int(first[name].shape[-1]) for name in names}
     width = max(widths.values())
     if n_tokens < width:
-        raise ValueError(f"n_tokens must be >= d = {width} for a full spectrum, got {n_tokens}")
+        raise ConfigError(f"n_tokens must be >= d = {width} for a full spectrum, got {n_tokens}")
     fresh = [itertools.chain([first], batches)]
 
     def chunks() -> Iterator[Tensor]:
@@ -137,7 +138,7 @@ def spectra_with_count(
     except ValueError as err:
         if not str(err).startswith("rank must be"):
             raise
-        raise ValueError(
+        raise InputError(
             f"the text ran out before d = {width} tokens: a full spectrum needs at least d tokens") from None
     spectra = {pair: result.S[i, : widths[name]] for i, (pair, name) in enumerate(zip(pairs, names))}
     return spectra, result.n_rows
@@ -201,7 +202,7 @@ def add_rank_command(subparsers: argparse._SubParsersAction) -> None:
         "rank", help="spectra and effective rank of activations per site and layer",
         description="Collect activations at every requested site and layer in one pass over the text, compute "
         "their full singular-value spectra (mean-centered by default) and report the entropy effective rank and "
-        "the number of components for 90/95/99%% of the variance, as counts and as fractions of d. Writes "
+        "the number of components for 90/95/99% of the variance, as counts and as fractions of d. Writes "
         f"{RANK_FILE}, {SPECTRA_FILE} and PNG plots to --out.",
     )
     p.add_argument("--model", default=hf.EMBEDDED_MODEL,
@@ -230,7 +231,10 @@ def run_rank(args: argparse.Namespace) -> int:
     for name in ("n_tokens", "seq_len", "batch_size"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    with reraise_as(ConfigError, ValueError):
+        device = device_or_default("--device", args.device)
+    hf.check_text_source(args.text)
+    make_output_dir(args.out)
     model, tokenizer = hf.load_model(args.model, device=device, revision=args.revision)
     layers = parse_layers(args.layers, hf.num_layers(model))
     spectra, n_read = spectra_with_count(
