@@ -138,6 +138,31 @@ def test_cli_evaluates_a_checkpoint_from_its_metadata(saved_gpt2, tiny_gpt2, tok
     assert (out / DENSITY_PLOT).read_bytes()[:8] == PNG_MAGIC
 
 
+def test_the_progress_bar_stops_at_its_total(tiny_gpt2, tokenizer, capsys):
+    r = run(identity_sae(D), tiny_gpt2, tokenizer, "resid", 0, progress=True)
+    assert r["n_tokens"] > N_TOKENS  # whole batches: the last one passes the total
+    bars = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    final = [line for line in bars if "evaluating" in line][-1]
+    assert f" {N_TOKENS}/{N_TOKENS} " in final, final
+
+
+def test_cli_says_which_tokens_it_reads_and_where_it_writes(saved_gpt2, tmp_path, capsys):
+    torch.manual_seed(4)
+    meta = {"model": str(saved_gpt2), "site": "mlp_out", "layer": 1, "text": "pydoc_data.topics", "seq_len": SEQ_LEN,
+            "documents": "train"}
+    ckpt = TopKSAE(D, 64, 4, backend="torch", metadata=meta).save(tmp_path / "ckpt")
+    assert main(["eval", str(ckpt), "--n-tokens", "100", "--batch-size", "4"]) == 0
+    err = capsys.readouterr().err
+    assert (f"evaluating {ckpt} on the held-out documents of pydoc_data.topics (one in 10), none of them trained "
+            f"on; results go to {ckpt / 'eval'}") in err
+    report = json.loads((ckpt / "eval" / EVAL_FILE).read_text())
+    assert report["documents"] == "heldout" and report["held_out_from_training"] is True
+    assert main(["eval", str(ckpt), "--n-tokens", "100", "--batch-size", "4", "--documents", "all",
+                 "--out", str(tmp_path / "all")]) == 0
+    assert "every document of pydoc_data.topics, including those the SAE was trained on" in capsys.readouterr().err
+    assert json.loads((tmp_path / "all" / EVAL_FILE).read_text())["held_out_from_training"] is False
+
+
 def test_cli_needs_a_model_when_the_metadata_has_none(tmp_path, capsys):
     ckpt = TopKSAE(D, 64, 4).save(tmp_path / "ckpt")
     assert main(["eval", str(ckpt), "--out", str(tmp_path / "eval")]) == 2

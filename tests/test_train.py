@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -157,6 +158,24 @@ def test_normalization_scale_is_estimated_and_recorded(tmp_path):
 
     unnormalized = train(run_config(store, tmp_path / "raw", normalize="none", epochs=1))
     assert unnormalized["norm_scale"] == 1.0
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_every_file_of_a_run_gets_the_users_umask(tmp_path, umask, capsys):
+    store = write_store(tmp_path / "store", synthetic_activations(600, 8, rank=3, seed=9))
+    previous = os.umask(umask)
+    try:
+        train(run_config(store, tmp_path / "run", checkpoint_every=3, epochs=1))
+    finally:
+        os.umask(previous)
+    files = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
+    names = {p.name for p in files}
+    assert {"run.json", "summary.json", "metrics.jsonl", "cfg.json", "model.safetensors", "manifest.json"} <= names
+    modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in files}
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
+    # The driver says what it does after the last step, before the summary line.
+    err = capsys.readouterr().err
+    assert f"trained 6 steps; measuring the final SAE on its first 600 training tokens and writing final/" in err
 
 
 def test_asi_init_starts_decoder_in_the_active_subspace_and_b_dec_at_the_mean(tmp_path):

@@ -26,8 +26,11 @@ def _create_temporary(target: Path) -> str:
 def atomic_write(target: Path, write: Callable[[str], object]) -> None:
     """Call ``write(tmp_path)`` on a temporary file next to ``target``, fsync it, then rename it over ``target``."""
     tmp = _create_temporary(target)
+    mode = os.stat(tmp).st_mode & 0o777  # 0o666 less the umask
     try:
         write(tmp)
+        if os.stat(tmp).st_mode & 0o777 != mode:  # a writer that made the file anew (safetensors: 0600)
+            os.chmod(tmp, mode)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, target)

@@ -24,7 +24,7 @@ from ..checks import device_or_default, require_int
 from ..errors import ConfigError, InputError, reraise_as
 from ..linalg import randomized_svd
 from . import hf
-from .atomic import make_output_dir
+from .atomic import atomic_write, make_output_dir
 
 RANK_FILE = "rank.json"
 SPECTRA_FILE = "spectra.safetensors"
@@ -175,9 +175,9 @@ def write_report(out: Path, spectra: Mapping[Pair, Tensor], ranks: Mapping[Pair,
     report["ranks"] = {site: {str(layer): ranks[(site, layer)].as_dict() for layer in layers
                               if (site, layer) in ranks} for site in sites}
     paths = [out / RANK_FILE]
-    paths[0].write_text(json.dumps(report, indent=2))
-    save_file({_pair_name(*pair): S.detach().float().contiguous().cpu() for pair, S in spectra.items()},
-              str(out / SPECTRA_FILE))
+    atomic_write(paths[0], lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
+    tensors = {_pair_name(*pair): S.detach().float().contiguous().cpu() for pair, S in spectra.items()}
+    atomic_write(out / SPECTRA_FILE, lambda tmp: save_file(tensors, tmp))  # with the user's umask
     paths.append(out / SPECTRA_FILE)
     per_site = {site: {layer: ranks[(site, layer)] for layer in layers if (site, layer) in ranks} for site in sites}
     paths.append(plot_effective_rank(per_site, out / RANK_PLOT,
@@ -234,6 +234,10 @@ def run_rank(args: argparse.Namespace) -> int:
     with reraise_as(ConfigError, ValueError):
         device = device_or_default("--device", args.device)
     hf.check_text_source(args.text)
+    width = getattr(hf.load_config(args.model, revision=args.revision), "hidden_size", None)
+    if isinstance(width, int) and args.n_tokens < width:  # every site of the site table is hidden_size wide
+        raise ConfigError(f"--n-tokens {args.n_tokens} is less than d = {width}, the model's hidden size: a full "
+                          "spectrum needs at least d tokens")
     make_output_dir(args.out)
     model, tokenizer = hf.load_model(args.model, device=device, revision=args.revision)
     layers = parse_layers(args.layers, hf.num_layers(model))
