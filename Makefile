@@ -6,6 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 DEMO_OUT ?= runs/demo
+DEMO_ARGS ?=
 PY := $(VENV)/bin/python
 TORCH_STAMP := $(VENV)/.flashsae-torch
 DEMO_STAMP := $(VENV)/.flashsae-demo
@@ -32,7 +33,7 @@ test: $(DEV_STAMP)
 	$(PY) -m pytest -n 2 --dist loadfile -q
 
 demo: $(DEMO_STAMP)
-	$(VENV)/bin/flashsae train --out $(DEMO_OUT)
+	$(VENV)/bin/flashsae train --out $(DEMO_OUT) $(DEMO_ARGS)
 	@echo "next: $(VENV)/bin/flashsae eval $(DEMO_OUT)/final  (or put flashsae on PATH first: . $(VENV)/bin/activate)"
 
 # Benchmarks (benchmarks/README.md): `bench` times small fp32 shapes on the CPU, `bench-gpu` the

@@ -20,12 +20,7 @@ RUN = ["--n-features", "64", "--k", "4", "--batch-size", "100", "--epochs", "2",
        "--checkpoint-every", "5", "--no-progress", "--backend", "torch", "--asi-tokens", "200"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes (conftest)
 
 
 @pytest.fixture(scope="module")

@@ -22,13 +22,7 @@ from tests import synthetic
 from tests.synthetic import synthetic_activations
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These shapes are tiny: one intra-op thread avoids OpenMP oversubscription on a busy 2-core runner."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes (conftest)
 
 
 def write_store(directory: Path, x: torch.Tensor, shard_tokens: int = 700) -> Path:
