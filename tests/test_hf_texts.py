@@ -1,6 +1,7 @@
 """Text sources: the default pydoc topics, local files, streamed datasets, and the source hash."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 import types
@@ -108,10 +109,13 @@ def test_check_text_source_fails_fast_for_every_kind_of_unusable_source(tmp_path
     with pytest.raises(InputError, match="is a directory"):
         check_text_source(str(tmp_path))
 
-    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
+    installed = {"datasets": False}
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (
+        (object() if installed["datasets"] else None) if name == "datasets" else real_find_spec(name, *a)))
     with pytest.raises(ConfigError, match="needs the `datasets` package: pip install datasets"):
         check_text_source("someone/corpus")
-    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace())
+    installed["datasets"] = True
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(InputError, match="offline mode is set"):
         check_text_source("someone/corpus")

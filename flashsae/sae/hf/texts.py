@@ -13,6 +13,7 @@ any source, streamed or not, and identical documents fall on the same side.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -138,13 +139,11 @@ def check_text_source(source: str | None) -> None:
         if not local:
             raise InputError(f"text source {source!r} holds no text")
         return
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("datasets") is None:  # not imported: that takes seconds
         raise ConfigError(
             f"text source {source!r} is not a local file, so it is read as a Hugging Face dataset, which needs "
             "the `datasets` package: pip install datasets"
-        ) from None
+        )
     if hub_offline() or os.environ.get("HF_DATASETS_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
         raise InputError(
             f"text source {source!r} is not a local file, so it would be streamed from the Hugging Face hub, "
