@@ -31,6 +31,9 @@ SPECTRA_FILE = "spectra.safetensors"
 RANK_PLOT = "effective_rank.png"
 
 Pair = tuple[str, int]
+# Sites as wide as the model's hidden size in every architecture of the site table (attn_z is
+# heads x head_dim wide, which may differ), so --n-tokens is checked against it before any work.
+_HIDDEN_WIDE_SITES = {"attn_out", "mlp_out", "resid", "mlp_in"}
 
 
 def parse_sites(text: str) -> tuple[str, ...]:
@@ -108,7 +111,7 @@ def spectra_with_count(
     pairs = [(site, layer) for layer in layers for site in sites]
     if not pairs:
         raise ValueError("sites and layers must each name at least one entry")
-    modules = {_pair_name(s, l): hf.resolve_site(model, s, l)[1] for s, l in pairs}
+    modules = {_pair_name(s, l): hf.resolve_site(model, s, l) for s, l in pairs}
     names = list(modules)
     if method == "randomized" and not isinstance(texts, (list, tuple)):
         texts = list(texts)  # read n_iter + 2 times
@@ -235,7 +238,7 @@ def run_rank(args: argparse.Namespace) -> int:
         device = device_or_default("--device", args.device)
     hf.check_text_source(args.text)
     width = getattr(hf.load_config(args.model, revision=args.revision), "hidden_size", None)
-    if isinstance(width, int) and args.n_tokens < width:  # every site of the site table is hidden_size wide
+    if isinstance(width, int) and args.n_tokens < width and set(sites) & _HIDDEN_WIDE_SITES:
         raise ConfigError(f"--n-tokens {args.n_tokens} is less than d = {width}, the model's hidden size: a full "
                           "spectrum needs at least d tokens")
     make_output_dir(args.out)

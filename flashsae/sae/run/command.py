@@ -113,7 +113,7 @@ def check_inputs(cfg: TrainConfig) -> None:
     if not (cache / "manifest.json").is_file():
         skeleton = hf.model_skeleton(cfg.model, revision=cfg.revision)
         if cfg.hook:
-            hf.resolve_hook(skeleton, cfg.hook)
+            hf.hook_point(skeleton, cfg.hook)
         else:
             hf.resolve_site(skeleton, cfg.site, cfg.layer)
 

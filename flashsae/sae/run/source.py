@@ -112,10 +112,7 @@ def _collect(cfg: TrainConfig, cache: Path, site: str, layer: int) -> None:
     """Run the model over the text once and write its activations at the run's site into ``cache``."""
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = hf.load_model(cfg.model, device=device, revision=cfg.revision)
-    if cfg.hook:
-        module_path, module = cfg.hook, hf.resolve_hook(model, cfg.hook)
-    else:
-        module_path, module = hf.resolve_site(model, cfg.site, cfg.layer)
+    module_path, module = hf.hook_point(model, cfg.hook) if cfg.hook else hf.resolve_site(model, cfg.site, cfg.layer)
     print(f"collecting activations of {cfg.model} {module_path} into {cache} (all documents but the held-out "
           f"one in {hf.HELDOUT_EVERY}, which flashsae eval reads)", file=sys.stderr)
     with warnings.catch_warnings(record=True) as notes:
