@@ -40,11 +40,11 @@ class Data:
 
 
 def prepare_data(plan: PaperPlan, work: Path, *, progress: bool) -> Data:
-    """Load the model, split the documents (the last ``eval_fraction`` held out) and collect the training store."""
+    """Load the model, split the documents (the held-out ones, as `flashsae eval` picks them, are never collected
+    for training) and collect the training store."""
     model, tokenizer = hf.load_model(plan.model, device="cpu")
-    docs = list(hf.iter_texts(plan.text))
-    n_eval = max(1, round(len(docs) * plan.eval_fraction))
-    train_docs, eval_docs = docs[:-n_eval], docs[-n_eval:]
+    train_docs = list(hf.iter_texts(plan.text, documents="train"))
+    eval_docs = list(hf.iter_texts(plan.text, documents="heldout"))
     point = hf.resolve_site(model, plan.site, plan.layer)
     store = work / "activations"
     if store.exists():
