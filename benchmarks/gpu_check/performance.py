@@ -64,9 +64,10 @@ class Floors:
         return {}
 
 
-def measure(op: systems.Op, op_name: str, shape: Shape, ctx: Context, floors: Floors, notes: str,
-            state_bytes: int) -> dict[str, Any]:
-    """Time one op, its peak extra memory, and its floor; an OOM becomes status ``oom``."""
+def measure(system: systems.System, op_name: str, shape: Shape, ctx: Context, floors: Floors) -> dict[str, Any]:
+    """Time one op of ``system``, its peak extra memory and its floor; an OOM becomes status ``oom``.
+    The state bytes are read after the timed calls (optimizers create their moments at the first step)."""
+    op = system.ops[op_name]
     device, p = ctx.profile.device, ctx.profile
     try:
         timing = time_rounds(op.target, op.setup, device=device, rounds=p.rounds, warmup=p.warmup)
@@ -76,7 +77,7 @@ def measure(op: systems.Op, op_name: str, shape: Shape, ctx: Context, floors: Fl
         if not _is_oom(err):
             raise
         return {"status": "oom", "message": str(err).splitlines()[0]}
-    record = {**timing, "peak_extra_bytes": peak, "state_bytes": state_bytes, "notes": notes,
+    record = {**timing, "peak_extra_bytes": peak, "state_bytes": system.state_bytes(), "notes": system.notes,
               **floors.for_op(op_name, op)}
     if op.bytes_moved is not None:
         record.update(bytes_moved=op.bytes_moved, gb_per_s=op.bytes_moved / timing["median_ms"] / 1e6)
@@ -98,20 +99,19 @@ def time_system(ctx: Context, shape: Shape, name: str, build: Callable[[], syste
     if failure is not None:
         release_memory(ctx.profile.device)
         return _record_all(ctx, shape, name, op_names, info, *failure)
-    state, records = system.state_bytes(), {}
+    records = {}
     for op_name in op_names:
-        op = system.ops.get(op_name)
-        if op is None:
+        if op_name not in system.ops:
             continue
         rec = records[op_name] = ctx.recorder.check(
-            f"{shape.id} {name}:{op_name}", partial(measure, op, op_name, shape, ctx, floors, system.notes, state),
+            f"{shape.id} {name}:{op_name}", partial(measure, system, op_name, shape, ctx, floors),
             until=until, min_s=MIN_OP_S, op=op_name, **info)
         if name == "floor" and rec["status"] == "pass":
             if op_name == "matmul":
                 floors.matmul_ms = rec["median_ms"]
             elif op_name == "copy":
                 floors.gb_per_s = rec["gb_per_s"]
-    system = op = None  # noqa: F841 - drop the references before freeing the memory
+    system = None  # drop the reference before freeing the memory
     release_memory(ctx.profile.device)
     return records
 
