@@ -30,8 +30,8 @@ from .phase import Context
 
 HEADLINE_SHARE = 0.75  # of the phase's slice; the largest-F search gets the rest
 F_STEP = 1 << 16  # the largest-F search's sizes are multiples of this
-MIN_OP_S = 3.0
-MIN_BUILD_S = 10.0
+MIN_OP_S = 6.0  # seconds left, at least, to start timing an op (warm-up, rounds, peak memory)
+MIN_BUILD_S = 15.0  # ... to build a system (allocating and initializing its weights)
 PEERS = {"sparsify": "sparsify", "sae_lens": "sae_lens"}  # system -> module it imports
 FLASHSAE_OPS = ("encode", "decode", "backward", "optimizer", "step", "step_graph")
 CARRY_HINT = "bring it as wheels: benchmarks/README.md, 'Bringing packages to a GPU machine'"
