@@ -19,6 +19,8 @@ from flashsae.sae.parallel.feature import FeatureParallelSAE, feature_split, mer
 from flashsae.sae.parallel.strategy import SingleProcess, make_strategy
 from flashsae.sae.store import InMemorySource
 from flashsae.sae.trainer import Trainer
+from flashsae.rowgrad import RowGrad
+from tests.grads import row_values
 
 WORLD = 2
 D_MODEL, K, LOCAL_BATCH, STEPS = 16, 4, 12, 3
@@ -60,7 +62,7 @@ def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def sparse_kinds(model: torch.nn.Module) -> dict[str, bool]:
-    return {n: p.grad.is_sparse for n, p in model.named_parameters()}
+    return {n: isinstance(p.grad, RowGrad) for n, p in model.named_parameters()}
 
 
 def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -103,17 +105,14 @@ def aux_case() -> tuple[TopKSAE, torch.Tensor, torch.Tensor, torch.Tensor]:
     sae.sparse_grad = True
     x = x[:3]  # few tokens: most local candidates that lose the merge win for no other token either
     residual = exact_grid(torch.Generator().manual_seed(9), tuple(x.shape), 0.25)
-    dead = torch.cat([torch.arange(0, 30, 2), torch.arange(45, F_FP, 3)])
+    dead = torch.zeros(F_FP, dtype=torch.bool)
+    dead[torch.cat([torch.arange(0, 30, 2), torch.arange(45, F_FP, 3)])] = True
     return sae, x, residual, dead
 
 
 def sparse_rows(model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """(rows, values) of every parameter's coalesced sparse gradient."""
-    out = {}
-    for name in ("W_enc", "b_enc", "W_dec"):
-        grad = getattr(model, name).grad.coalesce()
-        out[name] = (grad.indices()[0].clone(), grad.values().clone())
-    return out
+    """(rows, values) of every parameter's `RowGrad`, ascending by row."""
+    return {name: row_values(getattr(model, name).grad) for name in ("W_enc", "b_enc", "W_dec")}
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from flashsae.optim import SparseAdam
+from flashsae.rowgrad import RowGrad
 from flashsae.sae.run import checkpoints
 from flashsae.sae.losses import add_aux_k_grads_
 from flashsae.sae.model import TopKSAE
@@ -18,6 +19,7 @@ from flashsae.sae.run.driver import train
 from flashsae.sae.run.source import mean_sq_norm_scale
 from flashsae.sae.trainer import NonFiniteError, Trainer, reconstruction_metrics
 from tests import synthetic
+from tests.grads import touched_rows
 from tests.synthetic import synthetic_activations
 
 
@@ -100,11 +102,13 @@ def test_aux_k_grads_match_float64_reference_and_reach_only_dead_features(sparse
         sae.b_dec.copy_(0.1 * torch.randn(d, generator=gen))
     x = torch.randn(batch, d, generator=gen)
     dead = torch.tensor([1, 4, 5, 9, 17, 22, 30, 31, 40, 52])
+    dead_mask = torch.zeros(n_features, dtype=torch.bool)
+    dead_mask[dead] = True
     out = sae(x)
     ((out.x_hat - x) ** 2).sum().div(x.numel()).backward()
     main = {n: p.grad.to_dense().clone() for n, p in sae.named_parameters()}
     residual = (x - out.x_hat).detach()
-    loss = add_aux_k_grads_(sae, x, residual, dead, aux_k, coef)
+    loss = add_aux_k_grads_(sae, x, residual, dead_mask, aux_k, coef)
 
     params64 = {n: p.detach().double().requires_grad_() for n, p in sae.named_parameters()}
     ref = aux_k_reference(x.double(), residual.double(), params64["W_enc"], params64["b_enc"], params64["W_dec"],
@@ -116,7 +120,7 @@ def test_aux_k_grads_match_float64_reference_and_reach_only_dead_features(sparse
     alive[dead] = False
     for name in ("W_enc", "b_enc", "W_dec"):
         grad = getattr(sae, name).grad
-        assert grad.is_sparse == sparse_grad
+        assert isinstance(grad, RowGrad) == sparse_grad
         aux_grad = grad.to_dense() - main[name]
         torch.testing.assert_close(aux_grad.double(), params64[name].grad, rtol=1e-4, atol=1e-6)
         assert torch.equal(aux_grad[alive], torch.zeros_like(aux_grad[alive])), f"{name}: AuxK reached a live feature"
@@ -124,11 +128,19 @@ def test_aux_k_grads_match_float64_reference_and_reach_only_dead_features(sparse
     assert torch.equal(sae.b_dec.grad, main["b_dec"])  # b_dec is not trained by the AuxK loss
 
 
-def test_aux_k_with_no_dead_features_is_zero_and_adds_nothing():
-    sae = TopKSAE(8, 16, 2, backend="torch")
+@pytest.mark.parametrize("sparse_grad", [True, False])
+def test_aux_k_with_no_dead_features_is_zero_and_adds_nothing(sparse_grad):
+    sae = TopKSAE(8, 16, 2, backend="torch", sparse_grad=sparse_grad)
     x = torch.randn(5, 8)
-    loss = add_aux_k_grads_(sae, x, x.clone(), torch.empty(0, dtype=torch.int64), 4, 1.0)
-    assert loss.item() == 0.0 and sae.W_enc.grad is None
+    loss = add_aux_k_grads_(sae, x, x.clone(), torch.zeros(16, dtype=torch.bool), 4, 1.0)
+    assert loss.item() == 0.0
+    for name in ("W_enc", "b_enc", "W_dec"):
+        grad = getattr(sae, name).grad
+        if sparse_grad:
+            assert touched_rows(grad).numel() == 0, name
+        assert not grad.to_dense().any(), name
+    with pytest.raises(TypeError, match=r"dead must be a bool tensor of shape \(16,\)"):
+        add_aux_k_grads_(sae, x, x.clone(), torch.tensor([1, 2]), 4, 1.0)
 
 
 # ---------------------------------------------------------------------------------------------
