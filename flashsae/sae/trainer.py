@@ -161,6 +161,59 @@ class Trainer:
         return metrics
 
 
+class CapturedStep:
+    """`Trainer.step` recorded once in a CUDA graph and replayed for every later batch (CUDA only).
+
+    ``CapturedStep(trainer, x)`` runs the step on ``x`` eagerly on a side stream (the warm-up a
+    capture needs: lazily created state, library workspaces), then records it; each call
+    ``captured(x)`` copies x (the recorded shape and dtype) into the recorded input and replays,
+    then does the host's bookkeeping a replay skips. The step reads only device state, so replays
+    train exactly as eager steps would. It is recorded again (with that batch run eagerly first)
+    when AuxK switches on after the dead-feature window. A new learning rate, a parallel strategy
+    whose collectives cannot be captured, or replaced parameter tensors need a new CapturedStep.
+    """
+
+    def __init__(self, trainer: Trainer, x: torch.Tensor) -> None:
+        if x.device.type != "cuda":
+            raise ValueError(f"CapturedStep needs CUDA tensors, got x on {x.device}")
+        self.trainer = trainer
+        self.x = torch.empty_like(x)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self._record(x)
+
+    def _record(self, x: torch.Tensor) -> None:
+        """Run ``x``'s step eagerly on a side stream, then record the step on the same stream."""
+        trainer = self.trainer
+        stream = torch.cuda.Stream(device=x.device)
+        stream.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(stream):
+            self.x.copy_(x)
+            trainer.step(self.x)
+            self.aux_active = trainer._aux_active()
+            tokens_seen = trainer.tracker.tokens_seen
+            self.graph = None  # free the previous recording's memory first
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream):
+                trainer._device_step(self.x, self.aux_active)
+            trainer.tracker.count_tokens(tokens_seen - trainer.tracker.tokens_seen)  # recording ran nothing
+            self.graph = graph
+        torch.cuda.current_stream(x.device).wait_stream(stream)
+
+    def __call__(self, x: torch.Tensor) -> None:
+        """One training step on x [b, d] (the recorded shape, dtype and device)."""
+        trainer = self.trainer
+        if trainer._aux_active() != self.aux_active:
+            self._record(x)
+            return
+        if x.shape != self.x.shape or x.dtype != self.x.dtype or x.device != self.x.device:
+            raise ValueError(f"x must be {tuple(self.x.shape)} {self.x.dtype} on {self.x.device} as recorded, "
+                             f"got {tuple(x.shape)} {x.dtype} on {x.device}")
+        self.x.copy_(x)
+        trainer._count_step(x.shape[0])
+        self.graph.replay()
+        trainer.tracker.count_tokens(trainer.strategy.global_tokens(x.shape[0]))
+
+
 @torch.no_grad()
 def reconstruction_metrics(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 4096) -> dict[str, float]:
     """FVU, MSE and L0 of ``model`` on x [n, d] (normalized, on the model's device)."""
