@@ -211,3 +211,59 @@ def test_no_active_feature_gives_empty_sparse_grad(backend):
     ops.sparse_decode(vals.requires_grad_(), idx, Wp, b, backend=backend, sparse_grad=True).backward(grad_out)
     assert isinstance(Wp.grad, RowGrad) and touched_rows(Wp.grad).numel() == 0
     assert torch.equal(Wp.grad.to_dense(), torch.zeros_like(W))
+
+
+def production_width_case(d: int, dtype: torch.dtype):
+    """B=6 tokens, k=3: feature 0 fired by every token, feature 5 by five, feature 7 by one token,
+    feature 6 chosen with value 0 (never fires), features 8..10 never chosen."""
+    g = torch.Generator().manual_seed(d)
+    idx = torch.tensor([[0, 1, 5], [0, 2, 5], [0, 7, 5], [0, 3, 5], [0, 4, 6], [0, 1, 5]])
+    vals = torch.rand(6, 3, generator=g) + 0.1
+    vals[4, 2] = 0.0
+    W = torch.randn(11, d, generator=g) / d**0.5
+    x, shift = torch.randn(6, d, generator=g), 0.1 * torch.randn(d, generator=g)
+    return vals.to(dtype), idx, W.to(dtype), x.to(dtype), shift.to(dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [384, 768, 4096])
+def test_row_primitives_at_production_widths_with_heavy_single_and_silent_features(backend, dtype, d):
+    """Every loop runs over more than one block: the pair loop (feature 0 has six pairs), the slices of
+    d, row_dots' sweep of d; an accumulation turned into an assignment fails here."""
+    vals, idx, W, x, shift = production_width_case(d, dtype)
+    prims = PRIMITIVES[backend]
+    groups = group_pairs(idx, vals > 0, 11)
+    grad, sums = prims.segment_rows(vals, groups, x, shift=shift)
+    fired = vals > 0
+    centred = x.double() - shift.double()
+    ref = torch.zeros(11, d, dtype=torch.float64).index_add_(
+        0, idx[fired], vals.double()[fired, None] * centred[fired.nonzero()[:, 0]])
+    assert groups.rows[groups.valid].tolist() == [0, 1, 2, 3, 4, 5, 7]
+    assert_close(grad[groups.valid], ref[[0, 1, 2, 3, 4, 5, 7]], dtype, f"segment_rows d={d}")
+    ref_sums = torch.zeros(11, dtype=torch.float64).index_add_(0, idx[fired], vals.double()[fired])
+    assert_close(sums[groups.valid], ref_sums[[0, 1, 2, 3, 4, 5, 7]], dtype, "coef sums")
+    assert not grad[~groups.valid].any()
+    picked = W.double()[idx]  # [B, k, d]
+    assert_close(prims.gather_rows(vals, idx, W), torch.einsum("tk,tkd->td", vals.double(), picked), dtype, "gather_rows")
+    assert_close(prims.row_dots(x, idx, W), torch.einsum("td,tkd->tk", x.double(), picked), dtype, "row_dots")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_grouping_per_forward_is_shared_by_the_encoder_and_decoder_backward(backend, monkeypatch):
+    from flashsae import TopKSAE
+
+    calls = []
+    real = ops.group_pairs
+    monkeypatch.setattr(ops, "group_pairs", lambda *args: calls.append(args[2]) or real(*args))
+    sae = TopKSAE(24, 50, 4, backend=backend, sparse_grad=True)
+    x = torch.randn(9, 24, generator=torch.Generator().manual_seed(0))
+    (sae(x).x_hat - x).pow(2).sum().backward()
+    assert calls == [50], "one sort of the pairs for both backward passes"
+    # Each op on its own groups its own pairs; a grouping bound to one selection fits no other.
+    grouping = ops.SharedGrouping()
+    vals, idx = ops.topk_encode(x, sae.W_enc, sae.b_enc, 4, backend=backend, grouping=grouping)
+    with pytest.raises(ValueError, match="grouping is bound to another selection"):
+        ops.sparse_decode(vals.detach().clone(), idx, sae.W_dec, sae.b_dec, backend=backend, grouping=grouping)
+    with pytest.raises(ValueError, match="already bound to another selection"):
+        ops.topk_encode(x, sae.W_enc, sae.b_enc, 4, backend=backend, grouping=grouping)
