@@ -8,6 +8,7 @@ import types
 import pytest
 
 from flashsae.sae.hf import DEFAULT_TEXT, iter_texts, text_source_hash
+from flashsae.sae.hf.texts import STDLIB_TEXT
 
 
 def test_default_texts_are_the_pydoc_topics_in_a_fixed_order():
@@ -17,6 +18,22 @@ def test_default_texts_are_the_pydoc_topics_in_a_fixed_order():
     assert len(texts) == len(topics) > 10
     assert all(isinstance(t, str) and t.strip() for t in texts)
     assert texts == list(iter_texts(DEFAULT_TEXT)) == [topics[k] for k in sorted(topics)]
+
+
+def test_stdlib_texts_are_deduplicated_docstrings_and_comments_of_the_standard_library():
+    import ast
+    import json as json_module
+    from pathlib import Path
+
+    texts = list(iter_texts(STDLIB_TEXT))
+    assert len(texts) == len(set(texts)) > 5000  # no exact duplicates, and a large corpus
+    assert sum(map(len, texts)) > 2_000_000  # characters: about a million tokens
+    assert all(len(t) >= 40 for t in texts)
+    # json's module docstring is a document, and so is a comment block of its encoder.
+    assert ast.get_docstring(ast.parse(Path(json_module.__file__).read_text())) in texts
+    assert ("This doesn't pass the iterator directly to ''.join() because the exceptions aren't as detailed.  "
+            "The list call should be roughly equivalent to the PySequence_Fast that ''.join() would do.") in texts
+    assert text_source_hash(STDLIB_TEXT) == text_source_hash(STDLIB_TEXT) != text_source_hash(DEFAULT_TEXT)
 
 
 def test_file_texts_are_paragraphs_or_jsonl_rows(tmp_path):

@@ -108,3 +108,32 @@ def test_load_of_a_folder_without_weights_names_the_missing_file(tmp_path):
 def test_bad_constructor_arguments_are_named(args, kwargs, message):
     with pytest.raises(ValueError, match=message):
         TopKSAE(*args, **kwargs)
+
+
+def test_calibrated_encoder_scale_is_the_float64_least_squares_factor_and_keeps_the_selection():
+    d, F, k, n = 24, 96, 5, 200
+    g = torch.Generator().manual_seed(3)
+    sae = TopKSAE(d, F, k, backend="torch")
+    sae.reset_parameters(generator=g)
+    x = torch.randn(n, d, generator=g) * 3 + 0.5
+    with torch.no_grad():
+        sae.b_dec.copy_(x.mean(0))
+        before = sae(x)
+    # float64 dense reference: z = topk(relu((x - b) W^T)), D = z W, s* = <x - b, D> / <D, D>
+    x64, b64, W64 = x.double(), sae.b_dec.double(), sae.W_dec.detach().double()
+    pre = torch.relu((x64 - b64) @ sae.W_enc.detach().double().T)
+    top = pre.topk(k, dim=1)
+    D = torch.zeros_like(pre).scatter(1, top.indices, top.values) @ W64
+    expected = float(((x64 - b64) * D).sum() / D.pow(2).sum())
+    scale = sae.calibrate_encoder_scale_(x)
+    assert abs(scale - expected) <= 1e-5 * abs(expected) and scale != 1.0
+    with torch.no_grad():
+        after = sae(x)
+    assert torch.equal(after.idx, before.idx)  # the selection is unchanged
+    err = lambda out: float((out.x_hat.double() - x64).pow(2).sum())  # noqa: E731
+    assert err(after) < err(before)
+    for factor in (0.9, 1.1):  # and no nearby factor does better
+        with torch.no_grad():
+            sae.W_enc.mul_(factor)
+            assert err(sae(x)) > err(after)
+            sae.W_enc.div_(factor)

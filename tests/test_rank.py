@@ -19,7 +19,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def _collected(model, tokenizer, pairs, n_tokens):
     """Activations [n, d] float64 per (site, layer), collected directly."""
-    modules = {f"{s}.{l}": hf.resolve_site(model, s, l)[1] for s, l in pairs}
+    modules = {f"{s}.{l}": hf.resolve_site(model, s, l) for s, l in pairs}
     rows = {name: [] for name in modules}
     for batch in hf.collect_activations(model, tokenizer, modules, hf.iter_texts(), seq_len=SEQ_LEN,
                                          batch_size=8, max_tokens=n_tokens, progress=False):
@@ -67,7 +67,7 @@ def test_table_lists_every_layer_and_site():
     g = torch.Generator().manual_seed(0)
     spectra = {(s, l): torch.rand(16, generator=g).sort(descending=True).values for l in (0, 3) for s in hf.SITES}
     table = format_table(effective_ranks(spectra)).splitlines()
-    assert len(table) == 2 + 6
+    assert len(table) == 2 + 2 * len(hf.SITES)
     assert table[2].split()[:3] == ["0", "attn_out", "16"]
     assert table[-1].split()[:2] == ["3", "resid"]
 

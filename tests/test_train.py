@@ -211,6 +211,25 @@ def test_normalization_scale_is_estimated_and_recorded(tmp_path):
     assert unnormalized["norm_scale"] == 1.0
 
 
+def test_k_annealing_subspace_tracking_and_scale_calibration_in_a_run(tmp_path):
+    d, rank = 16, 5
+    x = synthetic_activations(2100, d, rank=rank, seed=6)
+    store = write_store(tmp_path / "store", x)
+    cfg = run_config(store, tmp_path / "run", k=4, k_start=12, k_anneal_steps=20, track_subspace=True, d_init=rank,
+                     init_scale="calibrate", log_every=5)
+    train(cfg)
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["k"] for r in lines] == [10, 8, 6, 4, 4, 4, 4, 4, 4]  # k before the logged step, annealed 12 -> 4
+    assert all(r["l0"] <= 12 for r in lines) and lines[-1]["l0"] <= 4
+    energies = [r["subspace_energy"] for r in lines]
+    assert all(0 < e <= 1 for e in energies)
+    assert energies[0] < 0.6  # random rows: about rank / d = 0.31 of their energy inside the top directions
+    sae = TopKSAE.load(tmp_path / "run" / "final")
+    scale = sae.metadata["init_encoder_scale"]
+    assert math.isfinite(scale) and scale > 0 and scale != 1.0 and scale == sae.metadata["init_optimal_encoder_scale"]
+    assert 0 < sae.metadata["init_fvu"] < 1  # calibrated: the start explains some variance
+
+
 def test_asi_init_starts_decoder_in_the_active_subspace_and_b_dec_at_the_mean(tmp_path):
     d, rank = 16, 5
     x = synthetic_activations(1500, d, rank=rank, seed=4)
@@ -258,7 +277,7 @@ def test_nan_in_activations_stops_with_the_step_and_keeps_the_last_checkpoint(tm
     [
         (["--k", "300", "--n-features", "256"], "--k"),
         (["--k", "0"], "--k"),
-        (["--site", "mlp_in"], "--site"),
+        (["--site", "mlp_hidden"], "--site"),
         (["--n-features", "-3"], "--n-features"),
         (["--k", "three"], "--k"),
         (["--optimizer", "sgd"], "--optimizer"),

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from ..errors import UserError
 from .evaluate import add_eval_command
 from .interop.cli import add_interop_commands
+from .paper.command import add_paper_command
 from .rank import add_rank_command
 from .run.command import add_train_command
 
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_rank_command(subparsers)
     add_eval_command(subparsers)
     add_interop_commands(subparsers)
+    add_paper_command(subparsers)
     return parser
 
 

@@ -86,6 +86,17 @@ class FiringTracker:
         self.fire_count.copy_(state["fire_count"])
 
 
+@torch.no_grad()
+def subspace_energy_sums(W_dec: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """float64 [2]: (sum over rows of ||W_dec[f] V||^2 / ||W_dec[f]||^2, number of rows) for W_dec [n, d]
+    and an orthonormal V [d, r]; their ratio is the mean fraction of a decoder row's energy inside span(V)
+    (r / d for rows drawn uniformly on the sphere, 1 for rows inside the subspace)."""
+    W = W_dec.double()
+    inside = (W @ V.to(W.device, torch.float64)).pow(2).sum(1)
+    total = W.pow(2).sum(1).clamp_min(torch.finfo(torch.float64).tiny)
+    return torch.stack([(inside / total).sum(), torch.tensor(float(W.shape[0]), dtype=torch.float64, device=W.device)])
+
+
 def plot_firing_density(density: torch.Tensor, path: str | Path, *, title: str = "") -> Path:
     """Histogram of log10 firing density [F] (features that never fired in a bar of their own) -> PNG."""
     import matplotlib

@@ -6,9 +6,9 @@ Reconstruction, over the eval tokens (the real, non-special tokens, exactly the 
   - FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2, MSE per element, L0 (firing features per token),
   - dead features: the fraction that never fired over the eval tokens, and a firing-density histogram.
 
-Downstream, three or four forward passes per batch with a hook on the site's module:
+Downstream, three or four forward passes per batch with a hook on the site (a module's output or input):
   - clean: unchanged;
-  - spliced: the module's output replaced by ``sae(norm_scale * out).x_hat / norm_scale``;
+  - spliced: the activation replaced by ``sae(norm_scale * out).x_hat / norm_scale``;
   - zero-ablated: replaced by zeros; mean-ablated: replaced by its mean over the eval tokens.
 Replacement happens at the positions the SAE was trained on: real, non-special tokens. Special
 tokens ([CLS]/[SEP], BOS) keep their clean output unless ``splice_special_tokens``; padding is never
@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -41,23 +41,6 @@ from .model import TopKSAE
 
 EVAL_FILE = "eval.json"
 DENSITY_PLOT = "firing_density.png"
-
-
-@contextlib.contextmanager
-def _replace_output(module: nn.Module, replace: Callable[[Tensor], Tensor]) -> Iterator[None]:
-    """While active, ``module``'s output tensor [B, T, d] (the first element of a tuple output) is
-    replaced by ``replace(out)``."""
-
-    def hook(_module, _args, output):
-        if isinstance(output, (tuple, list)):
-            return type(output)([replace(output[0]), *output[1:]])
-        return replace(output)
-
-    handle = module.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 class _ReconstructionStats:
@@ -114,7 +97,7 @@ def evaluate(
     sae: TopKSAE,
     model: nn.Module,
     tokenizer: Any,
-    module: nn.Module,
+    module: nn.Module | hf.HookPoint,
     texts: Iterable[str],
     *,
     n_tokens: int,
@@ -125,7 +108,8 @@ def evaluate(
     mean_ablation: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate ``sae`` on the output of ``module`` (a submodule of ``model``) over about ``n_tokens`` tokens.
+    """Evaluate ``sae`` on the output of ``module`` (a submodule of ``model``, or a `hf.HookPoint`: a module's
+    output or input) over about ``n_tokens`` tokens.
 
     Whole batches of ``batch_size`` windows of <= ``seq_len`` tokens are read until at least
     ``n_tokens`` real tokens were seen (the count is reported). ``norm_scale``: the SAE sees
@@ -139,6 +123,7 @@ def evaluate(
         require_int(name, value)
     if not norm_scale > 0:
         raise ValueError(f"norm_scale must be > 0, got {norm_scale!r}")
+    point = module if isinstance(module, hf.HookPoint) else hf.HookPoint("", module)
     batches = text_batches(tokenizer, texts, seq_len, batch_size)
     causal = is_causal_lm(model)
     device = next(model.parameters()).device
@@ -173,7 +158,7 @@ def evaluate(
         return replace
 
     def run(inputs: dict[str, Tensor], replace: Callable[[Tensor], Tensor] | None):
-        ctx = contextlib.nullcontext() if replace is None else _replace_output(module, replace)
+        ctx = contextlib.nullcontext() if replace is None else point.replace(replace)
         with ctx:
             out = model(**inputs, **extra)
         return out.logits if causal else (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])
@@ -290,23 +275,21 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _resolve_module(args: argparse.Namespace, meta: dict[str, Any],
-                    model: nn.Module) -> tuple[str, nn.Module, Any, Any]:
-    """(module path, module, site, layer) from the command line, falling back to the checkpoint metadata."""
+                    model: nn.Module) -> tuple[hf.HookPoint, Any, Any]:
+    """(hook point, site, layer) from the command line, falling back to the checkpoint metadata."""
     if args.hook:
-        return args.hook, hf.resolve_hook(model, args.hook), args.site, args.layer
+        return hf.hook_point(model, args.hook), args.site, args.layer
     if args.site is not None or args.layer is not None:
         site = args.site if args.site is not None else meta.get("site")
         layer = args.layer if args.layer is not None else meta.get("layer")
         if site not in hf.SITES or not isinstance(layer, int):
             raise ConfigError(
                 f"--site and --layer: need a site in {hf.SITES} and a layer, got {site!r}, {layer!r}")
-        path, module = hf.resolve_site(model, site, layer)
-        return path, module, site, layer
+        return hf.resolve_site(model, site, layer), site, layer
     if meta.get("hook"):
-        return meta["hook"], hf.resolve_hook(model, meta["hook"]), meta.get("site"), meta.get("layer")
+        return hf.hook_point(model, meta["hook"]), meta.get("site"), meta.get("layer")
     if meta.get("site") in hf.SITES and isinstance(meta.get("layer"), int):
-        path, module = hf.resolve_site(model, meta["site"], meta["layer"])
-        return path, module, meta["site"], meta["layer"]
+        return hf.resolve_site(model, meta["site"], meta["layer"]), meta["site"], meta["layer"]
     raise ConfigError("the checkpoint's metadata names no hook or site/layer: pass --hook or --site and --layer")
 
 
@@ -328,18 +311,18 @@ def run_eval(args: argparse.Namespace) -> int:
     seq_len = args.seq_len or int(meta.get("seq_len") or 128)
     model, tokenizer = hf.load_model(model_name, device=device, revision=revision)
     with reraise_as(ConfigError, ValueError):  # a site, layer or hook path this model lacks
-        path, module, site, layer = _resolve_module(args, meta, model)
-    result = evaluate(sae, model, tokenizer, module, hf.iter_texts(text), n_tokens=args.n_tokens,
+        point, site, layer = _resolve_module(args, meta, model)
+    result = evaluate(sae, model, tokenizer, point, hf.iter_texts(text), n_tokens=args.n_tokens,
                       norm_scale=norm_scale, seq_len=seq_len, batch_size=args.batch_size,
                       splice_special_tokens=args.splice_special_tokens, mean_ablation=args.mean_ablation)
     density = result.pop("firing_density")
     report = {"checkpoint": str(args.checkpoint), "model": model_name, "revision": revision, "site": site,
-              "layer": layer, "hook": path, "text": text or hf.DEFAULT_TEXT, "seq_len": seq_len, **result}
+              "layer": layer, "hook": point.path, "text": text or hf.DEFAULT_TEXT, "seq_len": seq_len, **result}
     out = args.out if args.out is not None else args.checkpoint / "eval"
     out.mkdir(parents=True, exist_ok=True)
     (out / EVAL_FILE).write_text(json.dumps(report, indent=2))
     plot_firing_density(density, out / DENSITY_PLOT,
-                        title=f"Firing density over {result['n_tokens']} tokens: {path}, F = {sae.n_features}")
+                        title=f"Firing density over {result['n_tokens']} tokens: {point.path}, F = {sae.n_features}")
     print(format_summary(report))
     print(f"wrote {EVAL_FILE} and {DENSITY_PLOT} to {out}")
     return 0

@@ -128,6 +128,29 @@ class TopKSAE(nn.Module):
         self.W_dec.copy_(W)
         self.W_enc.copy_(W)
 
+    @torch.no_grad()
+    def optimal_encoder_scale(self, x: torch.Tensor) -> float:
+        """The factor s by which scaling W_enc and b_enc minimizes ``sum ||x - x_hat||^2`` over x [n, d].
+
+        Scaling the encoder by s > 0 scales every pre-activation by s, so the selection is unchanged and
+        ``x_hat - b_dec`` scales by s: the optimum is ``s = <x - b_dec, D> / <D, D>`` with D the decode
+        (without b_dec) at s = 1, in float64; 1.0 when nothing fires.
+        """
+        vals, idx = self.encode(x)
+        decoded = self.decode(vals, idx).double() - self.b_dec.double()
+        power = decoded.pow(2).sum()
+        return float(((x.double() - self.b_dec.double()) * decoded).sum() / power) if power > 0 else 1.0
+
+    @torch.no_grad()
+    def calibrate_encoder_scale_(self, x: torch.Tensor) -> float:
+        """Scale W_enc and b_enc by `optimal_encoder_scale` of x [n, d] (when positive); returns the factor used."""
+        scale = self.optimal_encoder_scale(x)
+        if not scale > 0:
+            return 1.0
+        self.W_enc.mul_(scale)
+        self.b_enc.mul_(scale)
+        return scale
+
     # ------------------------------------------------------------------------- the two steps to split
     def _select(
         self,

@@ -107,7 +107,7 @@ def spectra_with_count(
     pairs = [(site, layer) for layer in layers for site in sites]
     if not pairs:
         raise ValueError("sites and layers must each name at least one entry")
-    modules = {_pair_name(s, l): hf.resolve_site(model, s, l)[1] for s, l in pairs}
+    modules = {_pair_name(s, l): hf.resolve_site(model, s, l) for s, l in pairs}
     names = list(modules)
     if method == "randomized" and not isinstance(texts, (list, tuple)):
         texts = list(texts)  # read n_iter + 2 times

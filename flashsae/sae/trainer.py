@@ -11,6 +11,7 @@ the `flashsae.sae.parallel` strategy it is given.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -31,7 +32,8 @@ class NonFiniteError(FloatingPointError):
 class Trainer:
     """One SAE, its optimizer and the run's per-step bookkeeping.
 
-    ``model``: the SAE this rank trains (``strategy.wrap(sae)``). ``strategy``: how the step is
+    ``model``: the SAE this rank trains (``strategy.wrap(sae)``). ``k_schedule(steps taken)`` sets the
+    model's k before each step (k annealing); None keeps it. ``strategy``: how the step is
     spread over processes (default: one process); x given to `step` is this rank's part of the
     global batch as the strategy's ``data_shard`` says. The decoder rows stay on the unit sphere:
     by the optimizer itself when it is a `SparseAdam` that normalizes W_dec, otherwise by removing
@@ -48,6 +50,7 @@ class Trainer:
         aux_k: int = 0,
         aux_coef: float = 1 / 32,
         dead_window: int = DEFAULT_DEAD_WINDOW,
+        k_schedule: Callable[[int], int] | None = None,
         check_every_step: bool | None = None,
     ) -> None:
         self.model, self.optimizer = model, optimizer
@@ -55,6 +58,7 @@ class Trainer:
         self.device = model.W_dec.device
         self.tracker = tracker or FiringTracker(model.n_features, dead_window, device=self.device)
         self.aux_k, self.aux_coef = aux_k, aux_coef
+        self.k_schedule = k_schedule
         self.unit_norm_by_optimizer = isinstance(optimizer, SparseAdam) and optimizer.normalizes(model.W_dec)
         # A host check costs nothing on CPU; on GPUs it is deferred to log and checkpoint steps.
         self.check_every_step = self.device.type == "cpu" if check_every_step is None else check_every_step
@@ -91,9 +95,15 @@ class Trainer:
 
     def step(self, x: torch.Tensor) -> None:
         """One optimization step on x [b, d] (already normalized, on the model's device and dtype); no host sync."""
+        self._schedule_k()
         aux_active = self._aux_active()
         self._count_step(x.shape[0])
         self._device_step(x, aux_active)
+
+    def _schedule_k(self) -> None:
+        """Set the model's k for the next step from ``k_schedule`` (k annealing); a host decision."""
+        if self.k_schedule is not None:
+            self.model.k = self.k_schedule(self.step_count)
 
     def _count_step(self, local_tokens: int) -> None:
         """The host's count of steps and tokens for the metrics."""
@@ -169,8 +179,9 @@ class CapturedStep:
     ``captured(x)`` copies x (the recorded shape and dtype) into the recorded input and replays,
     then does the host's bookkeeping a replay skips. The step reads only device state, so replays
     train exactly as eager steps would. It is recorded again (with that batch run eagerly first)
-    when AuxK switches on after the dead-feature window. A new learning rate, a parallel strategy
-    whose collectives cannot be captured, or replaced parameter tensors need a new CapturedStep.
+    when AuxK switches on after the dead-feature window and whenever ``k_schedule`` changes k. A new
+    learning rate, a parallel strategy whose collectives cannot be captured, or replaced parameter
+    tensors need a new CapturedStep.
     """
 
     def __init__(self, trainer: Trainer, x: torch.Tensor) -> None:
@@ -189,7 +200,8 @@ class CapturedStep:
         with torch.cuda.stream(stream):
             self.x.copy_(x)
             trainer.step(self.x)
-            self.aux_active = trainer._aux_active()
+            trainer._schedule_k()
+            self.aux_active, self.k = trainer._aux_active(), trainer.model.k
             tokens_seen = trainer.tracker.tokens_seen
             self.graph = None  # free the previous recording's memory first
             graph = torch.cuda.CUDAGraph()
@@ -202,7 +214,8 @@ class CapturedStep:
     def __call__(self, x: torch.Tensor) -> None:
         """One training step on x [b, d] (the recorded shape, dtype and device)."""
         trainer = self.trainer
-        if trainer._aux_active() != self.aux_active:
+        trainer._schedule_k()
+        if trainer._aux_active() != self.aux_active or trainer.model.k != self.k:
             self._record(x)
             return
         if x.shape != self.x.shape or x.dtype != self.x.dtype or x.device != self.x.device:

@@ -1,25 +1,83 @@
 """Text sources for collection and evaluation: documents as an iterator of str, and a hash of them.
 
-A source is None / `DEFAULT_TEXT` (Python's ``pydoc_data.topics``: always there, no network), a
-local file (``.txt`` and the like: blank-line separated paragraphs; ``.jsonl``: each line's
-"text"), or any other name, read as a Hugging Face ``datasets`` dataset.
+A source is None / `DEFAULT_TEXT` (Python's ``pydoc_data.topics``: always there, no network,
+~128k tokens), `STDLIB_TEXT` (the docstrings and comment blocks of this Python's standard library,
+deduplicated: ~1M tokens, no network), a local file (``.txt`` and the like: blank-line separated
+paragraphs; ``.jsonl``: each line's "text"), or any other name, read as a Hugging Face
+``datasets`` dataset.
 """
 from __future__ import annotations
 
+import ast
+import functools
 import hashlib
+import io
 import json
 import re
+import sysconfig
+import tokenize
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 DEFAULT_TEXT = "pydoc_data.topics"
+STDLIB_TEXT = "python-stdlib"
 _LOCAL_SUFFIXES = (".txt", ".md", ".rst", ".jsonl", ".json")
+# Shorter docstrings and comment blocks are mostly boilerplate ("Return self.", "noqa").
+_MIN_DOCSTRING_CHARS = 40
+_MIN_COMMENT_CHARS = 60
 
 
 def _pydoc_topics() -> list[str]:
     from pydoc_data.topics import topics
 
     return [topics[key] for key in sorted(topics)]
+
+
+@functools.lru_cache(maxsize=1)
+def _stdlib_texts() -> tuple[str, ...]:
+    """Docstrings (module, class, function) and comment blocks of every standard-library ``.py`` file.
+
+    Files in sorted path order (site-packages excluded), each file's docstrings then its comment
+    blocks (consecutive comment lines joined), exact duplicates dropped after their first place.
+    Deterministic for a given Python installation.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    seen: set[str] = set()
+    texts: list[str] = []
+    for path in sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts):
+        try:
+            source = path.read_text(encoding="utf-8")
+            with warnings.catch_warnings():  # old escape sequences in some modules' strings
+                warnings.simplefilter("ignore", (SyntaxWarning, DeprecationWarning))
+                tree = ast.parse(source)
+            found = _docstrings(tree) + _comment_blocks(source)
+        except (SyntaxError, UnicodeDecodeError, ValueError, tokenize.TokenError):
+            continue  # the standard library ships a few deliberately broken files for its tests
+        for text in found:
+            if text not in seen:
+                seen.add(text)
+                texts.append(text)
+    return tuple(texts)
+
+
+def _docstrings(tree: ast.AST) -> list[str]:
+    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    docs = (ast.get_docstring(node) for node in ast.walk(tree) if isinstance(node, kinds))
+    return [d for d in docs if d and len(d) >= _MIN_DOCSTRING_CHARS]
+
+
+def _comment_blocks(source: str) -> list[str]:
+    blocks, block = [], []
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            block.append(tok.string.lstrip("#").strip())
+        elif tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT):
+            text = " ".join(block)
+            if len(text) >= _MIN_COMMENT_CHARS:
+                blocks.append(text)
+            block = []
+    return blocks
 
 
 def _looks_like_path(source: str) -> bool:
@@ -47,6 +105,8 @@ def _local_texts(source: str | None) -> list[str] | None:
     """The texts of the default source or of a local file; None when ``source`` names a dataset."""
     if source is None or source == DEFAULT_TEXT:
         return _pydoc_topics()
+    if source == STDLIB_TEXT:
+        return list(_stdlib_texts())
     path = Path(source).expanduser()
     if path.is_file():
         return _file_texts(path)
@@ -58,8 +118,8 @@ def _local_texts(source: str | None) -> list[str] | None:
 
 
 def iter_texts(source: str | None = None, *, split: str = "train", text_column: str = "text") -> Iterator[str]:
-    """Documents from ``source``: None / `DEFAULT_TEXT` (Python's pydoc topics, sorted by name), a
-    local file (blank-line separated paragraphs; ``.jsonl``: each line's "text"), or a Hugging Face
+    """Documents from ``source``: None / `DEFAULT_TEXT` (Python's pydoc topics, sorted by name),
+    `STDLIB_TEXT` (the standard library's docstrings and comments), a local file (blank-line separated paragraphs; ``.jsonl``: each line's "text"), or a Hugging Face
     ``datasets`` name (streamed, ``split``, column ``text_column``)."""
     local = _local_texts(source)
     if local is not None:

@@ -25,10 +25,11 @@ from ...errors import ConfigError
 from ...optim import SparseAdam
 from ..asi import active_subspace, init_active_subspace, resolve_d_init
 from ..atomic import atomic_write
-from ..diagnostics import FiringTracker, plot_firing_density
+from ..diagnostics import FiringTracker, plot_firing_density, subspace_energy_sums
 from ..model import CONFIG_FILE, TopKSAE
 from ..parallel import process_group
 from ..parallel.strategy import SingleProcess, make_strategy
+from ..schedules import linear_k
 from ..store import ActivationStore
 from ..trainer import DEFAULT_DEAD_WINDOW, NonFiniteError, Trainer, reconstruction_metrics
 from . import checkpoints
@@ -70,6 +71,7 @@ class Run:
     trainer: Trainer
     position: Position
     resumed_from: Path | None
+    subspace: torch.Tensor | None  # V [d, d_init] of the activations, when the decoder's energy in it is logged
 
     @property
     def total_steps(self) -> int:
@@ -114,7 +116,11 @@ def _set_up(cfg: TrainConfig, resumed: dict[str, Any] | None) -> Run:
         norm_scale = mean_sq_norm_scale(leading_tokens(source, NORM_TOKENS, cfg.seed))
     else:
         norm_scale = 1.0
-    sae = _build_sae(cfg, source, origin, norm_scale, dtype, resumed)
+    x0 = leading_tokens(source, cfg.asi_tokens, cfg.seed) * norm_scale
+    if not torch.isfinite(x0).all():
+        raise NonFiniteError(f"the run's first {x0.shape[0]} tokens (--asi-tokens) contain NaN or Inf; nothing was trained")
+    subspace = _active_subspace(cfg, x0) if cfg.init == "asi" or cfg.track_subspace else None
+    sae = _build_sae(cfg, source, origin, norm_scale, dtype, resumed, x0, subspace)
     model = strategy.wrap(sae.to(device))
     dead_window = cfg.dead_window or min(DEFAULT_DEAD_WINDOW, n_batches * cfg.batch_size)
     trainer = _build_trainer(cfg, model, strategy, dead_window, source.d_model, device)
@@ -126,7 +132,7 @@ def _set_up(cfg: TrainConfig, resumed: dict[str, Any] | None) -> Run:
         position = Position(state.step, state.epoch, state.batch, state.step * cfg.batch_size)
     trainer.step_count = position.step
     return Run(cfg, info, strategy, device, out, source, n_batches, dtype, norm_scale, model, trainer, position,
-               resumed["path"] if resumed is not None else None)
+               resumed["path"] if resumed is not None else None, subspace)
 
 
 def _resolve_device(cfg: TrainConfig, info: process_group.DistInfo) -> torch.device:
@@ -156,32 +162,40 @@ def _check_batch_size(cfg: TrainConfig, source: ActivationStore, strategy: Singl
     return n_batches
 
 
+def _active_subspace(cfg: TrainConfig, x0: torch.Tensor) -> torch.Tensor:
+    """V [d, d_init] fp32: the top --d-init directions of the run's first tokens (ConfigError if too few)."""
+    d_init = resolve_d_init(cfg.d_init, x0.shape[1])
+    if d_init > min(x0.shape):
+        raise ConfigError(f"--d-init {d_init} exceeds the {x0.shape[0]} tokens available for ASI (--asi-tokens)")
+    return active_subspace(x0, d_init, center=cfg.asi_center, seed=cfg.seed)
+
+
 def _build_sae(
     cfg: TrainConfig, source: ActivationStore, origin: dict[str, Any], norm_scale: float, dtype: torch.dtype,
-    resumed: dict[str, Any] | None,
+    resumed: dict[str, Any] | None, x0: torch.Tensor, subspace: torch.Tensor | None,
 ) -> TopKSAE:
-    """The whole SAE on the CPU: the checkpoint's weights, or b_dec at the data mean and a random or ASI decoder."""
-    d_model = source.d_model
-    d_init = resolve_d_init(cfg.d_init, d_model) if cfg.init == "asi" else None
+    """The whole SAE on the CPU: the checkpoint's weights, or b_dec at the mean of the run's first tokens
+    ``x0`` [n, d], a random or ASI decoder (``subspace``), and the encoder's scale (--init-scale)."""
+    d_init = subspace.shape[1] if cfg.init == "asi" else None
     metadata = {
         **origin, "norm_scale": norm_scale, "init": cfg.init, "d_init": d_init,
         "n_tokens": source.n_tokens, "epochs": cfg.epochs, "seed": cfg.seed, "normalize": cfg.normalize,
     }
     torch.manual_seed(cfg.seed)
-    sae = TopKSAE(d_model, cfg.n_features, cfg.k, dtype=dtype, backend=cfg.backend,
+    sae = TopKSAE(source.d_model, cfg.n_features, cfg.k, dtype=dtype, backend=cfg.backend,
                   sparse_grad=cfg.optimizer == "sparse-adam", metadata=metadata)
     if resumed is not None:
         sae.load_state_dict(TopKSAE.load(resumed["path"], dtype=dtype).state_dict())
         return sae
-    x0 = leading_tokens(source, cfg.asi_tokens, cfg.seed) * norm_scale
-    if not torch.isfinite(x0).all():
-        raise NonFiniteError(f"the run's first {x0.shape[0]} tokens (--asi-tokens) contain NaN or Inf; nothing was trained")
     with torch.no_grad():  # b_dec starts at the mean activation, so the features model the variation
         sae.b_dec.copy_(x0.double().mean(0).to(sae.b_dec.dtype))
     if cfg.init == "asi":
-        if d_init > min(x0.shape):
-            raise ConfigError(f"--d-init {d_init} exceeds the {x0.shape[0]} tokens available for ASI (--asi-tokens)")
-        init_active_subspace(sae, active_subspace(x0, d_init, center=cfg.asi_center, seed=cfg.seed))
+        init_active_subspace(sae, subspace)
+    x0 = x0.to(dtype)
+    sae.metadata["init_optimal_encoder_scale"] = sae.optimal_encoder_scale(x0)
+    if cfg.init_scale == "calibrate":
+        sae.metadata["init_encoder_scale"] = sae.calibrate_encoder_scale_(x0)
+    sae.metadata["init_fvu"] = reconstruction_metrics(sae, x0)["fvu"]
     return sae
 
 
@@ -196,7 +210,9 @@ def _build_trainer(
         optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     aux_k = cfg.aux_k if cfg.aux_k is not None else min(d_model // 2, MAX_K)
     tracker = FiringTracker(cfg.n_features, dead_window, device=device)
-    return Trainer(model, optimizer, strategy=strategy, tracker=tracker, aux_k=aux_k, aux_coef=cfg.aux_coef)
+    k_schedule = linear_k(cfg.k_start, cfg.k, cfg.k_anneal_steps) if cfg.k_start is not None else None
+    return Trainer(model, optimizer, strategy=strategy, tracker=tracker, aux_k=aux_k, aux_coef=cfg.aux_coef,
+                   k_schedule=k_schedule)
 
 
 # ----------------------------------------------------------------------------------------------- loop
@@ -217,7 +233,7 @@ def _loop(run: Run) -> None:
                 pos.step, pos.batch, pos.tokens = pos.step + 1, pos.batch + 1, pos.tokens + cfg.batch_size
                 bar.update(1)
                 if pos.step % cfg.log_every == 0 or pos.step == run.total_steps:
-                    record = {"step": pos.step, "tokens": pos.tokens, **trainer.read_metrics()}
+                    record = {"step": pos.step, "tokens": pos.tokens, **trainer.read_metrics(), **_extra_metrics(run)}
                     log.write(record)
                     if run.info.is_main:
                         bar.write(format_metrics(pos.step, record))
@@ -231,6 +247,15 @@ def _loop(run: Run) -> None:
     finally:
         bar.close()
         log.close()
+
+
+def _extra_metrics(run: Run) -> dict[str, float]:
+    """The metrics the driver adds to the trainer's: k, and the decoder's energy in the active subspace."""
+    metrics = {"k": run.model.k}
+    if run.subspace is not None:
+        inside, rows = run.strategy.reduce_over_features(subspace_energy_sums(run.model.W_dec, run.subspace)).tolist()
+        metrics["subspace_energy"] = inside / rows
+    return metrics
 
 
 def _announce(run: Run) -> None:

@@ -62,8 +62,12 @@ class MetricsLog:
 
 
 def format_metrics(step: int, record: dict[str, Any]) -> str:
+    """One progress line of a metrics record (k and the subspace energy only when they are logged)."""
+    extra = f" | k {record['k']}" if "k" in record else ""
+    if "subspace_energy" in record:
+        extra += f" | in subspace {record['subspace_energy']:.3f}"
     return (
         f"step {step} | tokens {record['tokens']} | mse {record['mse']:.4g} | fvu {record['fvu']:.4f} | "
         f"l0 {record['l0']:.1f} | dead {100 * record['dead_frac']:.1f}% | aux {record['aux_loss']:.4g} | "
-        f"lr {record['lr']:.3g} | {record['tokens_per_s']:.0f} tok/s"
+        f"lr {record['lr']:.3g}{extra} | {record['tokens_per_s']:.0f} tok/s"
     )

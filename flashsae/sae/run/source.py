@@ -85,10 +85,7 @@ def _collect(cfg: TrainConfig, cache: Path, site: str, layer: int) -> None:
     """Run the model over the text once and write its activations at the run's site into ``cache``."""
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = hf.load_model(cfg.model, device=device, revision=cfg.revision)
-    if cfg.hook:
-        module_path, module = cfg.hook, hf.resolve_hook(model, cfg.hook)
-    else:
-        module_path, module = hf.resolve_site(model, cfg.site, cfg.layer)
+    module_path, module = hf.hook_point(model, cfg.hook) if cfg.hook else hf.resolve_site(model, cfg.site, cfg.layer)
     print(f"collecting activations of {cfg.model} {module_path} into {cache}", file=sys.stderr)
     hf.collect_to_store(
         cache, model, tokenizer, module_path, module, hf.iter_texts(cfg.text),
