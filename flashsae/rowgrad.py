@@ -5,7 +5,7 @@ every optimizer it looks like a tensor of the parameter's shape and dtype; insid
 ``(rows [R] int64, values [R, ...] float32, valid [R] bool)``: the gradient is the sum over parts
 of ``values[i]`` at row ``rows[i]`` for every i. Sizes are fixed by the batch (R = min(B * k, F)),
 so producing one never waits on the device: slots that hold no row are padding (``valid`` False,
-row 0, values 0), and a part's valid rows are distinct.
+row 0, values 0: every producer keeps to this), and a part's valid rows are distinct.
 
 - The values stay float32 whatever the parameter's dtype: autograd would cast a plain tensor
   gradient to a bf16 parameter's dtype (a full pass over U x d, and rounding the optimizer then
@@ -29,10 +29,6 @@ from torch.utils._pytree import tree_map
 from .kernels.pairs import unique_rows
 
 aten = torch.ops.aten
-
-# Integer views with the bit width of each float dtype (for exact masked writes).
-_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
 
 class RowPart(NamedTuple):
     """rows [R] int64, values [R, *row shape] float32, valid [R] bool (see `RowGrad`)."""
@@ -106,7 +102,7 @@ class RowGrad(torch.Tensor):
         parts = []
         for rows, values, valid in self.parts:
             kept = valid & keep[rows]
-            parts.append(RowPart(rows, values * kept.view(-1, *[1] * len(self.row_shape)), kept))
+            parts.append(RowPart(torch.where(kept, rows, 0), values * kept.view(-1, *[1] * len(self.row_shape)), kept))
         return self._like(parts)
 
     def map_values(self, fn) -> "RowGrad":
@@ -205,17 +201,17 @@ _HANDLERS = {
 
 
 def write_rows_(dst: torch.Tensor, rows: torch.Tensor, new: torch.Tensor, valid: torch.Tensor | None) -> None:
-    """``dst[rows[i]] = new[i]`` where ``valid[i]`` (every i when None); other entries change nothing.
+    """``dst[rows[i]] = new[i]`` where ``valid[i]`` (every i when None); the other entries change nothing.
 
-    dst [n, ...], rows [R] int64 (distinct where valid), new [R, ...] (cast to dst's dtype). Exact and
-    without host sync even when an invalid entry names a valid entry's row: the write adds the
-    integer difference of the bit patterns, which is zero for invalid entries.
+    dst [n, ...], rows [R] int64 (distinct where valid; entries that are not valid name row 0, the
+    padding convention), new [R, ...] (cast to dst's dtype). One ``index_copy_``, exact and without
+    host sync: every entry naming row 0 carries the same value (the valid row-0 entry's, or row 0's
+    own), so whichever of them lands last, row 0 ends right.
     """
-    if valid is None:
-        dst.index_copy_(0, rows, new.to(dst.dtype))
-        return
-    bits = _BITS[dst.element_size()]
-    old = dst.index_select(0, rows)
-    delta = new.to(dst.dtype).view(bits) - old.view(bits)
-    delta *= valid.view(-1, *[1] * (delta.dim() - 1)).to(bits)
-    dst.view(bits).index_add_(0, rows, delta)
+    new = new.to(dst.dtype)
+    if valid is not None:
+        at_zero = valid & (rows == 0)
+        first = at_zero.to(torch.uint8).argmax()
+        row0 = torch.where(at_zero.any(), new[first], dst[0])
+        new = torch.where(valid.view(-1, *[1] * (new.dim() - 1)), new, row0)
+    dst.index_copy_(0, rows, new)

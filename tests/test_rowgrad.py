@@ -99,16 +99,21 @@ def test_torch_optimizers_and_grad_clipping_see_the_dense_gradient(make_opt):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64])
-def test_masked_row_writes_change_only_valid_rows_even_when_padding_aliases_them(dtype):
+def test_masked_row_writes_change_only_valid_rows_even_when_padding_names_a_written_row(dtype):
     dst = (torch.arange(24).reshape(6, 4) * 3 - 7).to(dtype)
     before = dst.clone()
     rows = torch.tensor([2, 0, 5, 0, 0])
-    valid = torch.tensor([True, True, False, False, False])  # padding names rows 0 (written) and 5 (not)
+    valid = torch.tensor([True, True, True, False, False])  # padding names row 0, which is also written
     new = torch.full((5, 4), 100).to(dtype)
     new[1] = -1
     write_rows_(dst, rows, new, valid)
     expected = before.clone()
-    expected[2], expected[0] = 100, -1
+    expected[2], expected[0], expected[5] = 100, -1, 100
+    assert torch.equal(dst, expected)
+    dst = before.clone()  # padding naming row 0 when row 0 is not written: row 0 keeps its value
+    write_rows_(dst, torch.tensor([3, 0, 0]), new[:3], torch.tensor([True, False, False]))
+    expected = before.clone()
+    expected[3] = 100
     assert torch.equal(dst, expected)
     write_rows_(dst, torch.tensor([4]), torch.full((1, 4), 9).to(dtype), None)
     assert (dst[4] == 9).all()

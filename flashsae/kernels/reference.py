@@ -144,13 +144,15 @@ def adam_row_scalars(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Advance the per-row step counts of the touched rows and return their Adam scalars.
 
-    step [n] int64 is incremented in place at the ``rows`` ([U] int64; None = every row) where
-    ``valid`` ([U] bool; None = all), without a host sync. Returns step_size = lr / (1 - beta1**t)
-    and bc2_sqrt = sqrt(1 - beta2**t), both fp32 [U] (computed in float64, as torch.optim.Adam
-    does, then rounded); entries that are not valid get finite values that nothing uses.
+    step [n] int64 is incremented in place, without a host sync, at the ``rows`` ([U] int64; None =
+    every row) where ``valid`` ([U] bool, or [n] with rows=None; None = all). Returns step_size =
+    lr / (1 - beta1**t) and bc2_sqrt = sqrt(1 - beta2**t), fp32 [U] (computed in float64, as
+    torch.optim.Adam does, then rounded); entries that are not valid get finite values nothing uses.
     """
-    if rows is None:
+    if rows is None and valid is None:
         t = step.add_(1).to(torch.float64)
+    elif rows is None:
+        t = step.add_(valid.to(torch.int64)).clamp(min=1).to(torch.float64)
     elif valid is None:
         t_int = step[rows] + 1
         step[rows] = t_int
@@ -161,6 +163,17 @@ def adam_row_scalars(
     step_size = lr / (1 - beta1**t)
     bc2_sqrt = (1 - beta2**t).sqrt()
     return step_size.to(torch.float32), bc2_sqrt.to(torch.float32)
+
+
+def _rows_to_dense(grad: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+    """The [n, m] fp32 gradient of rows ``rows`` [U] (padding entries hold zeros, so they add nothing)."""
+    return torch.zeros(n, grad.shape[1], dtype=torch.float32, device=grad.device).index_add_(0, rows, grad.to(torch.float32))
+
+
+def _touched(rows: torch.Tensor, valid: torch.Tensor | None, n: int) -> torch.Tensor:
+    """bool [n]: the rows some valid entry names (integer adds: deterministic, no host sync)."""
+    ones = torch.ones_like(rows) if valid is None else valid.to(torch.int64)
+    return torch.zeros(n, dtype=torch.int64, device=rows.device).index_add_(0, rows, ones) > 0
 
 
 def join_master(high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
@@ -200,12 +213,16 @@ def sparse_adam_step_(
 
     param [n, m] (any float dtype), exp_avg / exp_avg_sq [n, m] fp32 | bf16, step [n] int64; grad
     [U, m] (fp32, or any float dtype) holds the gradient of rows ``rows`` [U] int64 where ``valid``
-    [U] bool (None: all; valid rows distinct), or is [n, m] with rows=None (every row). ``low``
-    [n, m] int16 (bf16 params only): the low bits of fp32 master weights (`join_master`); the
-    update then runs on the exact fp32 master and writes both halves back. Math in fp32.
-    ``unit_norm``: remove each gradient row's component along its parameter row first, and rescale
-    the updated rows to unit norm after the step.
+    [U] bool (None: all; valid rows distinct, the others name row 0 and hold zeros), or is [n, m]
+    with rows=None (every row, or the rows where ``valid`` [n] when given). ``low`` [n, m] int16
+    (bf16 params only): the low bits of fp32 master weights (`join_master`); the update then runs
+    on the exact fp32 master and writes both halves back. Math in fp32. ``unit_norm``: remove each
+    gradient row's component along its parameter row first, and rescale the updated rows to unit
+    norm after the step. When there are at least as many slots as rows, the update runs as one
+    masked pass over all rows (the same arithmetic per row, no gathers).
     """
+    if rows is not None and rows.shape[0] >= param.shape[0]:
+        grad, valid, rows = _rows_to_dense(grad, rows, param.shape[0]), _touched(rows, valid, param.shape[0]), None
     step_size, bc2_sqrt = adam_row_scalars(step, rows, valid, lr, beta1, beta2)
     pick = (lambda t: t) if rows is None else (lambda t: take_rows(t, rows))
     w = join_master(pick(param), pick(low)) if low is not None else pick(param).to(torch.float32)
@@ -228,11 +245,12 @@ def sparse_adam_step_(
     else:
         new, new_low = w.to(param.dtype), None
     if rows is None:
-        param.copy_(new)
-        exp_avg.copy_(m)
-        exp_avg_sq.copy_(v)
+        keep = (lambda t, old: t) if valid is None else (lambda t, old: torch.where(valid[:, None], t.to(old.dtype), old))
+        param.copy_(keep(new, param))
+        exp_avg.copy_(keep(m, exp_avg))
+        exp_avg_sq.copy_(keep(v, exp_avg_sq))
         if low is not None:
-            low.copy_(new_low)
+            low.copy_(keep(new_low, low))
         return
     write_rows_(param, rows, new, valid)
     write_rows_(exp_avg, rows, m, valid)

@@ -75,8 +75,9 @@ class Backend:
         One lazy Adam step, in place, on the touched rows of param [n, m] with moments exp_avg /
         exp_avg_sq [n, m] fp32 | bf16 and per-row step counts step [n] int64. grad [U, m] (fp32 or
         the param's dtype) holds the gradient of rows ``rows`` [U] int64 where ``valid`` [U] bool
-        (None: every entry; valid rows distinct, the others are padding and change nothing), or is
-        [n, m] with rows=None (every row). ``low`` [n, m] int16 with a bf16 param: the low bits of
+        (None: every entry; valid rows distinct, the others are padding: row 0, zero gradient,
+        changing nothing), or is [n, m] with rows=None (every row, or those where ``valid`` [n]).
+        ``low`` [n, m] int16 with a bf16 param: the low bits of
         fp32 master weights (`flashsae.kernels.reference.join_master`), updated exactly. Untouched
         rows are neither read nor written; see `flashsae.optim.SparseAdam` for the math.
     """
