@@ -97,14 +97,6 @@ class RowGrad(torch.Tensor):
         return dense.index_put_((rows,), values.to(dense.dtype), accumulate=True)
 
     # --------------------------------------------------------------------------- changing it
-    def masked(self, keep: torch.Tensor) -> "RowGrad":
-        """Only the rows where ``keep`` (bool [n]) is True; the others' values become zero and invalid."""
-        parts = []
-        for rows, values, valid in self.parts:
-            kept = valid & keep[rows]
-            parts.append(RowPart(torch.where(kept, rows, 0), values * kept.view(-1, *[1] * len(self.row_shape)), kept))
-        return self._like(parts)
-
     def map_values(self, fn) -> "RowGrad":
         """A `RowGrad` with ``fn(rows, values) -> values`` applied to every part (rows and validity kept)."""
         return self._like([RowPart(r, fn(r, v), m) for r, v, m in self.parts])

@@ -41,7 +41,7 @@ def test_parts_merge_into_distinct_rows_summed_rank_by_rank(dtype):
 
 def test_autograd_accumulates_two_uses_as_parts_and_keeps_float32():
     W = torch.nn.Parameter(torch.randn(30, 8).bfloat16())
-    b, bd = torch.zeros(30, dtype=torch.bfloat16, requires_grad=True), torch.zeros(8, dtype=torch.bfloat16)
+    b = torch.zeros(30, dtype=torch.bfloat16, requires_grad=True)
     x = torch.randn(5, 8).bfloat16()
     total = 0
     for _ in range(2):  # two encoder calls on one W: two parts, accumulated without rounding

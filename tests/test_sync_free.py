@@ -6,12 +6,10 @@ and the step is recorded in a CUDA graph and replayed (`flashsae.sae.trainer.Cap
 """
 from __future__ import annotations
 
-import os
 import traceback
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from flashsae import TopKSAE
 from flashsae.optim import SparseAdam
@@ -19,7 +17,7 @@ from flashsae.sae.parallel import process_group
 from flashsae.sae.parallel.strategy import SingleProcess, make_strategy
 from flashsae.sae.trainer import CapturedStep, Trainer
 from tests.sync_guard import SyncError, SyncGuard
-from tests.test_distributed import free_port
+from tests.ranks import rank_main, run_ranks
 
 D, F, K, B, AUX_K = 16, 203, 4, 24, 6
 WINDOW = 2 * B  # AuxK switches on at the third step
@@ -94,43 +92,25 @@ def test_the_guard_catches_every_kind_of_host_sync(call):
         t.repeat_interleave(torch.tensor([1, 2, 1]), dim=0, output_size=4)
 
 
+def _rank_body(info: process_group.DistInfo) -> dict:
+    result = {}
+    for name in ("data", "feature"):
+        strategy = make_strategy(name, info)
+        world = strategy.data_shard()[1]
+        xs = batches(EAGER_STEPS + GUARDED_STEPS, "cpu", torch.float32, info.rank if world > 1 else 0, world)
+        try:
+            result[name] = guarded_run(make_trainer(torch.float32, "cpu", strategy), xs)
+        except SyncError:
+            result[name] = {"sync": traceback.format_exc()}
+    return result
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    result: dict = {}
-    try:
-        info = process_group.init_distributed(timeout_s=TIMEOUT_S)
-        for name in ("data", "feature"):
-            strategy = make_strategy(name, info)
-            world = strategy.data_shard()[1]
-            xs = batches(EAGER_STEPS + GUARDED_STEPS, "cpu", torch.float32, rank if world > 1 else 0, world)
-            try:
-                result[name] = guarded_run(make_trainer(torch.float32, "cpu", strategy), xs)
-            except SyncError:
-                result[name] = {"sync": traceback.format_exc()}
-        process_group.destroy_distributed()
-    except BaseException:
-        result = {"error": traceback.format_exc()}
-    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    rank_main(rank, port, out_dir, WORLD, TIMEOUT_S, _rank_body)
 
 
 def test_data_and_feature_parallel_steps_with_aux_k_never_synchronize(tmp_path):
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, str(tmp_path))) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(TIMEOUT_S)
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.kill()
-        p.join()
-    assert not hung, f"{len(hung)} rank(s) did not finish within {TIMEOUT_S}s"
-    for r in range(WORLD):
-        res = torch.load(tmp_path / f"rank{r}.pt", weights_only=False)
-        assert "error" not in res, f"rank {r} failed:\n{res['error']}"
+    for r, res in enumerate(run_ranks(_worker, tmp_path, WORLD, TIMEOUT_S)):
         for name in ("data", "feature"):
             assert "sync" not in res[name], f"rank {r}, {name} parallel:\n{res[name]['sync']}"
             assert res[name]["dead_frac"] > 0 and res[name]["aux_loss"] > 0, (r, name, res[name])

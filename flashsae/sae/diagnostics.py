@@ -54,10 +54,6 @@ class FiringTracker:
         never = self.last_fired < 0
         return never | (self.last_fired <= self.tokens - self.window)
 
-    def window_seen(self) -> torch.Tensor:
-        """bool 0-d: at least one whole window of tokens has been recorded (before that, "dead" means little)."""
-        return self.tokens >= self.window
-
     def dead_fraction(self) -> float:
         """Fraction of features that are dead now (one host sync)."""
         return float(self.dead_mask().float().mean())
