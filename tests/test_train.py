@@ -366,3 +366,16 @@ def test_tensorboard_and_wandb_sinks_receive_the_jsonl_metrics(tmp_path, monkeyp
         assert math.isclose(event.value, record["fvu"], rel_tol=1e-6)
     offline_runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(offline_runs) == 1 and offline_runs[0].stat().st_size > 0
+
+
+def test_a_resumed_trainer_names_the_step_of_a_bad_batch_by_the_run_count():
+    """The step number lives on the device too (for sync-free checks): setting step_count moves it."""
+    sae = TopKSAE(8, 16, 2, backend="torch", sparse_grad=True)
+    trainer = Trainer(sae, SparseAdam(sae.parameters(), backend="torch"), check_every_step=False)
+    trainer.step_count = 20
+    x = torch.randn(4, 8)
+    trainer.step(x)
+    x[1, 2] = float("nan")
+    trainer.step(x)
+    with pytest.raises(NonFiniteError, match=r"step 22: the loss is NaN"):
+        trainer.check_finite()

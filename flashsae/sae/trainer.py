@@ -62,17 +62,26 @@ class Trainer:
         self.unit_norm_by_optimizer = isinstance(optimizer, SparseAdam) and optimizer.normalizes(model.W_dec)
         # A host check costs nothing on CPU; on GPUs it is deferred to log and checkpoint steps.
         self.check_every_step = self.device.type == "cpu" if check_every_step is None else check_every_step
+        # On the device, updated in place (a recorded step keeps writing into them): the step number;
+        # [squared error, centered variance, positive activations, aux loss * steps] in float64;
+        # the first bad step (x, loss), 0 = none.
+        self._step_index = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+        self._bad = torch.zeros(2, dtype=torch.int64, device=self.device)
         self.step_count = 0
         self._reset_metrics()
 
+    @property
+    def step_count(self) -> int:
+        """Steps taken (the host's count; a resumed run sets it, and the device's copy follows)."""
+        return self._step_count
+
+    @step_count.setter
+    def step_count(self, value: int) -> None:
+        self._step_count = value
+        self._step_index.fill_(value)
+
     def _reset_metrics(self) -> None:
-        # [squared error, centered variance, positive activations, aux loss * steps], float64 on device;
-        # the first bad step (x, loss), 0 = none; the step number on the device. Reset in place, so a
-        # captured step keeps writing into them.
-        if not hasattr(self, "_sums"):
-            self._sums = torch.zeros(4, dtype=torch.float64, device=self.device)
-            self._bad = torch.zeros(2, dtype=torch.int64, device=self.device)
-            self._step_index = torch.zeros((), dtype=torch.int64, device=self.device)
         self._sums.zero_()
         self._bad.zero_()
         self._tokens = 0
@@ -81,7 +90,7 @@ class Trainer:
 
     def _note_nonfinite(self, x_bad: torch.Tensor, loss_bad: torch.Tensor) -> None:
         flags = torch.stack([x_bad, loss_bad]).to(torch.int64) * self._step_index
-        self._bad = torch.where(self._bad == 0, flags, self._bad)
+        self._bad.copy_(torch.where(self._bad == 0, flags, self._bad))  # in place: a recorded step keeps it
         if self.check_every_step:
             self.check_finite()
 
@@ -106,8 +115,8 @@ class Trainer:
             self.model.k = self.k_schedule(self.step_count)
 
     def _count_step(self, local_tokens: int) -> None:
-        """The host's count of steps and tokens for the metrics."""
-        self.step_count += 1
+        """The host's count of steps and tokens for the metrics (the device counts its own steps)."""
+        self._step_count += 1
         self._tokens += self.strategy.global_tokens(local_tokens)
         self._steps += 1
 
