@@ -22,6 +22,7 @@ BAD_VALUES = {
     "aux_coef": ["-0.5"], "dead_window": ["0"], "normalize": ["layer-norm"], "optimizer": ["sgd"],
     "log_every": ["0"], "checkpoint_every": ["-1"], "log": ["jsonl", "csv"], "parallel": ["pipeline"],
     "k_start": ["600"], "k_anneal_steps": ["-1"], "init_scale": ["huge"],
+    "overwrite": ["--resume", "runs/elsewhere"],
 }
 
 # A valid value other than the default for every option.
@@ -32,7 +33,7 @@ CHANGED = {
     "seed": 3, "init": "asi", "d_init": 0.25, "asi_center": False, "asi_tokens": 4096, "aux_k": 16, "aux_coef": 0.1,
     "dead_window": 5000, "normalize": "none", "optimizer": "adam", "log_every": 10, "checkpoint_every": 0,
     "resume": "runs/demo", "log": ["jsonl", "wandb"], "parallel": "data", "progress": False,
-    "k_start": 64, "k_anneal_steps": 100, "init_scale": "calibrate", "track_subspace": True,
+    "k_start": 64, "k_anneal_steps": 100, "init_scale": "calibrate", "track_subspace": True, "overwrite": True,
 }
 
 
@@ -177,7 +178,7 @@ def test_every_option_has_a_changed_value_here():
 
 def test_the_resumable_options_are_the_run_bookkeeping_ones():
     assert RESUMABLE == {"out", "resume", "progress", "log_every", "log", "checkpoint_every", "cache", "device",
-                         "track_subspace"}
+                         "track_subspace", "overwrite"}
 
 
 @pytest.mark.parametrize("name", NAMES)

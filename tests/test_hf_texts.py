@@ -1,6 +1,7 @@
 """Text sources: the default pydoc topics, local files, streamed datasets, and the source hash."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 import types
@@ -81,3 +82,64 @@ def test_text_source_hash_is_stable_and_content_sensitive(tmp_path):
     assert text_source_hash(str(a)) != text_source_hash(str(b))
     assert text_source_hash("x/y", split="train") != text_source_hash("x/y", split="test")
     assert text_source_hash("x/y") != text_source_hash("x/z")
+
+
+def test_a_file_that_is_not_utf8_names_the_file_and_the_byte(tmp_path):
+    from flashsae.errors import InputError
+
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes(b"ok\n\nabc\xa2 def\n")
+    with pytest.raises(InputError, match=rf"text file {bad}: byte 0xa2 at offset 7 is not UTF-8"):
+        list(iter_texts(str(bad)))
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text('{"text": "fine"}\n{"text": \n')
+    with pytest.raises(InputError, match="rows.jsonl:2: not valid JSON"):
+        list(iter_texts(str(jsonl)))
+
+
+def test_held_out_documents_are_one_in_ten_by_hash_and_never_in_the_training_part():
+    from flashsae.sae.hf import HELDOUT_EVERY, is_heldout
+
+    texts = list(iter_texts())
+    train, heldout = list(iter_texts(documents="train")), list(iter_texts(documents="heldout"))
+    assert sorted(train + heldout) == sorted(texts) and not set(train) & set(heldout)
+    assert heldout == [t for t in texts if is_heldout(t)] and 0 < len(heldout) < len(texts) / 4
+    assert HELDOUT_EVERY == 10
+    many = [f"document number {i}" for i in range(5000)]  # about one in ten, whatever the texts
+    assert 400 < sum(map(is_heldout, many)) < 600
+    assert is_heldout("same text") == is_heldout("same text")  # a property of the text alone
+    with pytest.raises(ValueError, match="documents must be one of all, train, heldout"):
+        list(iter_texts(documents="test"))
+
+
+def test_check_text_source_fails_fast_for_every_kind_of_unusable_source(tmp_path, monkeypatch):
+    from flashsae.errors import ConfigError, InputError, InputNotFoundError
+    from flashsae.sae.hf import check_text_source, texts
+    from flashsae.sae.hf.hub import HubProblem
+
+    check_text_source(None)
+    (tmp_path / "blank.txt").write_text("\n\n   \n")
+    with pytest.raises(InputError, match="holds no text"):
+        check_text_source(str(tmp_path / "blank.txt"))
+    with pytest.raises(InputNotFoundError, match="does not exist"):
+        check_text_source(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(InputError, match="is a directory"):
+        check_text_source(str(tmp_path))
+
+    installed = {"datasets": False}
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (
+        (object() if installed["datasets"] else None) if name == "datasets" else real_find_spec(name, *a)))
+    with pytest.raises(ConfigError, match="needs the `datasets` package: pip install datasets"):
+        check_text_source("someone/corpus")
+    installed["datasets"] = True
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(InputError, match="offline mode is set"):
+        check_text_source("someone/corpus")
+    monkeypatch.delenv("HF_DATASETS_OFFLINE")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(texts, "probe_hub", lambda name, kind: HubProblem("the hub cannot be reached (DNS)", False))
+    with pytest.raises(InputError, match="'someone/corpus' is not a local file, so it is streamed .* cannot be reached"):
+        check_text_source("someone/corpus")
+    monkeypatch.setattr(texts, "probe_hub", lambda name, kind: None)
+    check_text_source("someone/corpus")

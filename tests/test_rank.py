@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -93,6 +94,9 @@ def test_cli_writes_report_spectra_and_plots(saved_gpt2, tmp_path, capsys):
     pngs = [RANK_PLOT, "spectra_attn_out.png", "spectra_resid.png", "spectra_layer0.png", "spectra_layer1.png"]
     for name in pngs:
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {oct(0o666 & ~umask)}  # shareable files
 
 
 @pytest.mark.parametrize(

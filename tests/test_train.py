@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -23,13 +24,7 @@ from tests.grads import row_values, touched_rows
 from tests.synthetic import synthetic_activations
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These shapes are tiny: one intra-op thread avoids OpenMP oversubscription on a busy 2-core runner."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes (conftest)
 
 
 def write_store(directory: Path, x: torch.Tensor, shard_tokens: int = 700) -> Path:
@@ -228,6 +223,24 @@ def test_k_annealing_subspace_tracking_and_scale_calibration_in_a_run(tmp_path):
     scale = sae.metadata["init_encoder_scale"]
     assert math.isfinite(scale) and scale > 0 and scale != 1.0 and scale == sae.metadata["init_optimal_encoder_scale"]
     assert 0 < sae.metadata["init_fvu"] < 1  # calibrated: the start explains some variance
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_every_file_of_a_run_gets_the_users_umask(tmp_path, umask, capsys):
+    store = write_store(tmp_path / "store", synthetic_activations(600, 8, rank=3, seed=9))
+    previous = os.umask(umask)
+    try:
+        train(run_config(store, tmp_path / "run", checkpoint_every=3, epochs=1))
+    finally:
+        os.umask(previous)
+    files = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
+    names = {p.name for p in files}
+    assert {"run.json", "summary.json", "metrics.jsonl", "cfg.json", "model.safetensors", "manifest.json"} <= names
+    modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in files}
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
+    # The driver says what it does after the last step, before the summary line.
+    err = capsys.readouterr().err
+    assert f"trained 6 steps; measuring the final SAE on its first 600 training tokens and writing final/" in err
 
 
 def test_asi_init_starts_decoder_in_the_active_subspace_and_b_dec_at_the_mean(tmp_path):

@@ -8,6 +8,7 @@ the culprit and exit code 2; any other exception is a bug and keeps its tracebac
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import sys
 from collections.abc import Sequence
 
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="flashsae",
         description="Train, analyse and convert TopK sparse autoencoders on transformer activations.",
     )
+    parser.add_argument("--version", action="version", version=f"flashsae {_version()}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_train_command(subparsers)
     add_rank_command(subparsers)
@@ -31,6 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_interop_commands(subparsers)
     add_paper_command(subparsers)
     return parser
+
+
+def _version() -> str:
+    """The installed distribution's version (the package's own where it runs from a source tree)."""
+    try:
+        return importlib.metadata.version("flashsae")
+    except importlib.metadata.PackageNotFoundError:
+        from .. import __version__
+
+        return __version__
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
-from collections.abc import Callable, Iterable
+import sys
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +33,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..checks import require_int
+from ..checks import device_or_default, require_int
 from ..errors import ConfigError, InputError, reraise_as
 from . import hf
+from .atomic import atomic_write, make_output_dir
 from .diagnostics import FiringTracker, plot_firing_density
 from .hf import is_causal_lm
 from .hf.collect import forward_kwargs, text_batches
@@ -197,13 +200,13 @@ def evaluate(
             kept.append((inputs, where["mask"], clean_ref))
             n_new = int(mask.sum())
             seen += n_new
-            bar.update(n_new)
+            bar.update(min(n_new, n_tokens - bar.n))  # the last batch may pass n_tokens; the bar stops at it
             if seen >= n_tokens:
                 break
     finally:
         bar.close()
     if seen == 0:
-        raise ValueError("the text yielded no tokens to evaluate on")
+        raise InputError("the texts yielded no tokens to evaluate on")
 
     if mean_ablation:
         mean = (stats.sum_x / stats.n / scale).float()
@@ -250,7 +253,9 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> None:
         "density histogram, and the effect of splicing the reconstruction into the model at its site against the "
         "clean model and the zero- and mean-ablated site (next-token loss for causal LMs, cosine similarity of mean-"
         "pooled embeddings for encoders). Model, site, hook, text, sequence length and norm scale default to the "
-        f"checkpoint's metadata. Writes {EVAL_FILE} and {DENSITY_PLOT} to --out.",
+        "checkpoint's metadata. By default only the text's held-out documents are read (one in "
+        f"{hf.HELDOUT_EVERY}, chosen by their hash), which flashsae train never collects, so no token was trained "
+        f"on. Writes {EVAL_FILE} and {DENSITY_PLOT} to --out (default: CHECKPOINT/eval).",
     )
     p.add_argument("checkpoint", type=Path, help="flashsae checkpoint directory (cfg.json + model.safetensors)")
     p.add_argument("--model", default=None, help="Hugging Face model id or directory (default: from the checkpoint)")
@@ -261,6 +266,9 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--norm-scale", type=float, default=None,
                    help="the SAE sees norm_scale * activation (default: from the checkpoint, else 1)")
     p.add_argument("--text", default=None, help="text source (default: from the checkpoint, else pydoc topics)")
+    p.add_argument("--documents", choices=("heldout", "all"), default="heldout",
+                   help=f"heldout: only the one document in {hf.HELDOUT_EVERY} that training leaves out; all: every "
+                   "document, including those trained on (default: %(default)s)")
     p.add_argument("--n-tokens", type=int, default=20_000, help="tokens to evaluate on (default: %(default)s)")
     p.add_argument("--seq-len", type=int, default=None,
                    help="tokens per window (default: from the checkpoint, else 128)")
@@ -298,9 +306,11 @@ def run_eval(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    with reraise_as(InputError, FileNotFoundError):
-        sae = TopKSAE.load(args.checkpoint, device=device)
+    if args.norm_scale is not None and not args.norm_scale > 0:
+        raise ConfigError(f"--norm-scale must be > 0, got {args.norm_scale}")
+    with reraise_as(ConfigError, ValueError):
+        device = device_or_default("--device", args.device)
+    sae = TopKSAE.load(args.checkpoint, device=device)
     meta = sae.metadata
     model_name = args.model or meta.get("model")
     if not model_name:
@@ -309,23 +319,61 @@ def run_eval(args: argparse.Namespace) -> int:
     norm_scale = args.norm_scale if args.norm_scale is not None else float(meta.get("norm_scale") or 1.0)
     text = args.text if args.text is not None else meta.get("text")
     seq_len = args.seq_len or int(meta.get("seq_len") or 128)
+    hf.check_text_source(text)
+    out = args.out if args.out is not None else args.checkpoint / "eval"
+    make_output_dir(out)
+    texts = _nonempty(hf.iter_texts(text, documents=args.documents), text, args.documents)
+    held_out = _held_out_from_training(meta, text, args.documents)
+    print(f"evaluating {args.checkpoint} on {_describe_tokens(text, args.documents, held_out)}; "
+          f"results go to {out}", file=sys.stderr)
     model, tokenizer = hf.load_model(model_name, device=device, revision=revision)
     with reraise_as(ConfigError, ValueError):  # a site, layer or hook path this model lacks
         point, site, layer = _resolve_module(args, meta, model)
-    result = evaluate(sae, model, tokenizer, point, hf.iter_texts(text), n_tokens=args.n_tokens,
+    result = evaluate(sae, model, tokenizer, point, texts, n_tokens=args.n_tokens,
                       norm_scale=norm_scale, seq_len=seq_len, batch_size=args.batch_size,
                       splice_special_tokens=args.splice_special_tokens, mean_ablation=args.mean_ablation)
     density = result.pop("firing_density")
     report = {"checkpoint": str(args.checkpoint), "model": model_name, "revision": revision, "site": site,
-              "layer": layer, "hook": point.path, "text": text or hf.DEFAULT_TEXT, "seq_len": seq_len, **result}
-    out = args.out if args.out is not None else args.checkpoint / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / EVAL_FILE).write_text(json.dumps(report, indent=2))
+              "layer": layer, "hook": point.path, "text": text or hf.DEFAULT_TEXT, "documents": args.documents,
+              "held_out_from_training": held_out, "seq_len": seq_len, **result}
+    atomic_write(out / EVAL_FILE, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
     plot_firing_density(density, out / DENSITY_PLOT,
                         title=f"Firing density over {result['n_tokens']} tokens: {point.path}, F = {sae.n_features}")
     print(format_summary(report))
     print(f"wrote {EVAL_FILE} and {DENSITY_PLOT} to {out}")
     return 0
+
+
+def _held_out_from_training(meta: dict[str, Any], text: str | None, documents: str) -> bool | None:
+    """Whether no eval token was trained on: True when the SAE's training read only the other documents of
+    this text (or another text), False for --documents all of the training text, None when the metadata
+    does not say which documents training read."""
+    same_text = (text or hf.DEFAULT_TEXT) == (meta.get("text") or hf.DEFAULT_TEXT)
+    if not same_text and meta.get("text") is not None:
+        return True
+    if documents == "all":
+        return False
+    return True if meta.get("documents") == "train" else None
+
+
+def _describe_tokens(text: str | None, documents: str, held_out: bool | None) -> str:
+    """Which tokens eval reads, for the line it prints before it starts."""
+    name = text or hf.DEFAULT_TEXT
+    which = (f"the held-out documents of {name} (one in {hf.HELDOUT_EVERY})" if documents == "heldout"
+             else f"every document of {name}")
+    if held_out is None:
+        return which + ", which the SAE's metadata does not say its training left out"
+    return which + (", none of them trained on" if held_out else ", including those the SAE was trained on")
+
+
+def _nonempty(texts: Iterator[str], source: str | None, documents: str) -> Iterator[str]:
+    """``texts``, once its first non-blank document is read; InputError naming the source when there is none."""
+    first = next((t for t in texts if t.strip()), None)
+    if first is None:
+        which = "held-out documents" if documents == "heldout" else "text"
+        hint = " (pass --documents all, or a --text with more documents)" if documents == "heldout" else ""
+        raise InputError(f"--text {source or hf.DEFAULT_TEXT} has no {which} to evaluate on{hint}")
+    return itertools.chain([first], texts)
 
 
 def format_summary(report: dict[str, Any]) -> str:

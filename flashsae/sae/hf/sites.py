@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ...checks import require_int
+from ...errors import ConfigError
 
 SITES = ("attn_out", "mlp_out", "resid", "attn_z", "mlp_in")
 INPUT_SUFFIX = ":input"
@@ -165,17 +166,20 @@ def _base_prefix(model: nn.Module) -> str:
 def resolve_site(model: nn.Module, site: str, layer: int) -> HookPoint:
     """The `HookPoint` of ``site`` at ``layer`` (see the module docstring); unpacks as ``(path, module)``."""
     if site not in SITES:
-        raise ValueError(f"site must be one of {SITES}, got {site!r}")
+        raise ConfigError(f"site must be one of {SITES}, got {site!r}")
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     layout = _LAYOUTS.get(model_type)
     if layout is None:
-        raise ValueError(
+        raise ConfigError(
             f"architecture {model_type!r} ({type(model).__name__}) has no site table; supported: "
             f"{supported_architectures()}. Name a module path directly with --hook, "
             "e.g. --hook model.layers.3.self_attn.o_proj"
         )
     n = num_layers(model)
-    require_int(f"layer (this model has {n} layers)", layer, 0, n - 1)
+    try:
+        require_int(f"layer (this model has {n} layers)", layer, 0, n - 1)
+    except ValueError as err:  # out of range for this model: the user's to fix (a TypeError is the caller's bug)
+        raise ConfigError(str(err)) from None
     parts = [_base_prefix(model), layout.layers, str(layer), layout.path(site)]
     return hook_point(model, ".".join(p for p in parts if p))
 
@@ -187,9 +191,9 @@ def hook_point(model: nn.Module, path: str) -> HookPoint:
 
 
 def resolve_hook(model: nn.Module, path: str) -> nn.Module:
-    """The submodule at dotted ``path``; a ValueError names the path and the valid names near it."""
+    """The submodule at dotted ``path``; a ConfigError names the path and the valid names near it."""
     if not isinstance(path, str) or not path:
-        raise ValueError(f"hook path must be a non-empty dotted module path, got {path!r}")
+        raise ConfigError(f"hook path must be a non-empty dotted module path, got {path!r}")
     module = model
     for depth, part in enumerate(path.split(".")):
         children = dict(module.named_children())
@@ -198,7 +202,7 @@ def resolve_hook(model: nn.Module, path: str) -> nn.Module:
             names = [n for n, _ in model.named_modules() if n]
             close = difflib.get_close_matches(path, names, n=5, cutoff=0.6)
             hint = f"; did you mean {close}?" if close else ""
-            raise ValueError(
+            raise ConfigError(
                 f"hook path {path!r} names no module of {type(model).__name__}: {parent} has no child {part!r} "
                 f"(its children: {sorted(children)}){hint}"
             )

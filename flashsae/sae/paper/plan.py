@@ -17,8 +17,8 @@ class PaperPlan:
     ``expansions`` x d, random vs ASI (``d_init``); the ``d_init`` sweep (``d_init_sweep`` fractions of d
     plus the 99%-variance rank) at ``sweep_expansion``; k annealed from ``anneal_factor`` x k over the first
     ``anneal_fraction`` of the steps at ``anneal_expansion``; initial-scale calibration at
-    ``calibrate_expansion``. Evaluation on ``eval_tokens`` held-out tokens (the last ``eval_fraction`` of
-    the documents, never collected for training).
+    ``calibrate_expansion``. Evaluation on ``eval_tokens`` tokens of the held-out documents (one in ten, as
+    `flashsae eval` picks them), never collected for training.
     """
 
     model: str = EMBEDDED_MODEL
@@ -29,7 +29,6 @@ class PaperPlan:
     rank_tokens: int = 50_000
     train_tokens: int = 262_144
     eval_tokens: int = 16_384
-    eval_fraction: float = 0.1
     k: int = 32
     batch_size: int = 1024
     lr_scale: float = 4.0

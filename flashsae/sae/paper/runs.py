@@ -3,7 +3,8 @@
 Every run is `flashsae.sae.run.driver.train` on the same store (one pass, same seed and data order, same
 learning-rate rule), with the decoder's energy in the active subspace tracked, followed by
 `flashsae.sae.evaluate.evaluate` spliced into the model on documents never collected for training. Each
-run's own output goes to ``work/runs/NAME/train.log``.
+run's directory is ``work/runs/NAME``, and its own output goes to ``work/runs/NAME.log`` (beside it:
+a run directory holds nothing but the run's files).
 """
 from __future__ import annotations
 
@@ -39,11 +40,11 @@ class Data:
 
 
 def prepare_data(plan: PaperPlan, work: Path, *, progress: bool) -> Data:
-    """Load the model, split the documents (the last ``eval_fraction`` held out) and collect the training store."""
+    """Load the model, split the documents (the held-out ones, as `flashsae eval` picks them, are never collected
+    for training) and collect the training store."""
     model, tokenizer = hf.load_model(plan.model, device="cpu")
-    docs = list(hf.iter_texts(plan.text))
-    n_eval = max(1, round(len(docs) * plan.eval_fraction))
-    train_docs, eval_docs = docs[:-n_eval], docs[-n_eval:]
+    train_docs = list(hf.iter_texts(plan.text, documents="train"))
+    eval_docs = list(hf.iter_texts(plan.text, documents="heldout"))
     point = hf.resolve_site(model, plan.site, plan.layer)
     store = work / "activations"
     if store.exists():
@@ -72,8 +73,8 @@ def train_and_evaluate(plan: PaperPlan, data: Data, work: Path, name: str, expan
         dead_window=plan.dead_window, log_every=plan.log_every, checkpoint_every=0, progress=progress,
         seed=plan.seed, device=plan.device, backend=plan.backend,
     )
-    out.mkdir(parents=True)
-    with open(out / "train.log", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f"{name}.log", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         summary = train(cfg)
     sae = TopKSAE.load(out / "final", device=str(next(data.model.parameters()).device))
     held_out = evaluate(sae, data.model, data.tokenizer, data.point, data.eval_docs, n_tokens=plan.eval_tokens,

@@ -120,6 +120,16 @@ def _d_init(name: str, value: Any, cfg: TrainConfig) -> None:
     require_count_or_fraction(name, value)
 
 
+def overwrite_conflict(name: str = "--overwrite") -> str:
+    """Why --overwrite and --resume cannot be given together."""
+    return f"{name} starts the run in --out afresh, --resume continues it: give one of them"
+
+
+def _overwrite(name: str, value: Any, cfg: TrainConfig) -> None:
+    if value and cfg.resume is not None:
+        raise ValueError(overwrite_conflict(name))
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a run; the defaults train the embedded demo (MiniLM layer 3 attn_out)."""
@@ -192,6 +202,9 @@ class TrainConfig:
                                    metavar="STEPS", check=_integer(0), resumable=True)
     resume: str | None = option(None, RUNS, "continue the run in DIR from its newest intact checkpoint",
                                 metavar="DIR", resumable=True, default_text="a new run")
+    overwrite: bool = option(False, RUNS, "replace the run already in --out: its checkpoints, metrics and results "
+                             "are deleted, its activation cache is reused when it fits (else collected again); "
+                             "files that are no run's are never deleted", check=_overwrite, resumable=True)
     log: list[str] = option(["jsonl"], RUNS, "metric sinks (OUT/metrics.jsonl is always written)",
                             choices=("jsonl", "tensorboard", "wandb"), resumable=True)
     parallel: str = option("auto", RUNS, "auto is data under torchrun, else none",
