@@ -67,17 +67,24 @@ def cases() -> Iterator[tuple[str, object, dict, dict, dict]]:
     sig = _signature(dots, {"grad_ptr": "bf16", "idx_ptr": "i64", "w_ptr": "bf16", "out_ptr": "fp32"})
     yield "row_dots bf16", dots, sig, {"BLOCK_B": rows.BLOCK_TOKENS, "BLOCK_D": block_d}, {}
     seg = rows._segment_rows_kernel
-    sig = _signature(seg, {"coef_ptr": "fp32", "pairs_ptr": "i64", "offsets_ptr": "i64", "vec_ptr": "bf16",
-                           "shift_ptr": "bf16", "out_ptr": "fp32", "coef_sum_ptr": "fp32"})
-    yield "segment_rows bf16", seg, sig, {"HAS_SHIFT": True, "BLOCK_P": rows.BLOCK_PAIRS, "BLOCK_D": block_d}, {}
+    for d in (768, 4096):  # the headline widths: slices of 256 and 1024 columns
+        seg_block = rows._segment_block_d(d)
+        for coef in ("fp32", "bf16"):  # the encoder's fp32 grad_pre, the decoder's bf16 vals
+            sig = _signature(seg, {"coef_ptr": coef, "pairs_ptr": "i64", "offsets_ptr": "i64", "vec_ptr": "bf16",
+                                   "shift_ptr": "bf16", "out_ptr": "fp32", "coef_sum_ptr": "fp32"})
+            yield (f"segment_rows coef={coef} BLOCK_D={seg_block}", seg, sig,
+                   {"HAS_SHIFT": coef == "fp32", "BLOCK_D": seg_block}, {"num_warps": max(1, min(4, seg_block // 256))})
     adam = sparse_adam._sparse_adam_kernel
     block_d = sparse_adam.MAX_BLOCK_D
     for moments in ("fp32", "bf16"):
-        sig = _signature(adam, {"param_ptr": "bf16", "grad_ptr": "fp32", "rows_ptr": "i64", "m_ptr": moments,
-                                "v_ptr": moments, "step_size_ptr": "fp32", "bc2_sqrt_ptr": "fp32"},
-                         floats=("beta1", "beta2", "eps"))
-        consts = {"HAS_ROWS": True, "UNIT_NORM": True, "BLOCK_R": sparse_adam.TILE_ELEMENTS // block_d, "BLOCK_D": block_d}
-        yield f"sparse_adam moments={moments}", adam, sig, consts, {"num_warps": 8}
+        for master in (True, False):
+            sig = _signature(adam, {"param_ptr": "bf16", "grad_ptr": "fp32", "rows_ptr": "i64", "valid_ptr": "i1",
+                                    "low_ptr": "i16", "m_ptr": moments, "v_ptr": moments, "step_size_ptr": "fp32",
+                                    "bc2_sqrt_ptr": "fp32"},
+                             floats=("beta1", "beta2", "eps"))
+            consts = {"HAS_ROWS": True, "HAS_VALID": True, "HAS_LOW": master, "UNIT_NORM": True,
+                      "BLOCK_R": sparse_adam.TILE_ELEMENTS // block_d, "BLOCK_D": block_d}
+            yield f"sparse_adam moments={moments} master={master}", adam, sig, consts, {"num_warps": 8}
 
 
 def _resources(cubin: bytes) -> dict[str, int]:
