@@ -8,8 +8,9 @@ flashsae on the backend "auto" picks (encode, decode, backward, optimizer, the f
 torch.topk and the plain torch step, the peers (sparsify, SAELens; SAELens's algorithm
 re-implemented when the package is missing), then every other registered backend (encode and
 step). Then the largest F each system trains on the card: the F its headline step's memory
-predicts, then steps up or down until one fits and one does not, then bisection, a few tries each. Timings: `benchmarks.timing.time_rounds` (CUDA events, warm-up,
-rotated inputs, median); peak memory: `benchmarks.timing.peak_extra_bytes`.
+predicts, then steps up or down until one fits and one does not, then bisection, a few tries
+each. Timings: `benchmarks.timing.time_rounds` (CUDA events, warm-up, rotated inputs, median);
+peak memory: `benchmarks.timing.peak_extra_bytes`.
 """
 from __future__ import annotations
 
