@@ -31,8 +31,8 @@ def _env(**extra: str) -> dict[str, str]:
 def dry_run(tmp_path_factory):
     """``python -m benchmarks.gpu_check --dry-run``: every phase at tiny sizes on the CPU."""
     out = tmp_path_factory.mktemp("gpu-check-dry")
-    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--dry-run", "--out", str(out), "--budget-s", "420"],
-                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    command = [sys.executable, "-m", "benchmarks.gpu_check", "--dry-run", "--out", str(out), "--budget-s", "420"]
+    done = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     doc = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else None
     return done, out, doc
 
@@ -102,9 +102,10 @@ def test_make_gpu_check_without_cuda_says_why_without_a_traceback(tmp_path):
 
 
 def test_bad_arguments_are_refused_by_name(tmp_path):
-    for args, message in ((["--phases", "speed"], "--phases must name"), (["--budget-s", "0"], "--budget-s must be positive")):
-        done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--dry-run", "--out", str(tmp_path), *args],
-                              cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    cases = ((["--phases", "speed"], "--phases must name"), (["--budget-s", "0"], "--budget-s must be positive"))
+    for args, message in cases:
+        command = [sys.executable, "-m", "benchmarks.gpu_check", "--dry-run", "--out", str(tmp_path), *args]
+        done = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
         assert done.returncode == 2 and message in done.stderr
 
 

@@ -117,9 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     total = tree + sum(parts.values())
     for name, n in parts.items():
         print(f"{args.dest / name}: {n / 2**20:.1f} MiB")
-    print(f"source tree: {tree / 2**20:.1f} MiB; a call would carry {total / 2**20:.1f} MiB of at most {CARRY_LIMIT >> 20} MiB")
+    print(f"source tree: {tree / 2**20:.1f} MiB; a call would carry {total / 2**20:.1f} MiB "
+          f"of at most {CARRY_LIMIT >> 20} MiB")
     if total > CARRY_LIMIT:
-        print(f"gpu-carry: {total / 2**20:.1f} MiB does not fit in one call; carry fewer parts (--what)", file=sys.stderr)
+        print(f"gpu-carry: {total / 2**20:.1f} MiB does not fit in one call; carry fewer parts (--what)",
+              file=sys.stderr)
         return 2
     return 0
 

@@ -74,7 +74,8 @@ def install_carried_wheels(carry: Path) -> Path | None:
                            "--no-cache-dir", "--upgrade", "--target", str(site), *map(str, wheels)],
                           capture_output=True, text=True)
     if done.returncode != 0:
-        print(f"carried wheels not installed (the peers will be reported missing): {done.stderr.strip()[-500:]}", flush=True)
+        print(f"carried wheels not installed (the peers will be reported missing): {done.stderr.strip()[-500:]}",
+              flush=True)
         return None
     stamp.write_text(names)
     return site
@@ -137,8 +138,9 @@ def run_phase(phase: str, plan: Plan, args: argparse.Namespace, env: dict[str, s
     outcome = supervise(argv, slice_s, log, env=env, cwd=REPO)
     if outcome.killed or (outcome.returncode not in (0, 3)):
         for name in unfinished(read_records(args.out), phase):
-            Recorder(args.out, phase).write(check=name, status="killed",
-                                            message=f"the phase's process ended (exit {outcome.returncode}) during this check")
+            Recorder(args.out, phase).write(
+                check=name, status="killed",
+                message=f"the phase's process ended (exit {outcome.returncode}) during this check")
     ended = ("killed at the end of its slice" if outcome.killed else "stopped at the end of its slice"
              if outcome.timed_out else "finished" if outcome.returncode == 0 else f"exit code {outcome.returncode}")
     return {"slice_s": round(slice_s), "seconds": round(outcome.seconds, 1), "ended": ended}
@@ -173,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     site = None if args.dry_run else install_carried_wheels(args.carry)
     model = find_model(args.carry)
     plan = Plan(args.budget_s, args.phases, start=STARTED)
-    run: dict[str, Any] = {"command": shlex.join([Path(sys.executable).name, "-m", "benchmarks.gpu_check", *(argv or sys.argv[1:])]),
+    command = shlex.join([Path(sys.executable).name, "-m", "benchmarks.gpu_check", *(argv or sys.argv[1:])])
+    run: dict[str, Any] = {"command": command,
                            "plan": plan.describe(), "budget_s": args.budget_s, "dry_run": args.dry_run,
                            "carried_packages": str(site) if site else None, "model_dir": str(model) if model else None,
                            "phases": {}}

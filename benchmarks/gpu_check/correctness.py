@@ -222,8 +222,10 @@ def plan(ctx: Context) -> list[Check]:
                  partial(decode_backward, backend, dtype, k, grad_shape, seed, device), MIN_CHECK_S),
             ]
         checks += [
-            (0, f"SparseAdam lazy step {backend} fp32", partial(oracles.check_lazy_adam, backend, False, device), MIN_CHECK_S),
-            (1, f"SparseAdam lazy step {backend} fp32 unit_norm", partial(oracles.check_lazy_adam, backend, True, device), MIN_CHECK_S),
+            (0, f"SparseAdam lazy step {backend} fp32",
+             partial(oracles.check_lazy_adam, backend, False, device), MIN_CHECK_S),
+            (1, f"SparseAdam lazy step {backend} fp32 unit_norm",
+             partial(oracles.check_lazy_adam, backend, True, device), MIN_CHECK_S),
             (1, f"SparseAdam {backend} bf16 moments", partial(oracles.check_bf16_moments, backend, device), MIN_CHECK_S),
             (1, f"SparseAdam {backend} bf16 params", partial(oracles.check_bf16_params, backend, device), MIN_CHECK_S),
             (1, f"encoder forward {backend} bf16 F*d={p.large[1] * p.large[2]:,}",

@@ -64,7 +64,8 @@ def _cell(text: Any) -> str:
 def header(doc: dict[str, Any]) -> list[str]:
     m, v = doc["meta"], doc["meta"].get("versions", {})
     lines = [
-        f"# flashsae GPU check: {m.get('device_name', '?')}{' (DRY RUN on the CPU: numbers mean nothing)' if m.get('dry_run') else ''}",
+        f"# flashsae GPU check: {m.get('device_name', '?')}"
+        + (" (DRY RUN on the CPU: numbers mean nothing)" if m.get("dry_run") else ""),
         "",
         f"{m.get('date', '?')}; driver {m.get('driver')}, CUDA {m.get('cuda')}, torch {v.get('torch')}, "
         f"triton {v.get('triton')}, transformers {v.get('transformers')}, sae-lens {v.get('sae-lens')}, "
@@ -78,9 +79,9 @@ def header(doc: dict[str, Any]) -> list[str]:
     for phase in PHASES:
         run = m.get("phases", {}).get(phase, {})
         n = doc["summary"].get(phase, {})
-        lines.append(f"| {phase} | {run.get('slice_s', '–')} | {run.get('seconds', '–')} | {run.get('ended', 'not run')} | "
-                     + " | ".join(str(n.get(s, 0)) for s in ("pass", "fail", "error", "oom", "skipped", "timeout", "killed"))
-                     + " |")
+        counts = " | ".join(str(n.get(s, 0)) for s in ("pass", "fail", "error", "oom", "skipped", "timeout", "killed"))
+        lines.append(f"| {phase} | {run.get('slice_s', '–')} | {run.get('seconds', '–')} | "
+                     f"{run.get('ended', 'not run')} | {counts} |")
     return lines + [""]
 
 
@@ -108,17 +109,21 @@ def performance_lines(checks: list[dict[str, Any]]) -> list[str]:
         if c.get("search") != "largest_f" and "shape" in c:
             by_shape[c["shape"]["id"]].append(c)
     for shape_id, rows in by_shape.items():
-        lines += [f"### {shape_id}", "", "| system | op | ms | floor ms | × floor | tokens/s | peak extra | params + state | note |",
+        lines += [f"### {shape_id}", "",
+                  "| system | op | ms | floor ms | × floor | tokens/s | peak extra | params + state | note |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for c in rows:
             if c["status"] != "pass":
-                lines.append(f"| {c['system']} | {c['op']} | {c['status'].upper()} | | | | | | {_cell(c.get('message', ''))} |")
+                lines.append(f"| {c['system']} | {c['op']} | {c['status'].upper()} | | | | | "
+                             f"| {_cell(c.get('message', ''))} |")
                 continue
             floor = c.get("floor_ms")
             over = f"{c['median_ms'] / floor:.2f}×" if floor else "–"
             tokens = f"{c['tokens_per_s']:,.0f}" if "tokens_per_s" in c else ""
-            lines.append(f"| {c['system']} | {c['op']} | {_ms(c)} | {f'{floor:.3g}' if floor else '–'} | {over} | {tokens} | "
-                         f"{_bytes(c.get('peak_extra_bytes'))} | {_bytes(c.get('state_bytes'))} | {_cell(c.get('floor_basis', ''))} |")
+            floor_text = f"{floor:.3g}" if floor else "–"
+            lines.append(f"| {c['system']} | {c['op']} | {_ms(c)} | {floor_text} | {over} | {tokens} | "
+                         f"{_bytes(c.get('peak_extra_bytes'))} | {_bytes(c.get('state_bytes'))} "
+                         f"| {_cell(c.get('floor_basis', ''))} |")
         lines.append("")
     return lines + largest_f_lines(perf)
 
@@ -156,7 +161,8 @@ def science_lines(checks: list[dict[str, Any]]) -> list[str]:
     for c in rows:
         if c["check"] == "flashsae rank" and c["status"] == "pass":
             attn = c["ranks"].get("attn_out", {})
-            result = "attn_out erank / d per layer: " + ", ".join(f"{layer}: {r['erank_frac']:.2f}" for layer, r in attn.items())
+            result = "attn_out erank / d per layer: " + ", ".join(
+                f"{layer}: {r['erank_frac']:.2f}" for layer, r in attn.items())
         elif "dead_frac" in c and isinstance(c["dead_frac"], dict):
             result = f"dead: random {c['dead_frac']['random']:.4f}, ASI {c['dead_frac']['asi']:.4f}"
         elif "dead_frac" in c:
