@@ -83,7 +83,8 @@ def add_aux_k_grads_(
     rows = held - offset
     leaves = [p.detach()[rows].requires_grad_() for p in (sae.W_enc, sae.b_enc, sae.W_dec)]
     b_pre = sae.b_dec.detach()
-    selection = sae._select(x, leaves[0], leaves[1], b_pre, min(aux_k, dead.numel()), held)
+    # x was the main forward's input: checked there, or by the caller's own deferred check.
+    selection = sae._select(x, leaves[0], leaves[1], b_pre, min(aux_k, dead.numel()), held, check_finite=False)
     e_hat = sae._decode_rows(selection.vals, selection.idx, leaves[2], torch.zeros_like(b_pre), held)
     loss = unexplained_fraction(e_hat, residual, denominator)
     if loss.requires_grad:  # a rank without dead rows has nothing to differentiate

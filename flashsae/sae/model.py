@@ -130,14 +130,17 @@ class TopKSAE(nn.Module):
         b_pre: torch.Tensor,
         k: int,
         row_ids: torch.Tensor | None = None,
+        *,
+        check_finite: bool = True,
     ) -> Selection:
         """Top-k of ``relu((x - b_pre) @ W_enc.T + b_enc)`` over the given rows.
 
         W_enc [n, d], b_enc [n]: rows of this module's features (all of them, or a subset such as the
         dead features); ``row_ids`` [n] int64 ascending: their global indices (None: rows 0..n-1).
+        ``check_finite``: see `flashsae.ops.topk_encode`.
         """
         vals, local = ops.topk_encode(x, W_enc, b_enc, k, b_pre=b_pre, backend=self.backend,
-                                      sparse_grad=self.sparse_grad)
+                                      sparse_grad=self.sparse_grad, check_finite=check_finite)
         idx = local if row_ids is None else row_ids[local]
         return Selection(vals, idx, None)
 
@@ -161,9 +164,13 @@ class TopKSAE(nn.Module):
         return ops.sparse_decode(vals, idx, W_dec, b_dec, backend=self.backend, sparse_grad=self.sparse_grad)
 
     # ---------------------------------------------------------------------------------- the forward
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: [B, d] -> (vals [B, k] descending, idx [B, k] int64)."""
-        selection = self._select(x, self.W_enc, self.b_enc, self.b_dec, self.k)
+    def encode(self, x: torch.Tensor, *, check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [B, d] -> (vals [B, k] descending, idx [B, k] int64).
+
+        ``check_finite`` (default True) raises a ValueError naming the first row of x with NaN or
+        Inf (a host sync on a GPU); pass False when the caller checks later itself.
+        """
+        selection = self._select(x, self.W_enc, self.b_enc, self.b_dec, self.k, check_finite=check_finite)
         return selection.vals, selection.idx
 
     def decode(self, vals: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -174,12 +181,13 @@ class TopKSAE(nn.Module):
         """Global indices of the rows held (None when they are simply 0..F-1)."""
         return None
 
-    def forward(self, x: torch.Tensor) -> SAEOutput:
-        """x: [..., d] -> SAEOutput with x_hat [..., d], vals [..., k], idx [..., k]."""
+    def forward(self, x: torch.Tensor, *, check_finite: bool = True) -> SAEOutput:
+        """x: [..., d] (any leading shape, possibly empty) -> SAEOutput with x_hat [..., d], vals [..., k],
+        idx [..., k]. ``check_finite``: see `encode`."""
         lead = x.shape[:-1]
-        vals, idx = self.encode(x.reshape(-1, x.shape[-1]))
+        vals, idx = self.encode(x.reshape(-1, x.shape[-1]), check_finite=check_finite)
         x_hat = self.decode(vals, idx)
-        return SAEOutput(x_hat.reshape(*lead, -1), vals.reshape(*lead, -1), idx.reshape(*lead, -1))
+        return SAEOutput(x_hat.reshape(*lead, self.d_model), vals.reshape(*lead, self.k), idx.reshape(*lead, self.k))
 
     # ------------------------------------------------------------------------------ decoder upkeep
     @torch.no_grad()

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ...checks import MAX_K, parse_dtype
+from ...checks import parse_dtype
 from ...errors import ConfigError
 from ...optim import SparseAdam
 from ..asi import active_subspace, init_active_subspace, resolve_d_init
@@ -32,7 +32,7 @@ from ..parallel.strategy import SingleProcess, make_strategy
 from ..store import ActivationStore
 from ..trainer import DEFAULT_DEAD_WINDOW, NonFiniteError, Trainer, reconstruction_metrics
 from . import checkpoints
-from .config import TrainConfig, default_lr, merge_resumed_config
+from .config import TrainConfig, default_aux_k, default_lr, merge_resumed_config
 from .metrics_log import MetricsLog, check_log_backends, format_metrics
 from .source import leading_tokens, mean_sq_norm_scale, open_activation_source
 
@@ -187,7 +187,7 @@ def _build_trainer(
                                                       backend=cfg.backend)
     else:
         optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    aux_k = cfg.aux_k if cfg.aux_k is not None else min(d_model // 2, MAX_K)
+    aux_k = cfg.aux_k if cfg.aux_k is not None else default_aux_k(d_model)
     tracker = FiringTracker(cfg.n_features, dead_window, device=device)
     return Trainer(model, optimizer, strategy=strategy, tracker=tracker, aux_k=aux_k, aux_coef=cfg.aux_coef)
 

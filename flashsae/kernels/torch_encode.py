@@ -1,0 +1,220 @@
+"""The torch backend's encoder: chunked matmul + exact threshold select, on any device (the CPU default).
+
+For each chunk of features (ascending), ``act = (x - b_pre) @ W[chunk].T + b[chunk]`` in fp32 (float64
+for float64 inputs), then only the entries that can still be in their row's top-k are kept:
+
+- **The floor**: the k-th best value kept so far (0 before k positives). Every kept candidate came
+  from a lower feature index, so an entry of this chunk that is not *strictly* above it can never
+  enter the top-k (k lower-index entries with a value >= it already exist). A strict ``> floor``
+  is exact, ties included; with floor >= 0 it also drops every non-positive entry.
+- **The chunk's own bound**: the k-th largest of the maxima of disjoint column groups of this chunk
+  is at most the chunk's k-th largest entry (k distinct entries reach it), so an entry below it has
+  k strictly larger entries and can never be chosen; entries equal to it stay (``>=``).
+- **The filter** touches every entry only through column-group maxima (``amax`` over strided groups
+  of `GROUP` columns, one vectorized pass): only the groups whose maximum reaches the threshold are
+  gathered and compared entry by entry. The survivors (a few per row and chunk) are merged with the
+  kept top-k by an exact top-k over packed keys (`flashsae.kernels.keys`; float64 values are sorted
+  by index, then stably by value), which ties to the lower index whatever order they arrive in.
+
+Rows with fewer than k positive entries fill up with zeros at the lowest feature indices not chosen
+(`fill_lowest_unchosen`): every non-positive entry is a zero after the ReLU, and a NaN pre-activation
+counts as -inf (a zero after the ReLU, never a firing feature). Memory is O(B * (chunk + k)), never
+B x F. The survivor lists have data-dependent sizes, so on a GPU this backend synchronizes with the
+host; the "triton" backend (`flashsae.kernels.chunked_encode`) runs the same select without that.
+"""
+from __future__ import annotations
+
+import torch
+
+from .keys import EMPTY_KEY, pack_keys, unpack_keys
+
+# Most pre-activations one chunk holds (4M: 16 MiB in fp32, 32 MiB in float64).
+CHUNK_ELEMENTS = 1 << 22
+# Columns per group of the filter: one group maximum stands for this many entries.
+GROUP = 8
+# The chunk's own bound takes the k-th largest of this many times k group maxima (fewer when the
+# chunk is narrow): more makes the bound tighter and its top-k costlier.
+BOUND_GROUPS_PER_K = 2
+
+
+def feature_chunk_size(n_tokens: int, n_features: int) -> int:
+    """Features per chunk, so a chunk holds at most CHUNK_ELEMENTS pre-activations."""
+    return max(1, min(n_features, CHUNK_ELEMENTS // max(n_tokens, 1)))
+
+
+def topk_encode(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    k: int,
+    b_pre: torch.Tensor | None = None,
+    *,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of ``relu((x - b_pre) @ W_enc.T + b_enc)`` per token; the `Backend` contract.
+
+    x: [B, d], W_enc: [F, d], b_enc: [F], b_pre: [d] or None; one dtype (fp32 | bf16 | fp16, math in
+    fp32; or float64, math in float64); 1 <= k <= F. Returns vals [B, k] in x's dtype sorted
+    descending and idx [B, k] int64 (ties to the lower index; rows with fewer than k positive
+    values end in zeros at the lowest unchosen indices). ``chunk_size`` features per matmul
+    (default `feature_chunk_size`).
+    """
+    n_tokens, n_features = x.shape[0], W_enc.shape[0]
+    if n_tokens == 0:
+        return x.new_empty(0, k), torch.empty(0, k, dtype=torch.int64, device=x.device)
+    math_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xc = x.to(math_dtype)
+    if b_pre is not None:
+        xc = xc - b_pre.to(math_dtype)
+    chunk = chunk_size or feature_chunk_size(n_tokens, n_features)
+    best = _Best(n_tokens, k, math_dtype, x.device)
+    for start in range(0, n_features, chunk):
+        stop = min(start + chunk, n_features)
+        act = torch.addmm(b_enc[start:stop].to(math_dtype), xc, W_enc[start:stop].to(math_dtype).T)
+        rows, cols, vals = survivors(act, k, best.floor())
+        best.merge(rows, cols + start, vals)
+    vals, idx = best.result(n_features)
+    return vals.to(x.dtype), idx
+
+
+def survivors(act: torch.Tensor, k: int, floor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The entries of ``act`` [B, c] that may be in their row's top-k: > floor [B] and >= the own bound.
+
+    Returns (rows, cols, vals), flat, rows ascending: row and column (within the chunk) of each
+    survivor and its value. NaN entries count as -inf (never survive). ``act`` is modified only to
+    replace NaN.
+    """
+    n_tokens, width = act.shape
+    n_groups = width // GROUP
+    grouped = width - width % GROUP
+    group_max = torch.amax(act[:, :grouped].view(n_tokens, GROUP, n_groups), dim=1)  # group j: cols j + g * n_groups
+    if bool(torch.isnan(group_max).any()):
+        act.nan_to_num_(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+        group_max = torch.amax(act[:, :grouped].view(n_tokens, GROUP, n_groups), dim=1)
+    threshold = torch.nextafter(floor, floor.new_tensor(float("inf")))  # "> floor" as ">= threshold"
+    if n_groups >= k:
+        torch.maximum(threshold, _own_bound(group_max, k), out=threshold)
+    hits = (group_max >= threshold[:, None]).view(-1).nonzero().squeeze(1)  # flat row * n_groups + j
+    hit_rows = hits // n_groups
+    starts = hits + hit_rows * (width - n_groups)  # flat index of (row, j) in act
+    positions = (starts[:, None] + torch.arange(0, grouped, max(n_groups, 1), device=act.device)).view(-1)
+    values = act.view(-1).take(positions)
+    kept = (values.view(-1, GROUP) >= threshold.take(hit_rows)[:, None]).view(-1).nonzero().squeeze(1)
+    positions, values = positions.take(kept), values.take(kept)
+    if grouped < width:  # the last width % GROUP columns, compared one by one
+        tail = act[:, grouped:]
+        tail_rows, tail_cols = (tail >= threshold[:, None]).nonzero(as_tuple=True)
+        positions = torch.cat([positions, tail_rows * width + grouped + tail_cols])
+        values = torch.cat([values, tail[tail_rows, tail_cols]])
+        order = torch.argsort(positions)
+        positions, values = positions[order], values[order]
+    rows = positions // width
+    return rows, positions - rows * width, values
+
+
+def _own_bound(group_max: torch.Tensor, k: int) -> torch.Tensor:
+    """A lower bound of each row's k-th largest entry: the k-th largest of k * BOUND_GROUPS_PER_K (or
+    fewer) disjoint column groups' maxima, from group_max [B, n] (n >= k, NaN-free) -> [B]."""
+    n_tokens, n_groups = group_max.shape
+    merge = max(1, n_groups // (BOUND_GROUPS_PER_K * k))
+    coarse = n_groups // merge
+    maxima = torch.amax(group_max[:, : coarse * merge].view(n_tokens, merge, coarse), dim=1) if merge > 1 else group_max
+    return maxima.topk(k, dim=1, sorted=False).values.amin(1)
+
+
+class _Best:
+    """The exact top-k kept so far per row, over the positive candidates merged in (features ascending).
+
+    fp32 keeps packed int64 keys (`flashsae.kernels.keys`; the empty key pads a row with fewer than
+    k); float64 keeps (values, indices) sorted by value, then index, padded with value -1.
+    """
+
+    def __init__(self, n_tokens: int, k: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.n_tokens, self.k, self.dtype, self.device = n_tokens, k, dtype, device
+        self.keys: torch.Tensor | None = None
+        self.vals: torch.Tensor | None = None
+        self.idx: torch.Tensor | None = None
+
+    def floor(self) -> torch.Tensor:
+        """[B] the k-th best value kept (0 while a row has fewer than k positive candidates)."""
+        if self.keys is None and self.vals is None:
+            return torch.zeros(self.n_tokens, dtype=self.dtype, device=self.device)
+        if self.dtype == torch.float64:
+            kth = self.vals[:, self.k - 1]
+        else:
+            kth = unpack_keys(self.keys[:, self.k - 1].clamp_min(0))[0]  # the empty key: value 0
+        return kth.clamp_min(0)
+
+    def merge(self, rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor) -> None:
+        """Add the candidates (rows ascending, global feature indices ``cols``, positive ``vals``)."""
+        slots = _row_slots(rows, self.n_tokens)
+        width = int(slots.max()) + 1 if slots.numel() else 0
+        if self.dtype == torch.float64:
+            new_vals = torch.full((self.n_tokens, width), -1.0, dtype=self.dtype, device=self.device)
+            new_idx = torch.zeros((self.n_tokens, width), dtype=torch.int64, device=self.device)
+            new_vals[rows, slots] = vals
+            new_idx[rows, slots] = cols
+            if self.vals is not None:
+                new_vals, new_idx = torch.cat([self.vals, new_vals], 1), torch.cat([self.idx, new_idx], 1)
+            self.vals, self.idx = _exact_topk_float64(new_vals, new_idx, self.k)
+        else:
+            keys = torch.full((self.n_tokens, width), EMPTY_KEY, dtype=torch.int64, device=self.device)
+            keys[rows, slots] = pack_keys(vals, cols)
+            if self.keys is not None:
+                keys = torch.cat([self.keys, keys], 1)
+            if keys.shape[1] < self.k:
+                keys = torch.cat([keys, keys.new_full((self.n_tokens, self.k - keys.shape[1]), EMPTY_KEY)], 1)
+            self.keys = keys.topk(self.k, dim=1, sorted=True).values
+
+    def result(self, n_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(vals [B, k] in the math dtype, descending; idx [B, k] int64), short rows zero-filled."""
+        if self.dtype == torch.float64:
+            vals, idx, empty = self.vals, self.idx, self.vals < 0
+        else:
+            vals, idx = unpack_keys(self.keys)
+            empty = self.keys < 0
+        if bool(empty.any()):
+            idx = fill_lowest_unchosen(idx, empty, n_features)
+            vals = vals.masked_fill(empty, 0.0)
+        return vals, idx
+
+
+def _row_slots(rows: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """Each entry's position among the entries of its row, for ``rows`` ascending."""
+    counts = torch.bincount(rows, minlength=n_tokens)
+    first = torch.cumsum(counts, 0) - counts
+    return torch.arange(rows.numel(), device=rows.device) - first.take(rows)
+
+
+def _exact_topk_float64(vals: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of each row of (vals, idx) [B, n] by value, ties to the lower index; pads (value -1) last.
+
+    Sorting by index first and then stably by value keeps equal values in index order. Rows narrower
+    than k are padded with value -1.
+    """
+    by_index = torch.argsort(torch.where(vals < 0, torch.iinfo(torch.int64).max, idx), dim=1, stable=True)
+    vals, idx = vals.gather(1, by_index), idx.gather(1, by_index)
+    order = torch.sort(vals, dim=1, descending=True, stable=True).indices[:, :k]
+    vals, idx = vals.gather(1, order), idx.gather(1, order)
+    if vals.shape[1] < k:
+        pad = k - vals.shape[1]
+        vals = torch.cat([vals, vals.new_full((vals.shape[0], pad), -1.0)], 1)
+        idx = torch.cat([idx, idx.new_zeros((idx.shape[0], pad))], 1)
+    return vals, idx
+
+
+def fill_lowest_unchosen(idx: torch.Tensor, empty: torch.Tensor, n_features: int) -> torch.Tensor:
+    """idx [B, k] with the ``empty`` slots (bool [B, k], the last slots of a row) replaced by the
+    lowest feature indices the row's other slots do not hold, in ascending order.
+
+    A row with P chosen features needs k - P fillers, all below k + P <= 2k, so only the first
+    min(F, 2k) indices are searched.
+    """
+    n_tokens, k = idx.shape
+    pool = min(n_features, 2 * k)
+    taken = torch.zeros(n_tokens, pool + 1, dtype=torch.uint8, device=idx.device)
+    taken.scatter_(1, torch.where(~empty & (idx < pool), idx, pool), 1)
+    free = torch.argsort(taken[:, :pool], dim=1, stable=True)  # untaken indices first, ascending
+    n_chosen = (~empty).sum(1, keepdim=True)
+    fillers = free.gather(1, (torch.arange(k, device=idx.device) - n_chosen).clamp_(0, pool - 1))
+    return torch.where(empty, fillers, idx)
