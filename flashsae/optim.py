@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 import torch
 
-from .checks import require_choice, require_dtype, require_real
+from .checks import dtype_name, require_choice, require_dtype, require_real
 from .kernels.registry import backend_names, get_backend
 
 MOMENT_DTYPES = (torch.float32, torch.bfloat16)
@@ -94,7 +94,11 @@ class SparseAdam(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, dtype=group["moment_dtype"], memory_format=torch.contiguous_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=group["moment_dtype"], memory_format=torch.contiguous_format)
                 grad, rows = _grad_rows(p)
-                get_backend(group["backend"], p.device).sparse_adam_step_(
+                kernels = get_backend(group["backend"], p.device)
+                if p.dtype not in kernels.float_dtypes:
+                    raise TypeError(f"params include a {dtype_name(p.dtype)} tensor, which backend {kernels.name!r} "
+                                    "does not take; float64 runs on backend='torch'")
+                kernels.sparse_adam_step_(
                     p.view(n_param_rows, -1), grad, rows,
                     state["exp_avg"].view(n_param_rows, -1), state["exp_avg_sq"].view(n_param_rows, -1), state["step"],
                     lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], unit_norm=self.normalizes(p),

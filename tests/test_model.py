@@ -96,10 +96,10 @@ def test_load_of_a_folder_without_weights_names_the_missing_file(tmp_path):
 @pytest.mark.parametrize(
     "args,kwargs,message",
     [
-        ((24, 100, 0), {}, r"k must be in \[1, min\(n_features=100, 512\)\], got k=0"),
-        ((24, 10, 11), {}, r"k must be in \[1, min\(n_features=10, 512\)\], got k=11"),
+        ((24, 100, 0), {}, r"k must be in \[1, n_features=100\], got k=0"),
+        ((24, 10, 11), {}, r"k must be in \[1, n_features=10\], got k=11"),
         ((0, 10, 1), {}, "d_model must be an integer >= 1, got 0"),
-        ((24, 1000, 600), {}, r"k must be in \[1, min\(n_features=1000, 512\)\], got k=600"),
+        ((24, 1000, 1001), {}, r"k must be in \[1, n_features=1000\], got k=1001"),
         ((24, 100, 4), {"backend": "gpu"}, "backend must be one of"),
     ],
 )

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from flashsae import ops
-from flashsae.kernels import reference
+from flashsae.kernels import torch_encode
 from flashsae.kernels.registry import resolve_backend
 from tests.alloc_log import AllocationLog
 
@@ -60,8 +60,8 @@ def test_topk_encode_matches_float64_reference(B, d, F, k, with_b_pre, dtype):
 
 def test_topk_encode_chunked_sweep_equals_one_chunk():
     x, W, b, b_pre = make_encoder(9, 24, 1000, torch.float32, seed=3)
-    one = reference.topk_encode(x, W, b, 7, b_pre)
-    chunked = reference.topk_encode(x, W, b, 7, b_pre, chunk_size=13)
+    one = torch_encode.topk_encode(x, W, b, 7, b_pre)
+    chunked = torch_encode.topk_encode(x, W, b, 7, b_pre, chunk_size=13)
     assert torch.equal(one[0], chunked[0]) and torch.equal(one[1], chunked[1])
 
 
@@ -188,11 +188,13 @@ def test_torch_encoder_memory_stays_far_below_dense_preactivations():
         (lambda x, W, b: ops.topk_encode(x, W, b, 2.0), "k must be an int"),
         (lambda x, W, b: ops.topk_encode(x[:, :5], W, b, 3), "x has 5 columns"),
         (lambda x, W, b: ops.topk_encode(x, W, b[:7], 3), "b_enc must have shape"),
-        (lambda x, W, b: ops.topk_encode(x, W.double(), b, 3), "W_enc must be float32"),
+        (lambda x, W, b: ops.topk_encode(x, W.double(), b, 3), "W_enc has dtype torch.float64 but x has torch.float32"),
         (lambda x, W, b: ops.topk_encode(x, W.half(), b, 3), "W_enc has dtype"),
         (lambda x, W, b: ops.topk_encode(x[0], W, b, 3), "x must be 2-D"),
         (lambda x, W, b: ops.topk_encode(x, W, b, 3, b_pre=x[0, :3]), "b_pre must have shape"),
         (lambda x, W, b: ops.topk_encode(x, W, b, 3, backend="cuda"), "backend must be one of"),
+        (lambda x, W, b: ops.topk_encode(x, W.to(torch.int32), b, 3), "W_enc must be float32, bfloat16, float16 or float64"),
+        (lambda x, W, b: ops.topk_encode(x.double(), W.double(), b, 3), "b_enc has dtype torch.float32 but x has torch.float64"),
         (lambda x, W, b: ops.sparse_decode(x[:, :4], torch.zeros(3, 4, dtype=torch.int32), W, b[:8]), "idx must be an int64"),
         (lambda x, W, b: ops.sparse_decode(x[:, :4], torch.full((3, 4), 50), W, b[:8]), "idx entries must lie in"),
         (lambda x, W, b: ops.sparse_decode(x[:, :4], torch.zeros(3, 5, dtype=torch.long), W, b[:8]), "idx must have shape"),
