@@ -56,7 +56,7 @@ from .triton_common import INTERPRET, POISON_KEY, append_survivors, best_of_list
 # Default bound on the fp32 pre-activation buffer of one chunk.
 DEFAULT_BUFFER_BYTES = 256 << 20
 # Select kernel blocks: BM tokens x BN features per tile; compaction walks a list BL keys at a time.
-BLOCK_M, BLOCK_N, BLOCK_L, SELECT_WARPS = 16, 256, 256, 8
+BLOCK_M, BLOCK_N, BLOCK_L, SELECT_WARPS = 16, 128, 64, 8
 # Smaller tiles for TRITON_INTERPRET (numpy per block op: smaller tiles keep the tests quick).
 INTERPRET_BLOCKS = {"BM": 8, "BN": 64, "BL": 64}
 # Lists hold k keys after a compaction plus room for max(k, this many, one tile) before the next.
@@ -156,16 +156,24 @@ def _select_chunk_kernel(
     count = tl.load(count_ptr + list_row, mask=token_mask, other=0)
     floor = tl.full((BM,), -1, dtype=tl.int32)
     for s in range(0, n_slices):
-        floor = tl.maximum(floor, tl.load(floor_in_ptr + tokens * n_slices + s, mask=token_mask, other=-1))
+        floor = tl.maximum(floor, tl.load(floor_in_ptr + (tokens * n_slices + s), mask=token_mask, other=-1))
     col_begin = pid_s * slice_len
     col_end = tl.minimum(col_begin + slice_len, chunk_len)
+    # Tiles are features x tokens ([BN, BM], see `append_survivors`); the next tile's loads are
+    # issued before this tile is selected (two tiles in flight).
+    cols = col_begin + tl.arange(0, BN).to(tl.int64)
+    pre_next = tl.load(pre_ptr + (tokens[None, :] * chunk_len + cols[:, None]),
+                       mask=(cols < col_end)[:, None] & token_mask[None, :], other=0.0)
+    bias_next = tl.load(bias_ptr + (chunk_start + cols), mask=cols < col_end, other=0.0)
     for c0 in range(col_begin, col_end, BN):
         cols = c0 + tl.arange(0, BN).to(tl.int64)
-        col_mask = cols < col_end
-        tile_mask = token_mask[:, None] & col_mask[None, :]
-        pre = tl.load(pre_ptr + tokens[:, None] * chunk_len + cols[None, :], mask=tile_mask, other=0.0)
-        bias = tl.load(bias_ptr + chunk_start + cols, mask=col_mask, other=0.0).to(tl.float32)
-        bits = tl.where(tile_mask, relu_bits(pre + bias[None, :]), -1)
+        tile_mask = (cols < col_end)[:, None] & token_mask[None, :]
+        pre, bias = pre_next, bias_next
+        ahead = cols + BN
+        pre_next = tl.load(pre_ptr + (tokens[None, :] * chunk_len + ahead[:, None]),
+                           mask=(ahead < col_end)[:, None] & token_mask[None, :], other=0.0)
+        bias_next = tl.load(bias_ptr + (chunk_start + ahead), mask=ahead < col_end, other=0.0)
+        bits = tl.where(tile_mask, relu_bits(pre + bias.to(tl.float32)[:, None]), -1)
         count, floor = append_survivors(keys_ptr, list_row, count, floor, bits, chunk_start + cols, capacity, k, BM, BL)
     tl.store(count_ptr + list_row, count, mask=token_mask)
     tl.store(floor_out_ptr + list_row, floor, mask=token_mask)

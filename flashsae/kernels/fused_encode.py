@@ -45,15 +45,15 @@ MIN_WAVES = 4
 # SM count assumed when no GPU is visible (an H100 SXM), so plans are reproducible on CPU.
 DEFAULT_SMS = 132
 # Compaction walks a list this many keys at a time.
-BLOCK_L = 64
+BLOCK_L = 32
 # One small fixed config for TRITON_INTERPRET (autotuning there is slow and meaningless).
 INTERPRET_BLOCKS = {"BM": 16, "BN": 64, "BK": 32}
 
 # (BM, BN, BK, num_warps, num_stages) for Hopper, with 16-bit and with fp32 inputs. Every entry
 # compiles for sm_90 without spilling, and the 16-bit ones lower ``tl.dot`` to wgmma
 # (tests/test_kernel_compile.py, benchmarks/results/compile-sm90.md).
-BLOCK_CONFIGS: list[tuple[int, int, int, int, int]] = [(64, 128, 64, 4, 3), (128, 64, 64, 8, 3)]
-BLOCK_CONFIGS_FP32: list[tuple[int, int, int, int, int]] = [(64, 64, 32, 4, 3), (32, 64, 32, 4, 3)]
+BLOCK_CONFIGS: list[tuple[int, int, int, int, int]] = [(32, 128, 64, 8, 3), (16, 128, 64, 8, 3)]
+BLOCK_CONFIGS_FP32: list[tuple[int, int, int, int, int]] = [(16, 64, 32, 4, 3), (32, 64, 32, 8, 3)]
 
 
 def block_configs(dtype: torch.dtype) -> list[tuple[int, int, int, int, int]]:
@@ -62,8 +62,10 @@ def block_configs(dtype: torch.dtype) -> list[tuple[int, int, int, int, int]]:
 
 
 # Tiling: program (m, r) owns tokens m*BM : (m+1)*BM and features r*range_len : (r+1)*range_len.
-# For each BN-wide feature tile it accumulates x[tokens] @ W_enc[tile].T over d in BK chunks (fp32
-# accumulator), adds the bias and appends the survivors to the tokens' lists for range r.
+# For each BN-wide feature tile it accumulates W_enc[tile] @ x[tokens].T over d in BK chunks (fp32
+# accumulator [BN, BM]: features on the MMA's M dimension, so a few tokens per program still make a
+# Hopper wgmma tile and the select keeps few elements per thread), adds the bias and appends the
+# survivors to the tokens' lists for range r.
 @triton.jit
 def _fused_range_kernel(
     x_ptr, w_ptr, bias_ptr, keys_ptr, count_ptr,
@@ -83,21 +85,21 @@ def _fused_range_kernel(
     for f0 in range(f_begin, f_end, BN):
         feats = f0 + tl.arange(0, BN).to(tl.int64)
         feat_mask = feats < f_end
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        acc = tl.zeros((BN, BM), dtype=tl.float32)  # features x tokens: BN is the MMA's M dimension
         for k0 in range(0, d, BK):
             cols = k0 + tl.arange(0, BK).to(tl.int64)
             col_mask = cols < d
-            a = tl.load(x_ptr + tokens[:, None] * d + cols[None, :], mask=token_mask[:, None] & col_mask[None, :], other=0.0)
-            w = tl.load(w_ptr + feats[:, None] * d + cols[None, :], mask=feat_mask[:, None] & col_mask[None, :], other=0.0)
+            a = tl.load(x_ptr + (tokens[:, None] * d + cols[None, :]), mask=token_mask[:, None] & col_mask[None, :], other=0.0)
+            w = tl.load(w_ptr + (feats[:, None] * d + cols[None, :]), mask=feat_mask[:, None] & col_mask[None, :], other=0.0)
             if UPCAST_BF16:
                 a = a.to(tl.float32)
                 w = w.to(tl.float32)
             if IEEE_FP32 or UPCAST_BF16:
-                acc = tl.dot(a, tl.trans(w), acc, input_precision="ieee")
+                acc = tl.dot(w, tl.trans(a), acc, input_precision="ieee")
             else:
-                acc = tl.dot(a, tl.trans(w), acc)
-        acc += tl.load(bias_ptr + feats, mask=feat_mask, other=0.0).to(tl.float32)[None, :]
-        bits = tl.where(token_mask[:, None] & feat_mask[None, :], relu_bits(acc), -1)
+                acc = tl.dot(w, tl.trans(a), acc)
+        acc += tl.load(bias_ptr + feats, mask=feat_mask, other=0.0).to(tl.float32)[:, None]
+        bits = tl.where(feat_mask[:, None] & token_mask[None, :], relu_bits(acc), -1)
         count, floor = append_survivors(keys_ptr, list_row, count, floor, bits, feats, capacity, k, BM, BL)
     tl.store(count_ptr + list_row, count, mask=token_mask)
 
@@ -160,12 +162,14 @@ def encode_plan(
 
 
 def range_lists(
-    x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k: int, plan: dict, *, poison: bool = False
+    x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k: int, plan: dict, *,
+    config: dict | None = None, poison: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stage 2: every (token, range) list -> (keys [B, n_ranges, capacity] int64, counts [B, n_ranges] int32).
 
-    x [B, d], W_enc [F, d] (one dtype), bias [F] (any float dtype, read as fp32). ``poison`` fills
-    the lists with a key that unpacks to NaN first, so tests see any slot read unwritten.
+    x [B, d], W_enc [F, d] (one dtype), bias [F] (any float dtype, read as fp32). ``config`` (one
+    of the plan's configs) launches those blocks instead of autotuning over the table. ``poison``
+    fills the lists with a key that unpacks to NaN first, so tests see any slot read unwritten.
     """
     n_tokens, d = x.shape
     n_features = W_enc.shape[0]
@@ -182,8 +186,8 @@ def range_lists(
         "UPCAST_BF16": INTERPRET and x.dtype == torch.bfloat16,
         "BL": BLOCK_L,
     }
-    if INTERPRET:
-        blocks = plan["configs"][0]
+    if INTERPRET or config is not None:
+        blocks = config or plan["configs"][0]
         _fused_range_kernel[(triton.cdiv(n_tokens, blocks["BM"]), n_ranges)](*args, **meta, **blocks)
     else:
         grid = lambda META: (triton.cdiv(n_tokens, META["BM"]), n_ranges)  # noqa: E731

@@ -117,17 +117,17 @@ def compact_lists(keys_ptr, list_row, count, floor, needs, capacity, k, BM: tl.c
         for l0 in range(0, n_max, BL):
             slots = l0 + tl.arange(0, BL).to(tl.int64)
             valid = needs[:, None] & (slots[None, :] < count[:, None])
-            key = tl.load(keys_ptr + list_row[:, None] * capacity + slots[None, :], mask=valid, other=KEY_EMPTY)
+            key = tl.load(keys_ptr + (list_row[:, None] * capacity + slots[None, :]), mask=valid, other=KEY_EMPTY)
             n_ge += tl.sum((key >= trial[:, None]).to(tl.int32), axis=1)
         kth = tl.where(n_ge >= k, trial, kth)
     written = tl.zeros((BM,), dtype=tl.int32)
     for l0 in range(0, n_max, BL):
         slots = l0 + tl.arange(0, BL).to(tl.int64)
         valid = needs[:, None] & (slots[None, :] < count[:, None])
-        key = tl.load(keys_ptr + list_row[:, None] * capacity + slots[None, :], mask=valid, other=KEY_EMPTY)
+        key = tl.load(keys_ptr + (list_row[:, None] * capacity + slots[None, :]), mask=valid, other=KEY_EMPTY)
         keep = valid & (key >= kth[:, None])
         dest = written[:, None] + tl.cumsum(keep.to(tl.int32), axis=1) - 1
-        tl.store(keys_ptr + list_row[:, None] * capacity + dest, key, mask=keep)
+        tl.store(keys_ptr + (list_row[:, None] * capacity + dest), key, mask=keep)
         written += tl.sum(keep.to(tl.int32), axis=1)
     tl.debug_barrier()  # the compacted lists are visible before the next appends
     count = tl.where(needs, written, count)
@@ -135,8 +135,10 @@ def compact_lists(keys_ptr, list_row, count, floor, needs, capacity, k, BM: tl.c
     return count, floor
 
 
-# Tiling: the [BM, BN] tile of one program; bits [BM, BN] int32 are relu_bits of its elements (-1
-# for elements outside the matrix), feats [BN] int64 their feature indices.
+# Tiling: the tile of one program is features x tokens: bits [BN, BM] int32 are relu_bits of its
+# elements (-1 for elements outside the matrix), feats [BN] int64 their feature indices; each token
+# (column) has its list. (Features along the first axis let the fused kernel's GEMM put BN on the
+# wgmma M dimension and keep few elements per thread.)
 @triton.jit
 def append_survivors(keys_ptr, list_row, count, floor, bits, feats, capacity, k, BM: tl.constexpr, BL: tl.constexpr):
     """Append the tile's elements that beat their list's floor; returns the new (count, floor) [BM].
@@ -145,17 +147,17 @@ def append_survivors(keys_ptr, list_row, count, floor, bits, feats, capacity, k,
     stores their keys. A list that would overflow is compacted first (capacity >= k + BN, so it
     always has room afterwards), and the survivors are compared again with its raised floor.
     """
-    beats = bits > floor[:, None]
-    n_new = tl.sum(beats.to(tl.int32), axis=1)
+    beats = bits > floor[None, :]
+    n_new = tl.sum(beats.to(tl.int32), axis=0)
     if tl.max(n_new, axis=0) > 0:
         needs = count + n_new > capacity
         if tl.max(needs.to(tl.int32), axis=0) > 0:
             count, floor = compact_lists(keys_ptr, list_row, count, floor, needs, capacity, k, BM, BL)
-            beats = bits > floor[:, None]
-            n_new = tl.sum(beats.to(tl.int32), axis=1)
-        slot = count[:, None] + tl.cumsum(beats.to(tl.int32), axis=1) - 1
-        key = pack_key(bits, feats[None, :])
-        tl.store(keys_ptr + list_row[:, None] * capacity + slot, key, mask=beats)
+            beats = bits > floor[None, :]
+            n_new = tl.sum(beats.to(tl.int32), axis=0)
+        slot = count[None, :] + tl.cumsum(beats.to(tl.int32), axis=0) - 1
+        key = pack_key(bits, feats[:, None])
+        tl.store(keys_ptr + (list_row[None, :] * capacity + slot), key, mask=beats)
         count += n_new
     return count, floor
 
