@@ -1,7 +1,9 @@
 """The torch backend's encoder: chunked matmul + exact threshold select, on any device (the CPU default).
 
-For each chunk of features (ascending), ``act = (x - b_pre) @ W[chunk].T + b[chunk]`` in fp32 (float64
-for float64 inputs), then only the entries that can still be in their row's top-k are kept:
+For each chunk of features (ascending), ``pre = (x - b_pre) @ W[chunk].T`` in fp32 (float64 for
+float64 inputs), then only the entries of ``pre + b[chunk]`` that can still be in their row's top-k
+are kept (the bias is added to the few entries gathered; group bounds use the group's extreme
+biases):
 
 - **The floor**: the k-th best value kept so far (0 before k positives). Every kept candidate came
   from a lower feature index, so an entry of this chunk that is not *strictly* above it can never
@@ -66,60 +68,64 @@ def topk_encode(
     xc = x.to(math_dtype)
     if b_pre is not None:
         xc = xc - b_pre.to(math_dtype)
+    bias = torch.nan_to_num(b_enc.to(math_dtype), nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
     chunk = chunk_size or feature_chunk_size(n_tokens, n_features)
     best = _Best(n_tokens, k, math_dtype, x.device)
     for start in range(0, n_features, chunk):
         stop = min(start + chunk, n_features)
-        act = torch.addmm(b_enc[start:stop].to(math_dtype), xc, W_enc[start:stop].to(math_dtype).T)
-        rows, cols, vals = survivors(act, k, best.floor())
+        pre = torch.mm(xc, W_enc[start:stop].to(math_dtype).T)
+        rows, cols, vals = survivors(pre, bias[start:stop], k, best.floor())
         best.merge(rows, cols + start, vals)
     vals, idx = best.result(n_features)
     return vals.to(x.dtype), idx
 
 
-def survivors(act: torch.Tensor, k: int, floor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The entries of ``act`` [B, c] that may be in their row's top-k: > floor [B] and >= the own bound.
+def survivors(
+    pre: torch.Tensor, bias: torch.Tensor, k: int, floor: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The entries of ``pre + bias`` ([B, c] + [c]) that may be in their row's top-k: > floor [B] and
+    >= the chunk's own bound.
 
-    Returns (rows, cols, vals), flat, rows ascending: row and column (within the chunk) of each
-    survivor and its value. NaN entries count as -inf (never survive). ``act`` is modified only to
-    replace NaN.
+    The bias is added only to the entries gathered: a group's bound is its maximum of ``pre`` plus
+    the group's largest bias (an upper bound of its values, for the filter) or smallest bias (a lower
+    bound of one of its values, for the own bound). A group whose bound is NaN is gathered, and NaN
+    values never survive. Returns (rows, cols, vals), flat, rows ascending: row and column (within
+    the chunk) of each survivor and its value ``pre + bias``.
     """
-    n_tokens, width = act.shape
+    n_tokens, width = pre.shape
     n_groups = width // GROUP
-    grouped = width - width % GROUP
-    group_max = torch.amax(act[:, :grouped].view(n_tokens, GROUP, n_groups), dim=1)  # group j: cols j + g * n_groups
-    if bool(torch.isnan(group_max).any()):
-        act.nan_to_num_(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
-        group_max = torch.amax(act[:, :grouped].view(n_tokens, GROUP, n_groups), dim=1)
+    grouped = n_groups * GROUP
+    group_max = torch.amax(pre[:, :grouped].view(n_tokens, GROUP, n_groups), dim=1)  # group j: cols j + g * n_groups
+    group_bias = bias[:grouped].view(GROUP, n_groups)
     threshold = torch.nextafter(floor, floor.new_tensor(float("inf")))  # "> floor" as ">= threshold"
     if n_groups >= k:
-        torch.maximum(threshold, _own_bound(group_max, k), out=threshold)
-    hits = (group_max >= threshold[:, None]).view(-1).nonzero().squeeze(1)  # flat row * n_groups + j
-    hit_rows = hits // n_groups
-    starts = hits + hit_rows * (width - n_groups)  # flat index of (row, j) in act
-    positions = (starts[:, None] + torch.arange(0, grouped, max(n_groups, 1), device=act.device)).view(-1)
-    values = act.view(-1).take(positions)
-    kept = (values.view(-1, GROUP) >= threshold.take(hit_rows)[:, None]).view(-1).nonzero().squeeze(1)
-    positions, values = positions.take(kept), values.take(kept)
+        torch.maximum(threshold, _own_bound(group_max + group_bias.amin(0), k), out=threshold)
+    misses = (group_max + group_bias.amax(0)) < threshold[:, None]
+    hit_rows, hit_cols = misses.logical_not_().nonzero(as_tuple=True)  # NaN bounds are hits
+    values = pre[:, :grouped].view(n_tokens, GROUP, n_groups).transpose(1, 2)[hit_rows, hit_cols]  # [hits, GROUP]
+    values += group_bias.T[hit_cols]
+    kept, member = (values >= threshold[hit_rows, None]).nonzero(as_tuple=True)
+    rows, cols, values = hit_rows[kept], hit_cols[kept] + member * n_groups, values[kept, member]
     if grouped < width:  # the last width % GROUP columns, compared one by one
-        tail = act[:, grouped:]
+        tail = pre[:, grouped:] + bias[grouped:]
         tail_rows, tail_cols = (tail >= threshold[:, None]).nonzero(as_tuple=True)
-        positions = torch.cat([positions, tail_rows * width + grouped + tail_cols])
-        values = torch.cat([values, tail[tail_rows, tail_cols]])
-        order = torch.argsort(positions)
-        positions, values = positions[order], values[order]
-    rows = positions // width
-    return rows, positions - rows * width, values
+        order = torch.argsort(torch.cat([rows, tail_rows]), stable=True)
+        rows = torch.cat([rows, tail_rows])[order]
+        cols = torch.cat([cols, tail_cols + grouped])[order]
+        values = torch.cat([values, tail[tail_rows, tail_cols]])[order]
+    return rows, cols, values
 
 
-def _own_bound(group_max: torch.Tensor, k: int) -> torch.Tensor:
-    """A lower bound of each row's k-th largest entry: the k-th largest of k * BOUND_GROUPS_PER_K (or
-    fewer) disjoint column groups' maxima, from group_max [B, n] (n >= k, NaN-free) -> [B]."""
-    n_tokens, n_groups = group_max.shape
+def _own_bound(lower: torch.Tensor, k: int) -> torch.Tensor:
+    """A lower bound of each row's k-th largest entry, from ``lower`` [B, n] (n >= k): per disjoint
+    column group, a value at most one of the group's entries. The k-th largest of k * BOUND_GROUPS_PER_K
+    (or fewer) merged groups' bounds; NaN bounds count as -inf -> [B]."""
+    n_tokens, n_groups = lower.shape
     merge = max(1, n_groups // (BOUND_GROUPS_PER_K * k))
     coarse = n_groups // merge
-    maxima = torch.amax(group_max[:, : coarse * merge].view(n_tokens, merge, coarse), dim=1) if merge > 1 else group_max
-    return maxima.topk(k, dim=1, sorted=False).values.amin(1)
+    bounds = torch.amax(lower[:, : coarse * merge].view(n_tokens, merge, coarse), dim=1) if merge > 1 else lower
+    bounds = torch.nan_to_num(bounds, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    return bounds.topk(k, dim=1, sorted=False).values.amin(1)
 
 
 class _Best:
