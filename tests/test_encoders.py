@@ -25,16 +25,22 @@ from tests.encoder_checks import (
     make_inputs,
 )
 
-# (B, d, F, k, dtype, with b_pre): odd B, d, F; each dtype with several k.
+# (B, d, F, k, dtype, with b_pre): odd B, d, F; every dtype crossed with shapes and several k.
 CASES = [
     (1, 16, 100, 1, FP32, False),
     (7, 40, 1000, 5, FP32, True),
     (13, 96, 2051, 32, FP32, False),
+    (64, 96, 4099, 32, FP32, False),
     (7, 16, 1027, 64, BF16, True),
+    (7, 16, 4099, 64, BF16, True),
     (21, 40, 100, 32, BF16, False),
+    (64, 40, 100, 32, BF16, False),
     (1, 96, 1000, 1, BF16, True),
     (7, 33, 100, 64, FP16, False),
+    (7, 96, 100, 64, FP16, False),
     (3, 40, 777, 5, FP16, True),
+    (1, 40, 4099, 5, FP16, True),
+    (64, 16, 1000, 64, FP16, True),
 ]
 
 

@@ -9,26 +9,6 @@ from flashsae.kernels import fused_encode as tk
 from flashsae.kernels import torch_encode
 from tests.encoder_checks import BF16, FP16, FP32, VAL_RTOL, assert_exact_topk, dense_float64, make_dyadic_inputs, make_inputs
 
-# (B, d, F, k, dtype, with b_pre): every B, d, F, k value appears, dtypes crossed with shapes and k.
-CASES = [
-    (1, 16, 100, 1, FP32, False),
-    (7, 40, 1000, 5, FP32, True),
-    (64, 96, 4099, 32, FP32, False),
-    (7, 16, 4099, 64, BF16, True),
-    (64, 40, 100, 32, BF16, False),
-    (1, 96, 1000, 1, BF16, True),
-    (7, 96, 100, 64, FP16, False),
-    (1, 40, 4099, 5, FP16, True),
-    (64, 16, 1000, 64, FP16, True),
-]
-
-
-@pytest.mark.parametrize("B,d,F,k,dtype,with_pre", CASES)
-def test_forward_matches_float64_topk(B, d, F, k, dtype, with_pre):
-    x, W, b, b_pre = make_inputs(B, d, F, dtype, seed=B * 1000 + d + F + k, with_pre=with_pre)
-    vals, idx = tk.topk_encode(x, W, b, k, b_pre, poison=True)
-    assert_exact_topk(vals, idx, x, W, b, b_pre, k)
-
 
 @pytest.mark.parametrize("n_ranges", [1, 3])
 def test_one_long_range_and_few_ranges_agree_with_float64(n_ranges):
