@@ -4,8 +4,8 @@ For a non-negative fp32 value (a ReLU output), its bit pattern read as an int32 
 value. ``key = bits << 32 | (2^31 - 1 - index)`` therefore sorts descending by value and, among
 equal values, ascending by feature index: a plain integer top-k over keys is an exact top-k with
 ties to the lower index, whatever order the candidates arrive in. -1 is below every real key
-(a real zero has key >= 0) and marks an empty slot. The reference, the Triton encoder (whose
-in-kernel packing, `flashsae.kernels.fused_encode._pack_key`, takes its constants from here) and
+(a real zero has key >= 0) and marks an empty slot. The torch encoder, the Triton encoders (whose
+in-kernel packing, `flashsae.kernels.triton_common.pack_key`, takes its constants from here) and
 the feature-parallel merge all use this one format; indices must be < 2^31. NaN packs as +0.0 (a
 NaN pre-activation counts as -inf, a zero after the ReLU), as in the Triton encoders. Importing this
 module never imports triton.
