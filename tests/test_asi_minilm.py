@@ -43,15 +43,6 @@ def _train(x_train: torch.Tensor, x_test: torch.Tensor, asi: bool) -> dict[str, 
     return {"fvu": float(fvu), "dead_fraction": float((~fired).double().mean())}
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: small matmuls gain nothing from more, and lose a lot on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.model
 @pytest.mark.usefixtures("one_thread")
 def test_asi_leaves_fewer_dead_features_than_random_init_on_minilm_attention_output():

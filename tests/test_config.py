@@ -16,11 +16,13 @@ VALIDATED = [f.name for f in FIELDS if declaration(f).choices is not None or dec
 
 # A value each validated option rejects, as command-line words (each passes argparse's type conversion).
 BAD_VALUES = {
-    "site": ["mlp_in"], "layer": ["-1"], "n_tokens": ["0"], "seq_len": ["0"], "n_features": ["0"],
+    "site": ["mlp_hidden"], "layer": ["-1"], "n_tokens": ["0"], "seq_len": ["0"], "n_features": ["0"],
     "k": ["5000"], "batch_size": ["0"], "epochs": ["0"], "lr": ["0"], "dtype": ["float64"], "device": ["gpu"],
     "backend": ["cuda"], "seed": ["-1"], "init": ["pca"], "d_init": ["1.5"], "asi_tokens": ["0"], "aux_k": ["-1"],
     "aux_coef": ["-0.5"], "dead_window": ["0"], "normalize": ["layer-norm"], "optimizer": ["sgd"],
     "log_every": ["0"], "checkpoint_every": ["-1"], "log": ["jsonl", "csv"], "parallel": ["pipeline"],
+    "k_start": ["5000"], "k_anneal_steps": ["-1"], "init_scale": ["huge"],
+    "overwrite": ["--resume", "runs/elsewhere"],
 }
 
 # A valid value other than the default for every option.
@@ -31,6 +33,7 @@ CHANGED = {
     "seed": 3, "init": "asi", "d_init": 0.25, "asi_center": False, "asi_tokens": 4096, "aux_k": 16, "aux_coef": 0.1,
     "dead_window": 5000, "normalize": "none", "optimizer": "adam", "log_every": 10, "checkpoint_every": 0,
     "resume": "runs/demo", "log": ["jsonl", "wandb"], "parallel": "data", "progress": False,
+    "k_start": 64, "k_anneal_steps": 100, "init_scale": "calibrate", "track_subspace": True, "overwrite": True,
 }
 
 
@@ -175,7 +178,8 @@ def test_every_option_has_a_changed_value_here():
 
 
 def test_the_resumable_options_are_the_run_bookkeeping_ones():
-    assert RESUMABLE == {"out", "resume", "progress", "log_every", "log", "checkpoint_every", "cache", "device"}
+    assert RESUMABLE == {"out", "resume", "progress", "log_every", "log", "checkpoint_every", "cache", "device",
+                         "track_subspace", "overwrite"}
 
 
 @pytest.mark.parametrize("name", NAMES)

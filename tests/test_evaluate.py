@@ -46,10 +46,10 @@ def zero_sae(d: int) -> TopKSAE:
     return sae
 
 
-def run(sae, model, tokenizer, site, layer, **kwargs):
+def run(sae, model, tokenizer, site, layer, documents="all", **kwargs):
     module = hf.resolve_site(model, site, layer)[1]
     kwargs = {"n_tokens": N_TOKENS, "seq_len": SEQ_LEN, "batch_size": 4, "progress": False, **kwargs}
-    return evaluate(sae, model, tokenizer, module, hf.iter_texts(), **kwargs)
+    return evaluate(sae, model, tokenizer, module, hf.iter_texts(documents=documents), **kwargs)
 
 
 @pytest.mark.parametrize("site, layer", [("attn_out", 0), ("mlp_out", 1), ("resid", 0)])
@@ -130,10 +130,37 @@ def test_cli_evaluates_a_checkpoint_from_its_metadata(saved_gpt2, tiny_gpt2, tok
     assert "next-token CE" in printed and "FVU" in printed
     report = json.loads((out / EVAL_FILE).read_text())
     assert report["hook"] == "transformer.h.1.mlp" and report["norm_scale"] == 0.8 and report["seq_len"] == SEQ_LEN
-    expected = run(sae, tiny_gpt2, tokenizer, "mlp_out", 1, norm_scale=0.8)
+    # By default eval reads the held-out documents only; this SAE's metadata does not say training left them out.
+    assert report["documents"] == "heldout" and report["held_out_from_training"] is None
+    expected = run(sae, tiny_gpt2, tokenizer, "mlp_out", 1, documents="heldout", norm_scale=0.8)
     for key in ("n_tokens", "fvu", "l0", "n_dead", "ce_clean", "ce_spliced", "ce_zero_ablated", "ce_mean_ablated"):
         assert report[key] == pytest.approx(expected[key], rel=1e-6), key
     assert (out / DENSITY_PLOT).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_the_progress_bar_stops_at_its_total(tiny_gpt2, tokenizer, capsys):
+    r = run(identity_sae(D), tiny_gpt2, tokenizer, "resid", 0, progress=True)
+    assert r["n_tokens"] > N_TOKENS  # whole batches: the last one passes the total
+    bars = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    final = [line for line in bars if "evaluating" in line][-1]
+    assert f" {N_TOKENS}/{N_TOKENS} " in final, final
+
+
+def test_cli_says_which_tokens_it_reads_and_where_it_writes(saved_gpt2, tmp_path, capsys):
+    torch.manual_seed(4)
+    meta = {"model": str(saved_gpt2), "site": "mlp_out", "layer": 1, "text": "pydoc_data.topics", "seq_len": SEQ_LEN,
+            "documents": "train"}
+    ckpt = TopKSAE(D, 64, 4, backend="torch", metadata=meta).save(tmp_path / "ckpt")
+    assert main(["eval", str(ckpt), "--n-tokens", "100", "--batch-size", "4"]) == 0
+    err = capsys.readouterr().err
+    assert (f"evaluating {ckpt} on the held-out documents of pydoc_data.topics (one in 10), none of them trained "
+            f"on; results go to {ckpt / 'eval'}") in err
+    report = json.loads((ckpt / "eval" / EVAL_FILE).read_text())
+    assert report["documents"] == "heldout" and report["held_out_from_training"] is True
+    assert main(["eval", str(ckpt), "--n-tokens", "100", "--batch-size", "4", "--documents", "all",
+                 "--out", str(tmp_path / "all")]) == 0
+    assert "every document of pydoc_data.topics, including those the SAE was trained on" in capsys.readouterr().err
+    assert json.loads((tmp_path / "all" / EVAL_FILE).read_text())["held_out_from_training"] is False
 
 
 def test_cli_needs_a_model_when_the_metadata_has_none(tmp_path, capsys):

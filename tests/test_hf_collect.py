@@ -241,8 +241,8 @@ def test_collect_to_store_by_hook_path_and_short_texts(tmp_path, bos_tokenizer):
 def test_embedded_minilm_collects_every_site_at_layer_3():
     model, tokenizer = load_model()
     assert model.config.model_type == "bert" and num_layers(model) == 6
-    modules = {site: resolve_site(model, site, 3)[1] for site in SITES}
-    modules["resid2"] = resolve_site(model, "resid", 2)[1]  # layer 3's input
+    modules = {site: resolve_site(model, site, 3) for site in SITES}
+    modules["resid2"] = resolve_site(model, "resid", 2)  # layer 3's input
     got = collect_all(model, tokenizer, modules, iter_texts(), max_tokens=600, seq_len=64, batch_size=8)
     for site in SITES:
         assert got[site].shape == (600, 384) and got[site].dtype == torch.float32
@@ -253,3 +253,5 @@ def test_embedded_minilm_collects_every_site_at_layer_3():
     with torch.no_grad():
         h_mid = block.attention.output.LayerNorm(got["resid2"] + got["attn_out"])
         torch.testing.assert_close(block.output.LayerNorm(h_mid + got["mlp_out"]), got["resid"], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got["mlp_in"], h_mid, rtol=1e-4, atol=1e-4)  # the MLP reads LN(x + attn_out)
+        torch.testing.assert_close(block.attention.output.dense(got["attn_z"]), got["attn_out"], rtol=1e-4, atol=1e-4)

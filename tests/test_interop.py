@@ -66,6 +66,28 @@ def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> None:
 # ---------------------------------------------------------------- SAELens format
 
 
+def test_saelens_export_names_the_model_hook_and_sae_lens_version_of_a_trained_sae(tmp_path):
+    import importlib.metadata
+    import json
+    import re
+    from pathlib import Path
+
+    from flashsae.sae.interop import saelens
+
+    trained = {"model": "gpt2", "hook": "transformer.h.3.attn.c_proj", "seq_len": 64, "text": "corpus.jsonl",
+               "site": "attn_out", "layer": 3}
+    export_saelens(_random_sae(2, metadata=trained), tmp_path)
+    metadata = json.loads((tmp_path / "cfg.json").read_text())["metadata"]
+    assert metadata["sae_lens_version"] == importlib.metadata.version("sae-lens")
+    assert (metadata["model_name"], metadata["hook_name"]) == ("gpt2", "transformer.h.3.attn.c_proj")
+    assert (metadata["context_size"], metadata["dataset_path"]) == (64, "corpus.jsonl")
+    theirs = SAE.load_from_disk(tmp_path)
+    assert (theirs.cfg.metadata.model_name, theirs.cfg.metadata.hook_name) == ("gpt2", "transformer.h.3.attn.c_proj")
+    assert import_saelens(tmp_path).metadata == trained  # our metadata comes back whole, nothing added
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert re.search(r'"sae-lens==([^"]+)"', pyproject).group(1) == saelens.TESTED_SAELENS_VERSION
+
+
 @pytest.mark.parametrize("norm_scale", [None, 2.5])
 def test_saelens_loader_reads_export_and_computes_our_map(tmp_path, norm_scale):
     meta = {"hook_name": "blocks.1.hook_mlp_out", "site": "mlp_out"}

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from flashsae import TopKSAE
+from flashsae.errors import InputError
 
 
 def perturbed_sae(d=24, F=100, k=6, dtype=torch.float32, **kwargs) -> TopKSAE:
@@ -150,3 +151,96 @@ def test_k_above_512_trains_and_selects_exactly():
     out = sae(x)
     pre = torch.relu((x - sae.b_dec) @ sae.W_enc.T + sae.b_enc)
     torch.testing.assert_close(out.vals, pre.topk(700).values)
+
+
+def test_calibrated_encoder_scale_is_the_float64_least_squares_factor_and_keeps_the_selection():
+    d, F, k, n = 24, 96, 5, 200
+    g = torch.Generator().manual_seed(3)
+    sae = TopKSAE(d, F, k, backend="torch")
+    sae.reset_parameters(generator=g)
+    x = torch.randn(n, d, generator=g) * 3 + 0.5
+    with torch.no_grad():
+        sae.b_dec.copy_(x.mean(0))
+        before = sae(x)
+    # float64 dense reference: z = topk(relu((x - b) W^T)), D = z W, s* = <x - b, D> / <D, D>
+    x64, b64, W64 = x.double(), sae.b_dec.double(), sae.W_dec.detach().double()
+    pre = torch.relu((x64 - b64) @ sae.W_enc.detach().double().T)
+    top = pre.topk(k, dim=1)
+    D = torch.zeros_like(pre).scatter(1, top.indices, top.values) @ W64
+    expected = float(((x64 - b64) * D).sum() / D.pow(2).sum())
+    scale = sae.calibrate_encoder_scale_(x)
+    assert abs(scale - expected) <= 1e-5 * abs(expected) and scale != 1.0
+    with torch.no_grad():
+        after = sae(x)
+    assert torch.equal(after.idx, before.idx)  # the selection is unchanged
+    err = lambda out: float((out.x_hat.double() - x64).pow(2).sum())  # noqa: E731
+    assert err(after) < err(before)
+    for factor in (0.9, 1.1):  # and no nearby factor does better
+        with torch.no_grad():
+            sae.W_enc.mul_(factor)
+            assert err(sae(x)) > err(after)
+            sae.W_enc.div_(factor)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading checks cfg.json against the weights
+
+
+def saved(tmp_path, **cfg_changes):
+    """A saved SAE (d=8, F=16, k=2, fp32) whose cfg.json then gets ``cfg_changes`` (None deletes a key)."""
+    folder = TopKSAE(8, 16, 2, metadata={"norm_scale": 1.5}).save(tmp_path / "sae")
+    cfg = json.loads((folder / "cfg.json").read_text())
+    for key, value in cfg_changes.items():
+        if value is None:
+            del cfg[key]
+        else:
+            cfg[key] = value
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def test_load_refuses_a_cfg_dtype_the_weights_do_not_have(tmp_path):
+    folder = saved(tmp_path, dtype="bfloat16")
+    with pytest.raises(InputError, match=r"model.safetensors: W_enc is float32, but .*cfg.json says dtype bfloat16"):
+        TopKSAE.load(folder)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"d_model": 12}, r"W_enc has shape \[16, 8\], but .*cfg.json \(d_model=12, n_features=16\) needs \[16, 12\]"),
+    ({"n_features": 32}, r"W_enc has shape \[16, 8\], but .*\(d_model=8, n_features=32\) needs \[32, 8\]"),
+])
+def test_load_names_the_tensor_whose_shape_disagrees_with_the_cfg(tmp_path, change, message):
+    with pytest.raises(InputError, match=message):
+        TopKSAE.load(saved(tmp_path, **change))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"k": None}, r"cfg.json lacks 'k'"),
+    ({"k": 17}, r"cfg.json: k must be in \[1, n_features=16\], got k=17"),
+    ({"dtype": "float64"}, r"cfg.json: dtype must be one of float32, bfloat16, float16, got 'float64'"),
+    ({"metadata": {"norm_scale": -1}}, r"cfg.json: metadata norm_scale must be a finite number > 0, got -1"),
+    ({"metadata": [1]}, r"cfg.json: metadata must be a JSON object"),
+])
+def test_load_names_a_missing_or_invalid_cfg_field(tmp_path, change, message):
+    with pytest.raises(InputError, match=message):
+        TopKSAE.load(saved(tmp_path, **change))
+
+
+def test_load_names_a_cfg_that_is_not_json_and_weights_that_are_truncated(tmp_path):
+    folder = saved(tmp_path)
+    weights = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(weights[:-40])
+    with pytest.raises(InputError, match=r"model.safetensors is not a readable safetensors file \(truncated"):
+        TopKSAE.load(folder)
+    (folder / "cfg.json").write_text('{"d_model": 8,')
+    with pytest.raises(InputError, match=rf"{folder / 'cfg.json'} is not valid JSON"):
+        TopKSAE.load(folder)
+
+
+def test_load_names_weights_of_another_kind_of_model(tmp_path):
+    from safetensors.torch import save_file
+
+    folder = saved(tmp_path)
+    save_file({"encoder.weight": torch.zeros(16, 8)}, str(folder / "model.safetensors"))
+    with pytest.raises(InputError, match=r"holds tensors \['encoder.weight'\]; a flashsae SAE has"):
+        TopKSAE.load(folder)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def _collected(model, tokenizer, pairs, n_tokens):
     """Activations [n, d] float64 per (site, layer), collected directly."""
-    modules = {f"{s}.{l}": hf.resolve_site(model, s, l)[1] for s, l in pairs}
+    modules = {f"{s}.{l}": hf.resolve_site(model, s, l) for s, l in pairs}
     rows = {name: [] for name in modules}
     for batch in hf.collect_activations(model, tokenizer, modules, hf.iter_texts(), seq_len=SEQ_LEN,
                                          batch_size=8, max_tokens=n_tokens, progress=False):
@@ -67,7 +68,7 @@ def test_table_lists_every_layer_and_site():
     g = torch.Generator().manual_seed(0)
     spectra = {(s, l): torch.rand(16, generator=g).sort(descending=True).values for l in (0, 3) for s in hf.SITES}
     table = format_table(effective_ranks(spectra)).splitlines()
-    assert len(table) == 2 + 6
+    assert len(table) == 2 + 2 * len(hf.SITES)
     assert table[2].split()[:3] == ["0", "attn_out", "16"]
     assert table[-1].split()[:2] == ["3", "resid"]
 
@@ -93,6 +94,9 @@ def test_cli_writes_report_spectra_and_plots(saved_gpt2, tmp_path, capsys):
     pngs = [RANK_PLOT, "spectra_attn_out.png", "spectra_resid.png", "spectra_layer0.png", "spectra_layer1.png"]
     for name in pngs:
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {oct(0o666 & ~umask)}  # shareable files
 
 
 @pytest.mark.parametrize(

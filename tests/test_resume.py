@@ -102,6 +102,9 @@ def test_broken_newest_checkpoints_fall_back_to_the_previous_good_one(uninterrup
 
     resumed = run(flashsae_train("--resume", str(out)))
     assert f"{weights} has" in resumed.stderr and "truncated" in resumed.stderr
+    notes = [line for line in resumed.stderr.splitlines() if "skipping a broken checkpoint" in line]
+    assert len(notes) == 2 and all(line.startswith("note: skipping a broken checkpoint: ") for line in notes)
+    assert "UserWarning" not in resumed.stderr and "warnings.warn" not in resumed.stderr
     assert f"{partial / checkpoints.MANIFEST_FILE} is missing" in resumed.stderr
     assert f"resumed from {previous}" in resumed.stderr
     assert_same_weights(final_weights(out), final_weights(uninterrupted))

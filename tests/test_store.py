@@ -194,3 +194,22 @@ def test_bad_arguments_name_themselves():
         source.batches(0, seed=0, epoch=0)
     with pytest.raises(ValueError, match="rank"):
         source.batches(2, seed=0, epoch=0, rank=2, world_size=2)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"d_model": None}, "lacks 'd_model'"),
+    ({"dtype": "float64"}, "dtype must be one of float32, bfloat16, float16, found 'float64'"),
+    ({"n_tokens": "100"}, "n_tokens must be a positive integer, found '100'"),
+    ({"shards": [{"file": "shard-00000.safetensors"}]}, "shard 0 needs a int 'n_tokens'"),
+])
+def test_a_manifest_missing_a_field_names_the_file_and_the_field(tmp_path, change, message):
+    write_store(tmp_path, torch.randn(30, 4))
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    for key, value in change.items():
+        if value is None:
+            del manifest[key]
+        else:
+            manifest[key] = value
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=f"{tmp_path / 'manifest.json'}.*{message}"):
+        ActivationStore(tmp_path)

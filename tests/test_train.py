@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -21,13 +22,7 @@ from tests import synthetic
 from tests.synthetic import synthetic_activations
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These shapes are tiny: one intra-op thread avoids OpenMP oversubscription on a busy 2-core runner."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes (conftest)
 
 
 def write_store(directory: Path, x: torch.Tensor, shard_tokens: int = 700) -> Path:
@@ -159,6 +154,43 @@ def test_normalization_scale_is_estimated_and_recorded(tmp_path):
     assert unnormalized["norm_scale"] == 1.0
 
 
+def test_k_annealing_subspace_tracking_and_scale_calibration_in_a_run(tmp_path):
+    d, rank = 16, 5
+    x = synthetic_activations(2100, d, rank=rank, seed=6)
+    store = write_store(tmp_path / "store", x)
+    cfg = run_config(store, tmp_path / "run", k=4, k_start=12, k_anneal_steps=20, track_subspace=True, d_init=rank,
+                     init_scale="calibrate", log_every=5)
+    train(cfg)
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["k"] for r in lines] == [10, 8, 6, 4, 4, 4, 4, 4, 4]  # k before the logged step, annealed 12 -> 4
+    assert all(r["l0"] <= 12 for r in lines) and lines[-1]["l0"] <= 4
+    energies = [r["subspace_energy"] for r in lines]
+    assert all(0 < e <= 1 for e in energies)
+    assert energies[0] < 0.6  # random rows: about rank / d = 0.31 of their energy inside the top directions
+    sae = TopKSAE.load(tmp_path / "run" / "final")
+    scale = sae.metadata["init_encoder_scale"]
+    assert math.isfinite(scale) and scale > 0 and scale != 1.0 and scale == sae.metadata["init_optimal_encoder_scale"]
+    assert 0 < sae.metadata["init_fvu"] < 1  # calibrated: the start explains some variance
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_every_file_of_a_run_gets_the_users_umask(tmp_path, umask, capsys):
+    store = write_store(tmp_path / "store", synthetic_activations(600, 8, rank=3, seed=9))
+    previous = os.umask(umask)
+    try:
+        train(run_config(store, tmp_path / "run", checkpoint_every=3, epochs=1))
+    finally:
+        os.umask(previous)
+    files = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
+    names = {p.name for p in files}
+    assert {"run.json", "summary.json", "metrics.jsonl", "cfg.json", "model.safetensors", "manifest.json"} <= names
+    modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in files}
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
+    # The driver says what it does after the last step, before the summary line.
+    err = capsys.readouterr().err
+    assert f"trained 6 steps; measuring the final SAE on its first 600 training tokens and writing final/" in err
+
+
 def test_asi_init_starts_decoder_in_the_active_subspace_and_b_dec_at_the_mean(tmp_path):
     d, rank = 16, 5
     x = synthetic_activations(1500, d, rank=rank, seed=4)
@@ -206,7 +238,7 @@ def test_nan_in_activations_stops_with_the_step_and_keeps_the_last_checkpoint(tm
     [
         (["--k", "300", "--n-features", "256"], "--k"),
         (["--k", "0"], "--k"),
-        (["--site", "mlp_in"], "--site"),
+        (["--site", "mlp_hidden"], "--site"),
         (["--n-features", "-3"], "--n-features"),
         (["--k", "three"], "--k"),
         (["--optimizer", "sgd"], "--optimizer"),

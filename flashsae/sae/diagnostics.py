@@ -7,6 +7,7 @@ live on the SAE's device and are updated without a host sync; only `dead_fractio
 """
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -69,13 +70,40 @@ class FiringTracker:
         self.fire_count.copy_(state["fire_count"])
 
 
+@torch.no_grad()
+def subspace_energy_sums(W_dec: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """float64 [2]: (sum over rows of ||W_dec[f] V||^2 / ||W_dec[f]||^2, number of rows) for W_dec [n, d]
+    and an orthonormal V [d, r]; their ratio is the mean fraction of a decoder row's energy inside span(V)
+    (r / d for rows drawn uniformly on the sphere, 1 for rows inside the subspace)."""
+    W = W_dec.double()
+    inside = (W @ V.to(W.device, torch.float64)).pow(2).sum(1)
+    total = W.pow(2).sum(1).clamp_min(torch.finfo(torch.float64).tiny)
+    return torch.stack([(inside / total).sum(), torch.tensor(float(W.shape[0]), dtype=torch.float64, device=W.device)])
+
+
 def plot_firing_density(density: torch.Tensor, path: str | Path, *, title: str = "") -> Path:
-    """Histogram of log10 firing density [F] (features that never fired in a bar of their own) -> PNG."""
+    """Histogram of log10 firing density [F] (features that never fired in a bar of their own) -> PNG.
+
+    A long ``title`` is wrapped onto several lines rather than cut off at the figure's edge.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig = density_figure(plt, density, title=title)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+TITLE_WIDTH = 60  # characters per line of a plot title: what fits a 6.4-inch figure at matplotlib's title size
+
+
+def density_figure(plt, density: torch.Tensor, *, title: str = ""):
+    """The matplotlib figure `plot_firing_density` saves (``plt``: matplotlib.pyplot)."""
     density = density.detach().double().cpu()
     alive = density[density > 0]
     never = int((density == 0).sum())
@@ -86,11 +114,8 @@ def plot_firing_density(density: torch.Tensor, path: str | Path, *, title: str =
     ax.bar([floor], [never], width=0.25, color="tab:red", label=f"never fired ({never})")
     ax.set_xlabel("log10 firing density (fraction of tokens)")
     ax.set_ylabel("features")
-    ax.set_title(title or f"Feature firing density, F = {density.numel()}")
+    ax.set_title(textwrap.fill(title or f"Feature firing density, F = {density.numel()}", TITLE_WIDTH,
+                               break_long_words=True))
     ax.legend()
     fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return fig

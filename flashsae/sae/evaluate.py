@@ -6,9 +6,9 @@ Reconstruction, over the eval tokens (the real, non-special tokens, exactly the 
   - FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2, MSE per element, L0 (firing features per token),
   - dead features: the fraction that never fired over the eval tokens, and a firing-density histogram.
 
-Downstream, three or four forward passes per batch with a hook on the site's module:
+Downstream, three or four forward passes per batch with a hook on the site (a module's output or input):
   - clean: unchanged;
-  - spliced: the module's output replaced by ``sae(norm_scale * out).x_hat / norm_scale``;
+  - spliced: the activation replaced by ``sae(norm_scale * out).x_hat / norm_scale``;
   - zero-ablated: replaced by zeros; mean-ablated: replaced by its mean over the eval tokens.
 Replacement happens at the positions the SAE was trained on: real, non-special tokens. Special
 tokens ([CLS]/[SEP], BOS) keep their clean output unless ``splice_special_tokens``; padding is never
@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,9 +33,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..checks import require_int
+from ..checks import device_or_default, require_int
 from ..errors import ConfigError, InputError, reraise_as
 from . import hf
+from .atomic import atomic_write, make_output_dir
 from .diagnostics import FiringTracker, plot_firing_density
 from .hf import is_causal_lm
 from .hf.collect import forward_kwargs, text_batches
@@ -41,23 +44,6 @@ from .model import TopKSAE
 
 EVAL_FILE = "eval.json"
 DENSITY_PLOT = "firing_density.png"
-
-
-@contextlib.contextmanager
-def _replace_output(module: nn.Module, replace: Callable[[Tensor], Tensor]) -> Iterator[None]:
-    """While active, ``module``'s output tensor [B, T, d] (the first element of a tuple output) is
-    replaced by ``replace(out)``."""
-
-    def hook(_module, _args, output):
-        if isinstance(output, (tuple, list)):
-            return type(output)([replace(output[0]), *output[1:]])
-        return replace(output)
-
-    handle = module.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 class _ReconstructionStats:
@@ -114,7 +100,7 @@ def evaluate(
     sae: TopKSAE,
     model: nn.Module,
     tokenizer: Any,
-    module: nn.Module,
+    module: nn.Module | hf.HookPoint,
     texts: Iterable[str],
     *,
     n_tokens: int,
@@ -125,7 +111,8 @@ def evaluate(
     mean_ablation: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate ``sae`` on the output of ``module`` (a submodule of ``model``) over about ``n_tokens`` tokens.
+    """Evaluate ``sae`` on the output of ``module`` (a submodule of ``model``, or a `hf.HookPoint`: a module's
+    output or input) over about ``n_tokens`` tokens.
 
     Whole batches of ``batch_size`` windows of <= ``seq_len`` tokens are read until at least
     ``n_tokens`` real tokens were seen (the count is reported). ``norm_scale``: the SAE sees
@@ -139,6 +126,7 @@ def evaluate(
         require_int(name, value)
     if not norm_scale > 0:
         raise ValueError(f"norm_scale must be > 0, got {norm_scale!r}")
+    point = module if isinstance(module, hf.HookPoint) else hf.HookPoint("", module)
     batches = text_batches(tokenizer, texts, seq_len, batch_size)
     causal = is_causal_lm(model)
     device = next(model.parameters()).device
@@ -173,7 +161,7 @@ def evaluate(
         return replace
 
     def run(inputs: dict[str, Tensor], replace: Callable[[Tensor], Tensor] | None):
-        ctx = contextlib.nullcontext() if replace is None else _replace_output(module, replace)
+        ctx = contextlib.nullcontext() if replace is None else point.replace(replace)
         with ctx:
             out = model(**inputs, **extra)
         return out.logits if causal else (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])
@@ -212,13 +200,13 @@ def evaluate(
             kept.append((inputs, where["mask"], clean_ref))
             n_new = int(mask.sum())
             seen += n_new
-            bar.update(n_new)
+            bar.update(min(n_new, n_tokens - bar.n))  # the last batch may pass n_tokens; the bar stops at it
             if seen >= n_tokens:
                 break
     finally:
         bar.close()
     if seen == 0:
-        raise ValueError("the text yielded no tokens to evaluate on")
+        raise InputError("the texts yielded no tokens to evaluate on")
 
     if mean_ablation:
         mean = (stats.sum_x / stats.n / scale).float()
@@ -265,7 +253,9 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> None:
         "density histogram, and the effect of splicing the reconstruction into the model at its site against the "
         "clean model and the zero- and mean-ablated site (next-token loss for causal LMs, cosine similarity of mean-"
         "pooled embeddings for encoders). Model, site, hook, text, sequence length and norm scale default to the "
-        f"checkpoint's metadata. Writes {EVAL_FILE} and {DENSITY_PLOT} to --out.",
+        "checkpoint's metadata. By default only the text's held-out documents are read (one in "
+        f"{hf.HELDOUT_EVERY}, chosen by their hash), which flashsae train never collects, so no token was trained "
+        f"on. Writes {EVAL_FILE} and {DENSITY_PLOT} to --out (default: CHECKPOINT/eval).",
     )
     p.add_argument("checkpoint", type=Path, help="flashsae checkpoint directory (cfg.json + model.safetensors)")
     p.add_argument("--model", default=None, help="Hugging Face model id or directory (default: from the checkpoint)")
@@ -276,6 +266,9 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--norm-scale", type=float, default=None,
                    help="the SAE sees norm_scale * activation (default: from the checkpoint, else 1)")
     p.add_argument("--text", default=None, help="text source (default: from the checkpoint, else pydoc topics)")
+    p.add_argument("--documents", choices=("heldout", "all"), default="heldout",
+                   help=f"heldout: only the one document in {hf.HELDOUT_EVERY} that training leaves out; all: every "
+                   "document, including those trained on (default: %(default)s)")
     p.add_argument("--n-tokens", type=int, default=20_000, help="tokens to evaluate on (default: %(default)s)")
     p.add_argument("--seq-len", type=int, default=None,
                    help="tokens per window (default: from the checkpoint, else 128)")
@@ -290,23 +283,21 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _resolve_module(args: argparse.Namespace, meta: dict[str, Any],
-                    model: nn.Module) -> tuple[str, nn.Module, Any, Any]:
-    """(module path, module, site, layer) from the command line, falling back to the checkpoint metadata."""
+                    model: nn.Module) -> tuple[hf.HookPoint, Any, Any]:
+    """(hook point, site, layer) from the command line, falling back to the checkpoint metadata."""
     if args.hook:
-        return args.hook, hf.resolve_hook(model, args.hook), args.site, args.layer
+        return hf.hook_point(model, args.hook), args.site, args.layer
     if args.site is not None or args.layer is not None:
         site = args.site if args.site is not None else meta.get("site")
         layer = args.layer if args.layer is not None else meta.get("layer")
         if site not in hf.SITES or not isinstance(layer, int):
             raise ConfigError(
                 f"--site and --layer: need a site in {hf.SITES} and a layer, got {site!r}, {layer!r}")
-        path, module = hf.resolve_site(model, site, layer)
-        return path, module, site, layer
+        return hf.resolve_site(model, site, layer), site, layer
     if meta.get("hook"):
-        return meta["hook"], hf.resolve_hook(model, meta["hook"]), meta.get("site"), meta.get("layer")
+        return hf.hook_point(model, meta["hook"]), meta.get("site"), meta.get("layer")
     if meta.get("site") in hf.SITES and isinstance(meta.get("layer"), int):
-        path, module = hf.resolve_site(model, meta["site"], meta["layer"])
-        return path, module, meta["site"], meta["layer"]
+        return hf.resolve_site(model, meta["site"], meta["layer"]), meta["site"], meta["layer"]
     raise ConfigError("the checkpoint's metadata names no hook or site/layer: pass --hook or --site and --layer")
 
 
@@ -315,9 +306,11 @@ def run_eval(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    with reraise_as(InputError, FileNotFoundError):
-        sae = TopKSAE.load(args.checkpoint, device=device)
+    if args.norm_scale is not None and not args.norm_scale > 0:
+        raise ConfigError(f"--norm-scale must be > 0, got {args.norm_scale}")
+    with reraise_as(ConfigError, ValueError):
+        device = device_or_default("--device", args.device)
+    sae = TopKSAE.load(args.checkpoint, device=device)
     meta = sae.metadata
     model_name = args.model or meta.get("model")
     if not model_name:
@@ -326,23 +319,61 @@ def run_eval(args: argparse.Namespace) -> int:
     norm_scale = args.norm_scale if args.norm_scale is not None else float(meta.get("norm_scale") or 1.0)
     text = args.text if args.text is not None else meta.get("text")
     seq_len = args.seq_len or int(meta.get("seq_len") or 128)
+    hf.check_text_source(text)
+    out = args.out if args.out is not None else args.checkpoint / "eval"
+    make_output_dir(out)
+    texts = _nonempty(hf.iter_texts(text, documents=args.documents), text, args.documents)
+    held_out = _held_out_from_training(meta, text, args.documents)
+    print(f"evaluating {args.checkpoint} on {_describe_tokens(text, args.documents, held_out)}; "
+          f"results go to {out}", file=sys.stderr)
     model, tokenizer = hf.load_model(model_name, device=device, revision=revision)
     with reraise_as(ConfigError, ValueError):  # a site, layer or hook path this model lacks
-        path, module, site, layer = _resolve_module(args, meta, model)
-    result = evaluate(sae, model, tokenizer, module, hf.iter_texts(text), n_tokens=args.n_tokens,
+        point, site, layer = _resolve_module(args, meta, model)
+    result = evaluate(sae, model, tokenizer, point, texts, n_tokens=args.n_tokens,
                       norm_scale=norm_scale, seq_len=seq_len, batch_size=args.batch_size,
                       splice_special_tokens=args.splice_special_tokens, mean_ablation=args.mean_ablation)
     density = result.pop("firing_density")
     report = {"checkpoint": str(args.checkpoint), "model": model_name, "revision": revision, "site": site,
-              "layer": layer, "hook": path, "text": text or hf.DEFAULT_TEXT, "seq_len": seq_len, **result}
-    out = args.out if args.out is not None else args.checkpoint / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / EVAL_FILE).write_text(json.dumps(report, indent=2))
+              "layer": layer, "hook": point.path, "text": text or hf.DEFAULT_TEXT, "documents": args.documents,
+              "held_out_from_training": held_out, "seq_len": seq_len, **result}
+    atomic_write(out / EVAL_FILE, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
     plot_firing_density(density, out / DENSITY_PLOT,
-                        title=f"Firing density over {result['n_tokens']} tokens: {path}, F = {sae.n_features}")
+                        title=f"Firing density over {result['n_tokens']} tokens: {point.path}, F = {sae.n_features}")
     print(format_summary(report))
     print(f"wrote {EVAL_FILE} and {DENSITY_PLOT} to {out}")
     return 0
+
+
+def _held_out_from_training(meta: dict[str, Any], text: str | None, documents: str) -> bool | None:
+    """Whether no eval token was trained on: True when the SAE's training read only the other documents of
+    this text (or another text), False for --documents all of the training text, None when the metadata
+    does not say which documents training read."""
+    same_text = (text or hf.DEFAULT_TEXT) == (meta.get("text") or hf.DEFAULT_TEXT)
+    if not same_text and meta.get("text") is not None:
+        return True
+    if documents == "all":
+        return False
+    return True if meta.get("documents") == "train" else None
+
+
+def _describe_tokens(text: str | None, documents: str, held_out: bool | None) -> str:
+    """Which tokens eval reads, for the line it prints before it starts."""
+    name = text or hf.DEFAULT_TEXT
+    which = (f"the held-out documents of {name} (one in {hf.HELDOUT_EVERY})" if documents == "heldout"
+             else f"every document of {name}")
+    if held_out is None:
+        return which + ", which the SAE's metadata does not say its training left out"
+    return which + (", none of them trained on" if held_out else ", including those the SAE was trained on")
+
+
+def _nonempty(texts: Iterator[str], source: str | None, documents: str) -> Iterator[str]:
+    """``texts``, once its first non-blank document is read; InputError naming the source when there is none."""
+    first = next((t for t in texts if t.strip()), None)
+    if first is None:
+        which = "held-out documents" if documents == "heldout" else "text"
+        hint = " (pass --documents all, or a --text with more documents)" if documents == "heldout" else ""
+        raise InputError(f"--text {source or hf.DEFAULT_TEXT} has no {which} to evaluate on{hint}")
+    return itertools.chain([first], texts)
 
 
 def format_summary(report: dict[str, Any]) -> str:

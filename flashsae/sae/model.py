@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .. import ops
+from ..checks import dtype_name, parse_dtype, require_choice, require_int, require_k, require_number
+from ..errors import InputError, InputNotFoundError
 from ..kernels.registry import backend_names
-from ..checks import dtype_name, parse_dtype, require_choice, require_int, require_k
 from .atomic import atomic_write
 
 CONFIG_FILE = "cfg.json"
@@ -120,6 +122,29 @@ class TopKSAE(nn.Module):
         W = W / W.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
         self.W_dec.copy_(W)
         self.W_enc.copy_(W)
+
+    @torch.no_grad()
+    def optimal_encoder_scale(self, x: torch.Tensor) -> float:
+        """The factor s by which scaling W_enc and b_enc minimizes ``sum ||x - x_hat||^2`` over x [n, d].
+
+        Scaling the encoder by s > 0 scales every pre-activation by s, so the selection is unchanged and
+        ``x_hat - b_dec`` scales by s: the optimum is ``s = <x - b_dec, D> / <D, D>`` with D the decode
+        (without b_dec) at s = 1, in float64; 1.0 when nothing fires.
+        """
+        vals, idx = self.encode(x)
+        decoded = self.decode(vals, idx).double() - self.b_dec.double()
+        power = decoded.pow(2).sum()
+        return float(((x.double() - self.b_dec.double()) * decoded).sum() / power) if power > 0 else 1.0
+
+    @torch.no_grad()
+    def calibrate_encoder_scale_(self, x: torch.Tensor) -> float:
+        """Scale W_enc and b_enc by `optimal_encoder_scale` of x [n, d] (when positive); returns the factor used."""
+        scale = self.optimal_encoder_scale(x)
+        if not scale > 0:
+            return 1.0
+        self.W_enc.mul_(scale)
+        self.b_enc.mul_(scale)
+        return scale
 
     # ------------------------------------------------------------------------- the two steps to split
     def _select(
@@ -242,20 +267,85 @@ class TopKSAE(nn.Module):
     def load(
         cls, path: str | os.PathLike, *, device: torch.device | str | None = None, **kwargs: Any
     ) -> "TopKSAE":
-        """Read a directory written by `save`; ``kwargs`` (backend, sparse_grad, dtype) override the config."""
+        """Read a directory written by `save`; ``kwargs`` (backend, sparse_grad, dtype) override the config.
+
+        ``cfg.json`` is checked against the weights before anything is built: InputError names the
+        file and what disagrees (a missing or invalid field, a tensor's shape or dtype, a file that is
+        not valid JSON or safetensors); InputNotFoundError names a missing file.
+        """
         folder = Path(path)
         for name in (CONFIG_FILE, WEIGHTS_FILE):
             if not (folder / name).is_file():
-                raise FileNotFoundError(f"{folder} is not a flashsae checkpoint: {name} is missing")
-        cfg = json.loads((folder / CONFIG_FILE).read_text())
+                raise InputNotFoundError(f"{folder} is not a flashsae checkpoint: {name} is missing")
+        cfg = read_saved_config(folder / CONFIG_FILE)
+        state = _read_saved_weights(folder / WEIGHTS_FILE, cfg, device)
         dtype = kwargs.pop("dtype", parse_dtype(cfg["dtype"]))
         sae = cls(
             cfg["d_model"], cfg["n_features"], cfg["k"], dtype=dtype, device=device,
             metadata=cfg.get("metadata"), **kwargs,
         )
-        state = load_file(str(folder / WEIGHTS_FILE), device=str(sae.W_dec.device))
         sae.load_state_dict({name: t.to(dtype) for name, t in state.items()})
         return sae
+
+
+def _parameter_shapes(d_model: int, n_features: int) -> dict[str, tuple[int, ...]]:
+    """The saved parameters' names and shapes."""
+    return {"W_enc": (n_features, d_model), "b_enc": (n_features,), "W_dec": (n_features, d_model), "b_dec": (d_model,)}
+
+
+def read_saved_config(file: Path) -> dict[str, Any]:
+    """A saved ``cfg.json``, checked: d_model, n_features and k positive integers, k selectable, a known dtype,
+    metadata an object whose ``norm_scale`` (if any) is a positive number; InputError naming ``file`` otherwise."""
+    try:
+        cfg = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{file} is not valid JSON: {err}") from None
+    if not isinstance(cfg, dict):
+        raise InputError(f"{file} must hold a JSON object, got {type(cfg).__name__}")
+    for key in ("d_model", "n_features", "k", "dtype"):
+        if key not in cfg:
+            raise InputError(f"{file} lacks {key!r}")
+    try:
+        require_int("d_model", cfg["d_model"])
+        require_int("n_features", cfg["n_features"])
+        require_k(cfg["k"], cfg["n_features"])
+        parse_dtype(cfg["dtype"])
+    except (TypeError, ValueError) as err:
+        raise InputError(f"{file}: {err}") from None
+    metadata = cfg.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise InputError(f"{file}: metadata must be a JSON object, got {metadata!r}")
+    scale = (metadata or {}).get("norm_scale")
+    if scale is not None:
+        try:
+            require_number("metadata norm_scale", scale, 0.0, strict=True)
+        except ValueError as err:
+            raise InputError(f"{file}: {err}") from None
+    return cfg
+
+
+def _read_saved_weights(file: Path, cfg: dict[str, Any], device: torch.device | str | None) -> dict[str, torch.Tensor]:
+    """The tensors of ``model.safetensors`` on ``device``, after checking their names, shapes and dtype
+    against ``cfg`` (the checked cfg.json); InputError naming the file and what disagrees otherwise."""
+    try:
+        state = load_file(str(file), device=str(torch.device(device) if device is not None else "cpu"))
+    except SafetensorError as err:
+        raise InputError(f"{file} is not a readable safetensors file (truncated or corrupt?): {err}") from None
+    expected = _parameter_shapes(cfg["d_model"], cfg["n_features"])
+    if set(state) != set(expected):
+        raise InputError(f"{file} holds tensors {sorted(state)}; a flashsae SAE has {sorted(expected)}")
+    config_file = file.parent / CONFIG_FILE
+    for name, shape in expected.items():
+        if tuple(state[name].shape) != shape:
+            raise InputError(
+                f"{file}: {name} has shape {list(state[name].shape)}, but {config_file} (d_model={cfg['d_model']}, "
+                f"n_features={cfg['n_features']}) needs {list(shape)}"
+            )
+        if dtype_name(state[name].dtype) != cfg["dtype"]:
+            raise InputError(
+                f"{file}: {name} is {dtype_name(state[name].dtype)}, but {config_file} says dtype {cfg['dtype']}"
+            )
+    return state
 
 
 def _sparse_grad_rows(param: torch.Tensor) -> torch.Tensor | None:

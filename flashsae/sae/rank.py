@@ -19,17 +19,21 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from ..checks import require_int
 from ..analysis import EffectiveRank, effective_rank, plot_effective_rank, plot_spectra
-from ..errors import ConfigError
+from ..checks import device_or_default, require_int
+from ..errors import ConfigError, InputError, reraise_as
 from ..linalg import randomized_svd
 from . import hf
+from .atomic import atomic_write, make_output_dir
 
 RANK_FILE = "rank.json"
 SPECTRA_FILE = "spectra.safetensors"
 RANK_PLOT = "effective_rank.png"
 
 Pair = tuple[str, int]
+# Sites as wide as the model's hidden size in every architecture of the site table (attn_z is
+# heads x head_dim wide, which may differ), so --n-tokens is checked against it before any work.
+_HIDDEN_WIDE_SITES = {"attn_out", "mlp_out", "resid", "mlp_in"}
 
 
 def parse_sites(text: str) -> tuple[str, ...]:
@@ -107,7 +111,7 @@ def spectra_with_count(
     pairs = [(site, layer) for layer in layers for site in sites]
     if not pairs:
         raise ValueError("sites and layers must each name at least one entry")
-    modules = {_pair_name(s, l): hf.resolve_site(model, s, l)[1] for s, l in pairs}
+    modules = {_pair_name(s, l): hf.resolve_site(model, s, l) for s, l in pairs}
     names = list(modules)
     if method == "randomized" and not isinstance(texts, (list, tuple)):
         texts = list(texts)  # read n_iter + 2 times
@@ -122,11 +126,11 @@ def spectra_with_count(
     batches = iter(collect())
     first = next(batches, None)
     if first is None:
-        raise ValueError("the text yielded no tokens")
+        raise InputError("the text yielded no tokens")
     widths = {name: int(first[name].shape[-1]) for name in names}
     width = max(widths.values())
     if n_tokens < width:
-        raise ValueError(f"n_tokens must be >= d = {width} for a full spectrum, got {n_tokens}")
+        raise ConfigError(f"n_tokens must be >= d = {width} for a full spectrum, got {n_tokens}")
     fresh = [itertools.chain([first], batches)]
 
     def chunks() -> Iterator[Tensor]:
@@ -137,7 +141,7 @@ def spectra_with_count(
     except ValueError as err:
         if not str(err).startswith("rank must be"):
             raise
-        raise ValueError(
+        raise InputError(
             f"the text ran out before d = {width} tokens: a full spectrum needs at least d tokens") from None
     spectra = {pair: result.S[i, : widths[name]] for i, (pair, name) in enumerate(zip(pairs, names))}
     return spectra, result.n_rows
@@ -174,9 +178,9 @@ def write_report(out: Path, spectra: Mapping[Pair, Tensor], ranks: Mapping[Pair,
     report["ranks"] = {site: {str(layer): ranks[(site, layer)].as_dict() for layer in layers
                               if (site, layer) in ranks} for site in sites}
     paths = [out / RANK_FILE]
-    paths[0].write_text(json.dumps(report, indent=2))
-    save_file({_pair_name(*pair): S.detach().float().contiguous().cpu() for pair, S in spectra.items()},
-              str(out / SPECTRA_FILE))
+    atomic_write(paths[0], lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
+    tensors = {_pair_name(*pair): S.detach().float().contiguous().cpu() for pair, S in spectra.items()}
+    atomic_write(out / SPECTRA_FILE, lambda tmp: save_file(tensors, tmp))  # with the user's umask
     paths.append(out / SPECTRA_FILE)
     per_site = {site: {layer: ranks[(site, layer)] for layer in layers if (site, layer) in ranks} for site in sites}
     paths.append(plot_effective_rank(per_site, out / RANK_PLOT,
@@ -201,7 +205,7 @@ def add_rank_command(subparsers: argparse._SubParsersAction) -> None:
         "rank", help="spectra and effective rank of activations per site and layer",
         description="Collect activations at every requested site and layer in one pass over the text, compute "
         "their full singular-value spectra (mean-centered by default) and report the entropy effective rank and "
-        "the number of components for 90/95/99%% of the variance, as counts and as fractions of d. Writes "
+        "the number of components for 90/95/99% of the variance, as counts and as fractions of d. Writes "
         f"{RANK_FILE}, {SPECTRA_FILE} and PNG plots to --out.",
     )
     p.add_argument("--model", default=hf.EMBEDDED_MODEL,
@@ -230,7 +234,14 @@ def run_rank(args: argparse.Namespace) -> int:
     for name in ("n_tokens", "seq_len", "batch_size"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    with reraise_as(ConfigError, ValueError):
+        device = device_or_default("--device", args.device)
+    hf.check_text_source(args.text)
+    width = getattr(hf.load_config(args.model, revision=args.revision), "hidden_size", None)
+    if isinstance(width, int) and args.n_tokens < width and set(sites) & _HIDDEN_WIDE_SITES:
+        raise ConfigError(f"--n-tokens {args.n_tokens} is less than d = {width}, the model's hidden size: a full "
+                          "spectrum needs at least d tokens")
+    make_output_dir(args.out)
     model, tokenizer = hf.load_model(args.model, device=device, revision=args.revision)
     layers = parse_layers(args.layers, hf.num_layers(model))
     spectra, n_read = spectra_with_count(

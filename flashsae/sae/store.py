@@ -320,6 +320,33 @@ def _prefetched(source: Iterator[torch.Tensor], depth: int) -> Iterator[torch.Te
         thread.join()
 
 
+_SHARD_FIELDS = {"file": str, "n_tokens": int, "bytes": int, "sha256": str}
+
+
+def _check_manifest(path: Path, manifest: Any) -> None:
+    """ValueError naming ``path`` and the field unless ``manifest`` has every field a reader needs, of its type."""
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(manifest).__name__}")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version must be {FORMAT_VERSION}, found {version!r}")
+    for field in ("dtype", "d_model", "n_tokens", "shards"):
+        if field not in manifest:
+            raise ValueError(f"{path} lacks {field!r}: it is not a complete activation store manifest")
+    if manifest["dtype"] not in DTYPES:
+        raise ValueError(f"{path}: dtype must be one of {', '.join(DTYPES)}, found {manifest['dtype']!r}")
+    for field in ("d_model", "n_tokens"):
+        value = manifest[field]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{path}: {field} must be a positive integer, found {value!r}")
+    if not isinstance(manifest["shards"], list):
+        raise ValueError(f"{path}: shards must be a list, found {manifest['shards']!r}")
+    for number, shard in enumerate(manifest["shards"]):
+        for field, kind in _SHARD_FIELDS.items():
+            if not isinstance(shard, dict) or not isinstance(shard.get(field), kind) or isinstance(shard.get(field), bool):
+                raise ValueError(f"{path}: shard {number} needs a {kind.__name__} {field!r}, found {shard!r}")
+
+
 class ActivationStore(_ShardedSource):
     """Read a directory written by `ActivationStoreWriter`.
 
@@ -342,9 +369,7 @@ class ActivationStore(_ShardedSource):
             self.manifest: dict[str, Any] = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path} is not valid JSON: {exc}") from exc
-        version = self.manifest.get("format_version")
-        if version != FORMAT_VERSION:
-            raise ValueError(f"{path}: format_version must be {FORMAT_VERSION}, found {version!r}")
+        _check_manifest(path, self.manifest)
         for field, expected in (expect or {}).items():
             found = self.manifest.get(field)
             if found != expected:

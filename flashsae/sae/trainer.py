@@ -8,6 +8,7 @@ parallel and feature parallel comes from the `flashsae.sae.parallel` strategy it
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -28,7 +29,8 @@ class NonFiniteError(FloatingPointError):
 class Trainer:
     """One SAE, its optimizer and the run's per-step bookkeeping.
 
-    ``model``: the SAE this rank trains (``strategy.wrap(sae)``). ``strategy``: how the step is
+    ``model``: the SAE this rank trains (``strategy.wrap(sae)``). ``k_schedule(steps taken)`` sets the
+    model's k before each step (k annealing); None keeps it. ``strategy``: how the step is
     spread over processes (default: one process); x given to `step` is this rank's part of the
     global batch as the strategy's ``data_shard`` says. The decoder rows stay on the unit sphere:
     by the optimizer itself when it is a `SparseAdam` that normalizes W_dec, otherwise by removing
@@ -45,6 +47,7 @@ class Trainer:
         aux_k: int = 0,
         aux_coef: float = 1 / 32,
         dead_window: int = DEFAULT_DEAD_WINDOW,
+        k_schedule: Callable[[int], int] | None = None,
         check_every_step: bool | None = None,
     ) -> None:
         self.model, self.optimizer = model, optimizer
@@ -52,6 +55,7 @@ class Trainer:
         self.device = model.W_dec.device
         self.tracker = tracker or FiringTracker(model.n_features, dead_window, device=self.device)
         self.aux_k, self.aux_coef = aux_k, aux_coef
+        self.k_schedule = k_schedule
         self.unit_norm_by_optimizer = isinstance(optimizer, SparseAdam) and optimizer.normalizes(model.W_dec)
         # A host check costs nothing on CPU; on GPUs it is deferred to log and checkpoint steps.
         self.check_every_step = self.device.type == "cpu" if check_every_step is None else check_every_step
@@ -82,8 +86,10 @@ class Trainer:
 
     def step(self, x: torch.Tensor) -> None:
         """One optimization step on x [b, d] (already normalized, on the model's device and dtype)."""
-        self.step_count += 1
         model, opt, strategy = self.model, self.optimizer, self.strategy
+        if self.k_schedule is not None:
+            model.k = self.k_schedule(self.step_count)
+        self.step_count += 1
         if self.check_every_step:  # stop before a bad batch touches the weights
             self._note_nonfinite(~torch.isfinite(x).all(), torch.zeros((), dtype=torch.bool, device=x.device))
         opt.zero_grad(set_to_none=True)

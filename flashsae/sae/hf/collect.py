@@ -11,7 +11,7 @@ import contextlib
 import inspect
 import os
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ...checks import DTYPES, require_dtype, require_int
 from ..store import DEFAULT_SHARD_TOKENS, ActivationStore, ActivationStoreWriter
-from .sites import layer_from_path
+from .sites import HookPoint, layer_from_path
 from .texts import DEFAULT_TEXT, text_source_hash
 
 
@@ -98,43 +98,47 @@ def _model_device(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
+def _hook_points(modules: Mapping[str, nn.Module | HookPoint]) -> dict[str, HookPoint]:
+    """name -> HookPoint; a bare module stands for its output."""
+    return {name: m if isinstance(m, HookPoint) else HookPoint(name, m) for name, m in modules.items()}
+
+
 def _forward_captured(
     model: nn.Module,
-    modules: Mapping[str, nn.Module],
+    points: Mapping[str, HookPoint],
     inputs: dict[str, torch.Tensor],
     keep: torch.Tensor,
     dtype: torch.dtype,
     stop_early: bool,
 ) -> dict[str, torch.Tensor]:
-    """One forward with hooks on ``modules`` (attached for this call only): name -> [keep.sum(), d]."""
+    """One forward with hooks on ``points`` (attached for this call only): name -> [keep.sum(), d]."""
     captured: dict[str, torch.Tensor] = {}
     shape = tuple(keep.shape)
 
-    def make_hook(name: str):
-        def hook(_module, _args, output):
-            out = output[0] if isinstance(output, (tuple, list)) else output
+    def recorder(name: str) -> Callable[[torch.Tensor], None]:
+        def record(out: torch.Tensor) -> None:
             if not isinstance(out, torch.Tensor) or out.dim() != 3 or tuple(out.shape[:2]) != shape:
                 got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
                 raise ValueError(
-                    f"module {name!r} returned {got}; expected a tensor [batch, seq, d] with [batch, seq] = {shape}"
+                    f"{name!r} is {got}; expected a tensor [batch, seq, d] with [batch, seq] = {shape}"
                 )
             if name in captured:
                 raise ValueError(f"module {name!r} ran twice in one forward pass; hook a module that runs once")
             captured[name] = out[keep]
-            if stop_early and len(captured) == len(modules):
+            if stop_early and len(captured) == len(points):
                 raise _StopForward
 
-        return hook
+        return record
 
     with contextlib.ExitStack() as stack:
-        for name, module in modules.items():
-            stack.callback(module.register_forward_hook(make_hook(name)).remove)
+        for name, point in points.items():
+            stack.enter_context(point.capture(recorder(name)))
         try:
             with torch.inference_mode():
                 model(**inputs)
         except _StopForward:
             pass
-    missing = [name for name in modules if name not in captured]
+    missing = [name for name in points if name not in captured]
     if missing:
         raise RuntimeError(f"modules {missing} did not run in the forward pass: they are not part of the model")
     # Copies made outside inference mode are ordinary tensors, usable in autograd by the consumer.
@@ -155,7 +159,7 @@ def _max_seq_len(model: nn.Module) -> int | None:
 def collect_activations(
     model: nn.Module,
     tokenizer,
-    modules: Mapping[str, nn.Module],
+    modules: Mapping[str, nn.Module | HookPoint],
     texts: Iterable[str],
     *,
     seq_len: int = 128,
@@ -167,7 +171,8 @@ def collect_activations(
     stop_early: bool = True,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Stream ``texts`` through ``model`` and yield, per batch of ``batch_size`` windows, name -> [n, d]
-    CPU ``dtype`` activations of ``modules``' outputs (the first element of tuple outputs).
+    CPU ``dtype`` activations of ``modules``: a module's output (the first element of tuple outputs),
+    or a `HookPoint`'s activation (a module's output or input).
 
     Each text is cut into consecutive windows of <= ``seq_len`` tokens, each carrying the
     tokenizer's special tokens ([CLS] ... [SEP] for BERT, BOS for Llama), so long texts are read
@@ -198,12 +203,13 @@ def collect_activations(
             f"seq_len must be <= {max_positions}, the longest sequence the model's positions allow, got {seq_len}"
         )
     extra = forward_kwargs(model)
-    return _collect(model, modules, batches, extra, max_tokens, dtype, skip_special_tokens, progress, stop_early)
+    return _collect(model, _hook_points(modules), batches, extra, max_tokens, dtype, skip_special_tokens, progress,
+                    stop_early)
 
 
 def _collect(
     model: nn.Module,
-    modules: Mapping[str, nn.Module],
+    points: Mapping[str, HookPoint],
     batches: Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     extra: dict[str, object],
     max_tokens: int | None,
@@ -224,7 +230,7 @@ def _collect(
             if max_tokens is not None:
                 keep &= keep.flatten().cumsum(0).view_as(keep) <= max_tokens - done
             inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device), **extra}
-            captured = _forward_captured(model, modules, inputs, keep.to(device), dtype, stop_early)
+            captured = _forward_captured(model, points, inputs, keep.to(device), dtype, stop_early)
             n = int(keep.sum())
             if n == 0:
                 continue
@@ -259,7 +265,8 @@ def collect_to_store(
     skip_special_tokens: bool = True,
     progress: bool = True,
 ) -> ActivationStore:
-    """Collect ``module``'s output for ``n_tokens`` tokens (None: all texts) into an activation store.
+    """Collect ``module``'s output (its input when ``module_path`` ends with ``:input``) for ``n_tokens``
+    tokens (None: all texts) into an activation store.
 
     The manifest records ``model``, ``revision``, ``site`` (``module_path`` when None), ``layer``
     (when None, the first integer in ``module_path``), ``hook`` (= ``module_path``),
@@ -287,7 +294,7 @@ def collect_to_store(
     collected = 0
     with writer:
         batches = collect_activations(
-            model, tokenizer, {module_path: module}, texts,
+            model, tokenizer, {module_path: HookPoint(module_path, module)}, texts,
             seq_len=seq_len, batch_size=batch_size, max_tokens=n_tokens, dtype=dtype,
             skip_special_tokens=skip_special_tokens, progress=progress,
         )

@@ -9,6 +9,7 @@ import argparse
 from pathlib import Path
 
 from ...errors import InputError, reraise_as
+from ..atomic import make_output_dir
 from ..model import TopKSAE
 from .saelens import export_saelens, import_saelens
 from .sparsify import export_sparsify, import_sparsify
@@ -43,9 +44,8 @@ def add_interop_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    with reraise_as(InputError, FileNotFoundError):
-        sae = TopKSAE.load(args.checkpoint, backend="torch")
-    out = _EXPORTERS[args.format](sae, args.out)
+    sae = TopKSAE.load(args.checkpoint, backend="torch")
+    out = _EXPORTERS[args.format](sae, make_output_dir(args.out, "the output directory"))
     print(f"wrote {args.format} SAE (d={sae.d_model}, F={sae.n_features}, k={sae.k}) to {out}")
     return 0
 
@@ -53,6 +53,6 @@ def run_export(args: argparse.Namespace) -> int:
 def run_import(args: argparse.Namespace) -> int:
     with reraise_as(InputError, FileNotFoundError, ValueError):  # a missing file, or a SAE the format rejects
         sae = _IMPORTERS[args.format](args.path)
-    out = sae.save(args.out)
+    out = sae.save(make_output_dir(args.out, "the output directory"))
     print(f"wrote flashsae checkpoint (d={sae.d_model}, F={sae.n_features}, k={sae.k}) to {out}")
     return 0

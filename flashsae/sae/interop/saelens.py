@@ -11,6 +11,7 @@ into the weights on import. This module does not import ``sae_lens``.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 from pathlib import Path
@@ -28,13 +29,25 @@ from ._common import FLASHSAE_METADATA_KEY, build_sae, patch_methods, raw_space_
 
 CONFIG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
-FORMAT_VERSION = "6.0.0"
-"""``metadata.sae_lens_version`` we write: SAELens reads configs older than 6.0 as the legacy format."""
+TESTED_SAELENS_VERSION = "6.54.12"
+"""The sae-lens release the tests load our exports with (pyproject's ``interop`` extra pins it); the
+``metadata.sae_lens_version`` written when sae-lens is not installed (SAELens reads configs that
+name a version before 6.0 as its legacy format)."""
 # normalize_activations values for which SAELens' SAE forward is the identity on its input (the
 # scaling, if any, happens outside the SAE), so the weights alone define the map.
 _INPUT_PASSTHROUGH_NORMS = ("none", "expected_average_only_in", "covariance_whitening")
 # Our metadata keys that SAELens' SAEMetadata knows by the same name.
 _SHARED_METADATA = ("model_name", "hook_name", "hook_head_index", "dataset_path", "context_size")
+# SAELens' metadata fields and the keys of a trained SAE's metadata (`flashsae train`) that fill them.
+_FROM_TRAINING = {"model_name": "model", "hook_name": "hook", "context_size": "seq_len", "dataset_path": "text"}
+
+
+def saelens_version() -> str:
+    """The installed sae-lens version, else `TESTED_SAELENS_VERSION`: what an export's cfg names."""
+    try:
+        return importlib.metadata.version("sae-lens")
+    except importlib.metadata.PackageNotFoundError:
+        return TESTED_SAELENS_VERSION
 
 
 def export_saelens(sae: TopKSAE, out_dir: str | os.PathLike) -> Path:
@@ -42,7 +55,9 @@ def export_saelens(sae: TopKSAE, out_dir: str | os.PathLike) -> Path:
 
     A ``norm_scale`` in the metadata is folded into the weights (SAELens' own
     ``fold_activation_norm_scaling_factor``), so the exported SAE takes raw activations and
-    ``normalize_activations`` is ``"none"``. Weights keep the SAE's dtype.
+    ``normalize_activations`` is ``"none"``. Weights keep the SAE's dtype. SAELens' ``model_name``,
+    ``hook_name``, ``context_size`` and ``dataset_path`` come from a trained SAE's model, hook,
+    seq_len and text; ``sae_lens_version`` is `saelens_version`.
     """
     weights, metadata = raw_space_weights(sae)
     dtype = sae.dtype
@@ -52,7 +67,9 @@ def export_saelens(sae: TopKSAE, out_dir: str | os.PathLike) -> Path:
         "W_dec": weights["W_dec"].to(dtype),
         "b_dec": weights["b_dec"].to(dtype),
     }
-    their_metadata: dict[str, Any] = {"sae_lens_version": FORMAT_VERSION, FLASHSAE_METADATA_KEY: metadata}
+    their_metadata: dict[str, Any] = {"sae_lens_version": saelens_version(), FLASHSAE_METADATA_KEY: metadata}
+    their_metadata.update({theirs: metadata[ours] for theirs, ours in _FROM_TRAINING.items()
+                           if metadata.get(ours) is not None})
     their_metadata.update({key: metadata[key] for key in _SHARED_METADATA if key in metadata})
     cfg = {
         "architecture": "topk",
@@ -109,8 +126,10 @@ def import_saelens(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
     if not cfg.get("apply_b_dec_to_input", True):
         b_enc = b_enc + W_enc @ b_dec
     their_metadata = dict(cfg.get("metadata") or {})
-    metadata = dict(their_metadata.pop(FLASHSAE_METADATA_KEY, None) or {})
-    metadata.update({key: their_metadata[key] for key in _SHARED_METADATA if their_metadata.get(key) is not None})
+    ours = their_metadata.pop(FLASHSAE_METADATA_KEY, None)
+    metadata = dict(ours or {})
+    if ours is None:  # a SAELens SAE of theirs; our own exports carry our metadata whole
+        metadata.update({key: their_metadata[key] for key in _SHARED_METADATA if their_metadata.get(key) is not None})
     if norm != "none":
         metadata["normalize_activations"] = norm
     if cfg.get("reshape_activations", "none") != "none":

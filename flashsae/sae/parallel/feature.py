@@ -247,6 +247,11 @@ class FeatureParallel(SingleProcess):
     def wrap(self, sae: TopKSAE) -> FeatureParallelSAE:
         return FeatureParallelSAE.from_full(sae, rank=self.rank, world_size=self.world_size)
 
+    def reduce_over_features(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
     def full_model(self, model: FeatureParallelSAE) -> TopKSAE | None:
         return model.gather_full()
 

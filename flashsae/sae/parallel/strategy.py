@@ -61,6 +61,10 @@ class SingleProcess:
         """The sum over the ranks that split the batch of a per-rank statistic ``t``."""
         return t
 
+    def reduce_over_features(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum over the ranks that split the features of a per-rank statistic ``t`` of their features."""
+        return t
+
     def full_model(self, model: TopKSAE) -> TopKSAE | None:
         """The whole SAE on the main rank (None elsewhere); a collective when the features are split."""
         return model

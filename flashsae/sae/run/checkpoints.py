@@ -7,14 +7,15 @@ A checkpoint is a directory ``CHECKPOINTS/step-NNNNNNNN/`` holding
   or Adam's); a feature-parallel run instead writes one ``optimizer-rankR.pt`` per rank (each
   rank's features), written by the ranks themselves into the staging directory,
 - ``trainer.pt``: step, data position (epoch, batch within the epoch), normalization scale,
-  the `FiringTracker` state and the torch / numpy / Python RNG states,
+  the `FiringTracker` state, the torch / numpy / Python RNG states and the run's id,
 - ``config.json``: the run's configuration,
-- ``manifest.json``, written last: the sha256 and size of every other file.
+- ``manifest.json``, written last: the run's id and the sha256 and size of every other file.
 
 It is first written under a hidden staging name, every file and the directory are fsynced,
 and only then is it renamed into place; older checkpoints are removed after that, so a crash at
-any moment leaves at least one complete checkpoint. `latest_checkpoint` picks the newest one whose
-files all match the manifest and warns about each newer one that does not.
+any moment leaves at least one complete checkpoint. Only the run's own checkpoints (by the run id
+in their manifest) are pruned, and `latest_checkpoint` picks the newest intact one of a run,
+reporting each newer broken one.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import os
 import random
 import shutil
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +47,10 @@ class CheckpointError(ValueError):
 
 @dataclass
 class TrainerState:
-    """Where the run stands: ``step`` steps done; the next batch is batch ``batch`` of epoch ``epoch``."""
+    """Where the run stands: ``step`` steps done; the next batch is batch ``batch`` of epoch ``epoch``.
+
+    ``run_id``: the run's identity (`flashsae.sae.run.rundir`); None in checkpoints written before runs had one.
+    """
 
     step: int
     epoch: int
@@ -54,6 +59,7 @@ class TrainerState:
     tokens: int
     firing: dict[str, Any]
     rng: dict[str, Any]
+    run_id: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -138,7 +144,9 @@ def save_checkpoint(
     keep: int = 2,
     optimizer_shards: int = 0,
 ) -> Path:
-    """Write the checkpoint for ``state.step`` under ``root`` atomically; keep the newest ``keep``.
+    """Write the checkpoint for ``state.step`` under ``root`` atomically; keep the newest ``keep`` of its run.
+
+    Checkpoints of other runs (another run id in their manifest) are left alone.
 
     ``optimizer_shards=N`` (feature parallel): ``optimizer`` is None and ranks 0..N-1 have already
     written their `save_optimizer_shard` files into `prepare_staging`'s directory.
@@ -152,7 +160,7 @@ def save_checkpoint(
     torch.save(state.to_dict(), tmp / TRAINER_FILE)
     (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
     files = sorted(p.name for p in tmp.iterdir() if p.is_file())
-    manifest = {"step": state.step, "optimizer_shards": optimizer_shards, "files": {}}
+    manifest = {"step": state.step, "run_id": state.run_id, "optimizer_shards": optimizer_shards, "files": {}}
     for name in files:
         with open(tmp / name, "rb+") as f:
             os.fsync(f.fileno())
@@ -166,9 +174,21 @@ def save_checkpoint(
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(root)
-    for old in list_checkpoints(root)[keep:]:
+    for old in [path for path in list_checkpoints(root) if _manifest_run_id(path) == state.run_id][keep:]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+_UNREADABLE = object()  # what `_manifest_run_id` returns for a checkpoint without a readable manifest
+
+
+def _manifest_run_id(path: Path) -> str | None | object:
+    """The run id in ``path``'s manifest (None if it names none), or `_UNREADABLE`."""
+    try:
+        manifest = json.loads((path / MANIFEST_FILE).read_text())
+        return manifest.get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return _UNREADABLE
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[Path]:
@@ -216,12 +236,20 @@ def checkpoints_root(directory: str | os.PathLike) -> Path:
     return directory
 
 
-def latest_checkpoint(directory: str | os.PathLike) -> Path:
-    """The newest intact checkpoint of a run directory; each newer broken one gets a warning naming it."""
+def latest_checkpoint(
+    directory: str | os.PathLike, *, run_id: str | None = None, notify: Callable[[str], object] | None = None
+) -> Path:
+    """The newest intact checkpoint of a run directory (of run ``run_id`` only, when given).
+
+    Each newer broken one is reported through ``notify`` (default: a warning) by the file that is
+    wrong; checkpoints whose manifest names another run are passed over.
+    """
     root = checkpoints_root(directory)
-    candidates = list_checkpoints(root)
+    candidates = [path for path in list_checkpoints(root)
+                  if run_id is None or _manifest_run_id(path) in (_UNREADABLE, run_id)]
     if not candidates:
-        raise FileNotFoundError(f"no training checkpoints (step-*) found in {directory}")
+        whose = f" of run {run_id}" if run_id is not None else ""
+        raise FileNotFoundError(f"no training checkpoints (step-*){whose} found in {directory}")
     problems: list[str] = []
     for path in candidates:
         try:
@@ -230,7 +258,11 @@ def latest_checkpoint(directory: str | os.PathLike) -> Path:
             problems.append(str(exc))
             continue
         for problem in problems:
-            warnings.warn(f"skipping a broken checkpoint: {problem}; resuming from {path} instead", stacklevel=2)
+            message = f"skipping a broken checkpoint: {problem}; resuming from {path} instead"
+            if notify is None:
+                warnings.warn(message, stacklevel=2)
+            else:
+                notify(message)
         return path
     raise CheckpointError(f"no intact checkpoint in {root}: " + "; ".join(problems))
 

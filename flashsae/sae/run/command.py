@@ -9,18 +9,20 @@ import argparse
 import dataclasses
 import json
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
 from ...errors import ConfigError, InputError, reraise_as
+from .. import hf
 from ..parallel import process_group
-from ..store import ActivationStore
 from ..trainer import NonFiniteError
-from . import checkpoints
+from . import checkpoints, rundir
+from .config import (
+    FIELDS, GROUPS, TrainConfig, declaration, flag, merge_resumed_config, overwrite_conflict, value_type,
+)
 from .driver import train
 from .metrics_log import check_log_backends
-from .config import FIELDS, GROUPS, TrainConfig, declaration, flag, merge_resumed_config, value_type
+from .source import open_store
 
 
 def describe_default(f: dataclasses.Field) -> str:
@@ -89,20 +91,31 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     given = {f.name: getattr(args, f.name) for f in FIELDS if hasattr(args, f.name)}
     if "resume" not in given:
         return TrainConfig(**given)
+    if given.get("overwrite"):
+        raise ConfigError(overwrite_conflict())
     given.setdefault("out", str(Path(given["resume"])))
-    with warnings.catch_warnings(), reraise_as(InputError, FileNotFoundError, checkpoints.CheckpointError, culprit="--resume"):
-        warnings.simplefilter("ignore")  # train() reports broken checkpoints when it loads one
-        path = checkpoints.latest_checkpoint(given["resume"])
+    with reraise_as(InputError, FileNotFoundError, checkpoints.CheckpointError, culprit="--resume"):
+        path = rundir.latest_run_checkpoint(given["resume"], notify=lambda message: None)  # train() reports them
     return merge_resumed_config(json.loads((path / checkpoints.CONFIG_FILE).read_text()), given)
 
 
 def check_inputs(cfg: TrainConfig) -> None:
-    """Before any work: the --log sinks are installed and a --store opens (ConfigError / InputError otherwise)."""
+    """Before any work, ConfigError / InputError naming the culprit unless: the --log sinks are installed,
+    a --store opens, the --text source can be read, and, where activations are still to be collected,
+    the --model can be found and has the --site/--layer or --hook (checked on its weightless skeleton)."""
     with reraise_as(ConfigError, ValueError):
         check_log_backends(cfg.log)
     if cfg.store is not None:
-        with reraise_as(InputError, FileNotFoundError, ValueError, culprit="--store"):
-            ActivationStore(cfg.store)
+        open_store(cfg.store, "--store")
+        return
+    hf.check_text_source(cfg.text)
+    cache = Path(cfg.cache) if cfg.cache else Path(cfg.out) / rundir.CACHE_DIR
+    if not (cache / "manifest.json").is_file():
+        skeleton = hf.model_skeleton(cfg.model, revision=cfg.revision)
+        if cfg.hook:
+            hf.hook_point(skeleton, cfg.hook)
+        else:
+            hf.resolve_site(skeleton, cfg.site, cfg.layer)
 
 
 def run_train_command(args: argparse.Namespace) -> int:

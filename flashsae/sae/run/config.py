@@ -24,6 +24,7 @@ from ...checks import (
 from ...errors import ConfigError
 from ...kernels.registry import backend_names
 from ..hf import DEFAULT_TEXT, EMBEDDED_MODEL, SITES
+from ..hf.texts import STDLIB_TEXT
 from ..trainer import DEFAULT_DEAD_WINDOW
 
 # The argparse groups of `flashsae train --help`, in the order it lists them.
@@ -110,6 +111,16 @@ def _d_init(name: str, value: Any, cfg: TrainConfig) -> None:
     require_count_or_fraction(name, value)
 
 
+def overwrite_conflict(name: str = "--overwrite") -> str:
+    """Why --overwrite and --resume cannot be given together."""
+    return f"{name} starts the run in --out afresh, --resume continues it: give one of them"
+
+
+def _overwrite(name: str, value: Any, cfg: TrainConfig) -> None:
+    if value and cfg.resume is not None:
+        raise ValueError(overwrite_conflict(name))
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a run; the defaults train the embedded demo (MiniLM layer 3 attn_out)."""
@@ -123,8 +134,9 @@ class TrainConfig:
     layer: int = option(3, ACTIVATIONS, "layer index", check=_integer(0))
     hook: str | None = option(None, ACTIVATIONS, "hook this module path instead of --site/--layer",
                               metavar="MODULE.PATH", default_text="none")
-    text: str | None = option(None, ACTIVATIONS, "text source: a local file (blank-line separated paragraphs, or "
-                              ".jsonl with a 'text' field) or a Hugging Face dataset name",
+    text: str | None = option(None, ACTIVATIONS, f"text source: {STDLIB_TEXT} (the standard library's docstrings "
+                              "and comments, ~1M tokens), a local file (blank-line separated paragraphs, or .jsonl "
+                              "with a 'text' field) or a Hugging Face dataset name",
                               default_text=f"Python's {DEFAULT_TEXT}")
     n_tokens: int | None = option(None, ACTIVATIONS, "tokens to collect", metavar="N", check=_integer(1),
                                   default_text="the whole text")
@@ -144,8 +156,19 @@ class TrainConfig:
                          resumable=True)
     backend: str = option("auto", SAE, "kernels", choices=backend_names())
     seed: int = option(0, SAE, "seed for the initialization and the batch order", check=_integer(0))
+    k_start: int | None = option(None, SAE, "anneal k linearly from K_START down to --k over --k-anneal-steps "
+                                 "steps (sparsify's k decay; a high initial L0)", metavar="K_START", check=_k,
+                                 default_text="--k (no annealing)")
+    k_anneal_steps: int = option(0, SAE, "steps over which k falls from --k-start to --k", metavar="STEPS",
+                                 check=_integer(0))
     init: str = option("random", INIT, "asi is Active Subspace Initialization: the decoder starts in the top "
                        "--d-init singular directions of the run's activations", choices=("random", "asi"))
+    init_scale: str = option("unit", INIT, "unit: encoder rows start equal to the unit-norm decoder rows; calibrate: "
+                             "then scaled by the one factor that minimizes the initial reconstruction error of the "
+                             "--asi-tokens tokens (the selection does not change)", choices=("unit", "calibrate"))
+    track_subspace: bool = option(False, INIT, "log subspace_energy, the mean fraction of each decoder row's energy "
+                                  "inside the top --d-init directions of the activations (always on with --init "
+                                  "asi)", resumable=True)
     d_init: float = option(0.5, INIT, "ASI subspace dimension: a count, or a fraction of d", metavar="N|FRACTION",
                            parse=count_or_fraction, check=_d_init)
     asi_center: bool = option(True, INIT, "subtract the activations' mean before the SVD, so the subspace spans "
@@ -168,6 +191,9 @@ class TrainConfig:
                                    metavar="STEPS", check=_integer(0), resumable=True)
     resume: str | None = option(None, RUNS, "continue the run in DIR from its newest intact checkpoint",
                                 metavar="DIR", resumable=True, default_text="a new run")
+    overwrite: bool = option(False, RUNS, "replace the run already in --out: its checkpoints, metrics and results "
+                             "are deleted, its activation cache is reused when it fits (else collected again); "
+                             "files that are no run's are never deleted", check=_overwrite, resumable=True)
     log: list[str] = option(["jsonl"], RUNS, "metric sinks (OUT/metrics.jsonl is always written)",
                             choices=("jsonl", "tensorboard", "wandb"), resumable=True)
     parallel: str = option("auto", RUNS, "auto is data under torchrun, else none",
@@ -178,6 +204,8 @@ class TrainConfig:
         """Raise ConfigError naming the option (as its command-line flag) for the first bad value."""
         for f in dataclasses.fields(self):
             _check_value(f, getattr(self, f.name), self)
+        if self.k_start is not None and self.k_start < self.k:
+            raise ConfigError(f"{flag('k_start')} must be >= {flag('k')}={self.k}, got {self.k_start}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

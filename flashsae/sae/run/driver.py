@@ -1,7 +1,8 @@
 """The training driver: `train(TrainConfig) -> summary`, what ``flashsae train`` runs.
 
-A run is set up (`_set_up`: the resumed checkpoint, the parallel strategy, the activation source,
-the sizes and hyper-parameters, the SAE and its `Trainer`), looped (`_loop`: epochs over the
+A run is set up (`_set_up`: the resumed checkpoint, the run directory and its identity
+(`flashsae.sae.run.rundir`), the parallel strategy, the activation source, the sizes and
+hyper-parameters, the SAE and its `Trainer`), looped (`_loop`: epochs over the
 store's deterministic batch order, metrics, checkpoints) and finished (`_finish`: evaluation, the
 final SAE, the firing-density plot and ``summary.json``). Full training-state checkpoints
 (`flashsae.sae.run.checkpoints`) make ``--resume`` continue bit-for-bit on CPU. Under ``torchrun``
@@ -10,6 +11,7 @@ and writes files.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -25,22 +27,21 @@ from ...errors import ConfigError
 from ...optim import SparseAdam
 from ..asi import active_subspace, init_active_subspace, resolve_d_init
 from ..atomic import atomic_write
-from ..diagnostics import FiringTracker, plot_firing_density
+from ..diagnostics import FiringTracker, plot_firing_density, subspace_energy_sums
 from ..model import TopKSAE
 from ..parallel import process_group
 from ..parallel.strategy import SingleProcess, make_strategy
+from ..schedules import linear_k
 from ..store import ActivationStore
 from ..trainer import DEFAULT_DEAD_WINDOW, NonFiniteError, Trainer, reconstruction_metrics
-from . import checkpoints
+from . import checkpoints, rundir
 from .config import TrainConfig, default_aux_k, default_lr, merge_resumed_config
-from .metrics_log import MetricsLog, check_log_backends, format_metrics
+from .metrics_log import MetricsLog, check_log_backends, format_metrics, truncate_metrics
+from .rundir import DENSITY_PLOT, FINAL_DIR, SUMMARY_FILE, RunIdentity
 from .source import leading_tokens, mean_sq_norm_scale, open_activation_source
 
 NORM_TOKENS = 1 << 16  # tokens used to estimate the normalization scale
 EVAL_TOKENS = 1 << 16  # tokens of the final evaluation in the summary
-SUMMARY_FILE = "summary.json"
-FINAL_DIR = "final"
-DENSITY_PLOT = "firing_density.png"
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Run:
     """Everything a set-up run holds; built by `_set_up`, advanced by `_loop`, summarized by `_finish`."""
 
     cfg: TrainConfig
+    identity: RunIdentity
     info: process_group.DistInfo
     strategy: SingleProcess
     device: torch.device
@@ -70,6 +72,7 @@ class Run:
     trainer: Trainer
     position: Position
     resumed_from: Path | None
+    subspace: torch.Tensor | None  # V [d, d_init] of the activations, when the decoder's energy in it is logged
 
     @property
     def total_steps(self) -> int:
@@ -85,7 +88,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     start_time = time.perf_counter()
     resumed: dict[str, Any] | None = None
     if cfg.resume:
-        resumed = checkpoints.load_checkpoint(checkpoints.latest_checkpoint(cfg.resume))
+        resumed = checkpoints.load_checkpoint(rundir.latest_run_checkpoint(cfg.resume, notify=_note))
         cfg = merge_resumed_config(resumed["config"], cfg.to_dict())
     cfg.validate()
     check_log_backends(cfg.log)
@@ -101,11 +104,10 @@ def _set_up(cfg: TrainConfig, resumed: dict[str, Any] | None) -> Run:
     if resumed is not None:
         resumed["optimizer"] = strategy.optimizer_state(resumed)
     device = _resolve_device(cfg, info)
-    out = Path(cfg.out)
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    source, origin = open_activation_source(cfg, info)
+    cfg, identity, recollect = _take_out_dir(cfg, info, resumed)
+    source, origin = open_activation_source(cfg, info, recollect=recollect)
     n_batches = _check_batch_size(cfg, source, strategy)
+    _check_d_init(cfg, source.d_model)
     dtype = parse_dtype(cfg.dtype)
     state: checkpoints.TrainerState | None = resumed["trainer"] if resumed is not None else None
     if state is not None:
@@ -114,7 +116,11 @@ def _set_up(cfg: TrainConfig, resumed: dict[str, Any] | None) -> Run:
         norm_scale = mean_sq_norm_scale(leading_tokens(source, NORM_TOKENS, cfg.seed))
     else:
         norm_scale = 1.0
-    sae = _build_sae(cfg, source, origin, norm_scale, dtype, resumed)
+    x0 = leading_tokens(source, cfg.asi_tokens, cfg.seed) * norm_scale
+    if not torch.isfinite(x0).all():
+        raise NonFiniteError(f"the run's first {x0.shape[0]} tokens (--asi-tokens) contain NaN or Inf; nothing was trained")
+    subspace = _active_subspace(cfg, x0) if cfg.init == "asi" or cfg.track_subspace else None
+    sae = _build_sae(cfg, source, {**origin, "run_id": identity.run_id}, norm_scale, dtype, resumed, x0, subspace)
     model = strategy.wrap(sae.to(device))
     dead_window = cfg.dead_window or min(DEFAULT_DEAD_WINDOW, n_batches * cfg.batch_size)
     trainer = _build_trainer(cfg, model, strategy, dead_window, source.d_model, device)
@@ -125,8 +131,41 @@ def _set_up(cfg: TrainConfig, resumed: dict[str, Any] | None) -> Run:
         checkpoints.restore_rng(state.rng)
         position = Position(state.step, state.epoch, state.batch, state.step * cfg.batch_size)
     trainer.step_count = position.step
-    return Run(cfg, info, strategy, device, out, source, n_batches, dtype, norm_scale, model, trainer, position,
-               resumed["path"] if resumed is not None else None)
+    return Run(cfg, identity, info, strategy, device, Path(cfg.out), source, n_batches, dtype, norm_scale, model,
+               trainer, position, resumed["path"] if resumed is not None else None, subspace)
+
+
+def _take_out_dir(
+    cfg: TrainConfig, info: process_group.DistInfo, resumed: dict[str, Any] | None
+) -> tuple[TrainConfig, RunIdentity, bool]:
+    """Claim --out for this run (rank 0; see `rundir.claim`): (the run's config, its identity, whether
+    --overwrite asks for the run's activation cache to be collected again when it does not fit).
+
+    --overwrite acts here, once: the configuration the run records (run.json, checkpoints) says False.
+    A resumed run's metrics.jsonl is cut back to its checkpoint's step.
+    """
+    overwrite, cfg = cfg.overwrite, dataclasses.replace(cfg, overwrite=False)
+    if resumed is not None:
+        identity = rundir.resumed_identity(cfg.resume, cfg, resumed["trainer"].run_id)
+    else:
+        identity = rundir.new_identity(cfg)
+    if info.is_main:
+        rundir.claim(Path(cfg.out), identity, cfg, overwrite=overwrite)
+        if resumed is not None:
+            truncate_metrics(Path(cfg.out), resumed["trainer"].step)
+    return cfg, identity, overwrite
+
+
+def _note(message: str) -> None:
+    """A notice for the user on stderr, one line (not a Python warning with its source line)."""
+    print(f"note: {message}", file=sys.stderr)
+
+
+def _check_d_init(cfg: TrainConfig, d_model: int) -> None:
+    """ConfigError naming --d-init when ASI asks for more dimensions than the activations have."""
+    if cfg.init == "asi" and cfg.d_init >= 1 and cfg.d_init > d_model:
+        raise ConfigError(f"--d-init {cfg.d_init} exceeds d = {d_model}, the width of the run's activations; "
+                          f"give a count of at most {d_model} or a fraction")
 
 
 def _resolve_device(cfg: TrainConfig, info: process_group.DistInfo) -> torch.device:
@@ -149,32 +188,40 @@ def _check_batch_size(cfg: TrainConfig, source: ActivationStore, strategy: Singl
     return n_batches
 
 
+def _active_subspace(cfg: TrainConfig, x0: torch.Tensor) -> torch.Tensor:
+    """V [d, d_init] fp32: the top --d-init directions of the run's first tokens (ConfigError if too few)."""
+    d_init = resolve_d_init(cfg.d_init, x0.shape[1])
+    if d_init > min(x0.shape):
+        raise ConfigError(f"--d-init {d_init} exceeds the {x0.shape[0]} tokens available for ASI (--asi-tokens)")
+    return active_subspace(x0, d_init, center=cfg.asi_center, seed=cfg.seed)
+
+
 def _build_sae(
     cfg: TrainConfig, source: ActivationStore, origin: dict[str, Any], norm_scale: float, dtype: torch.dtype,
-    resumed: dict[str, Any] | None,
+    resumed: dict[str, Any] | None, x0: torch.Tensor, subspace: torch.Tensor | None,
 ) -> TopKSAE:
-    """The whole SAE on the CPU: the checkpoint's weights, or b_dec at the data mean and a random or ASI decoder."""
-    d_model = source.d_model
-    d_init = resolve_d_init(cfg.d_init, d_model) if cfg.init == "asi" else None
+    """The whole SAE on the CPU: the checkpoint's weights, or b_dec at the mean of the run's first tokens
+    ``x0`` [n, d], a random or ASI decoder (``subspace``), and the encoder's scale (--init-scale)."""
+    d_init = subspace.shape[1] if cfg.init == "asi" else None
     metadata = {
         **origin, "norm_scale": norm_scale, "init": cfg.init, "d_init": d_init,
         "n_tokens": source.n_tokens, "epochs": cfg.epochs, "seed": cfg.seed, "normalize": cfg.normalize,
     }
     torch.manual_seed(cfg.seed)
-    sae = TopKSAE(d_model, cfg.n_features, cfg.k, dtype=dtype, backend=cfg.backend,
+    sae = TopKSAE(source.d_model, cfg.n_features, cfg.k, dtype=dtype, backend=cfg.backend,
                   sparse_grad=cfg.optimizer == "sparse-adam", metadata=metadata)
     if resumed is not None:
         sae.load_state_dict(TopKSAE.load(resumed["path"], dtype=dtype).state_dict())
         return sae
-    x0 = leading_tokens(source, cfg.asi_tokens, cfg.seed) * norm_scale
-    if not torch.isfinite(x0).all():
-        raise NonFiniteError(f"the run's first {x0.shape[0]} tokens (--asi-tokens) contain NaN or Inf; nothing was trained")
     with torch.no_grad():  # b_dec starts at the mean activation, so the features model the variation
         sae.b_dec.copy_(x0.double().mean(0).to(sae.b_dec.dtype))
     if cfg.init == "asi":
-        if d_init > min(x0.shape):
-            raise ConfigError(f"--d-init {d_init} exceeds the {x0.shape[0]} tokens available for ASI (--asi-tokens)")
-        init_active_subspace(sae, active_subspace(x0, d_init, center=cfg.asi_center, seed=cfg.seed))
+        init_active_subspace(sae, subspace)
+    x0 = x0.to(dtype)
+    sae.metadata["init_optimal_encoder_scale"] = sae.optimal_encoder_scale(x0)
+    if cfg.init_scale == "calibrate":
+        sae.metadata["init_encoder_scale"] = sae.calibrate_encoder_scale_(x0)
+    sae.metadata["init_fvu"] = reconstruction_metrics(sae, x0)["fvu"]
     return sae
 
 
@@ -189,7 +236,9 @@ def _build_trainer(
         optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     aux_k = cfg.aux_k if cfg.aux_k is not None else default_aux_k(d_model)
     tracker = FiringTracker(cfg.n_features, dead_window, device=device)
-    return Trainer(model, optimizer, strategy=strategy, tracker=tracker, aux_k=aux_k, aux_coef=cfg.aux_coef)
+    k_schedule = linear_k(cfg.k_start, cfg.k, cfg.k_anneal_steps) if cfg.k_start is not None else None
+    return Trainer(model, optimizer, strategy=strategy, tracker=tracker, aux_k=aux_k, aux_coef=cfg.aux_coef,
+                   k_schedule=k_schedule)
 
 
 # ----------------------------------------------------------------------------------------------- loop
@@ -210,7 +259,7 @@ def _loop(run: Run) -> None:
                 pos.step, pos.batch, pos.tokens = pos.step + 1, pos.batch + 1, pos.tokens + cfg.batch_size
                 bar.update(1)
                 if pos.step % cfg.log_every == 0 or pos.step == run.total_steps:
-                    record = {"step": pos.step, "tokens": pos.tokens, **trainer.read_metrics()}
+                    record = {"step": pos.step, "tokens": pos.tokens, **trainer.read_metrics(), **_extra_metrics(run)}
                     log.write(record)
                     if run.info.is_main:
                         bar.write(format_metrics(pos.step, record))
@@ -224,6 +273,15 @@ def _loop(run: Run) -> None:
     finally:
         bar.close()
         log.close()
+
+
+def _extra_metrics(run: Run) -> dict[str, float]:
+    """The metrics the driver adds to the trainer's: k, and the decoder's energy in the active subspace."""
+    metrics = {"k": run.model.k}
+    if run.subspace is not None:
+        inside, rows = run.strategy.reduce_over_features(subspace_energy_sums(run.model.W_dec, run.subspace)).tolist()
+        metrics["subspace_energy"] = inside / rows
+    return metrics
 
 
 def _announce(run: Run) -> None:
@@ -245,7 +303,7 @@ def _save_checkpoint(run: Run) -> None:
     pos = run.position
     state = checkpoints.TrainerState(
         step=pos.step, epoch=pos.epoch, batch=pos.batch, norm_scale=run.norm_scale, tokens=pos.tokens,
-        firing=run.trainer.tracker.state_dict(), rng=checkpoints.capture_rng(),
+        firing=run.trainer.tracker.state_dict(), rng=checkpoints.capture_rng(), run_id=run.identity.run_id,
     )
     run.strategy.save_checkpoint(run.out / checkpoints.CHECKPOINTS_DIR, run.model, run.trainer.optimizer, state,
                                  run.cfg.to_dict())
@@ -255,6 +313,10 @@ def _save_checkpoint(run: Run) -> None:
 def _finish(run: Run, start_time: float) -> dict[str, Any]:
     """Evaluate on the first EVAL_TOKENS tokens, save the final SAE, the density plot and the summary."""
     cfg, trainer, tracker = run.cfg, run.trainer, run.trainer.tracker
+    if run.info.is_main:
+        n_eval = min(EVAL_TOKENS, run.source.n_tokens)
+        print(f"trained {run.position.step} steps; measuring the final SAE on its first {n_eval:,} training tokens "
+              f"and writing {FINAL_DIR}/, {SUMMARY_FILE} and {DENSITY_PLOT} to {run.out}", file=sys.stderr)
     final_sae = run.strategy.full_model(run.model)
     eval_x = run.batch(leading_tokens(run.source, EVAL_TOKENS, cfg.seed))
     final_metrics = reconstruction_metrics(run.model, eval_x)
@@ -272,7 +334,7 @@ def _finish(run: Run, start_time: float) -> dict[str, Any]:
             "aux_k": trainer.aux_k, "norm_scale": run.norm_scale, "init": cfg.init,
             "d_init": final_sae.metadata.get("d_init"), "time_s": time.perf_counter() - start_time,
             "checkpoint": str(final_path), "eval_tokens": eval_x.shape[0], "parallel": run.strategy.name,
-            "world_size": run.info.world_size,
+            "world_size": run.info.world_size, "run_id": run.identity.run_id,
         }
         atomic_write(run.out / SUMMARY_FILE, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
         print(
