@@ -102,7 +102,7 @@ def shape_table(doc: dict[str, Any], shape: dict[str, Any]) -> list[str]:
             f"| {_ratio(best_peer, ms)} | {_bytes(step.get('peak_extra_bytes')) if ok else '–'} "
             f"| {_bytes(step.get('state_bytes')) if ok else '–'} |"
         )
-    return lines + [""] + encoder_table(doc, shape)
+    return lines + [""] + encoder_table(doc, shape) + floor_table(doc, shape)
 
 
 def encoder_table(doc: dict[str, Any], shape: dict[str, Any]) -> list[str]:
@@ -124,6 +124,40 @@ def encoder_table(doc: dict[str, Any], shape: dict[str, Any]) -> list[str]:
         tflops = f"{flop / ms / 1e9:.3g}" if ms else "–"
         lines.append(f"| {label} | {_ms(rec, True)} | {_ratio(ms, floor_ms)} | {tflops} "
                      f"| {_bytes(rec.get('peak_extra_bytes')) if rec.get('status') == 'ok' else '–'} |")
+    return lines + [""]
+
+
+SPARSE_OPS = (("decode", "decode"), ("backward", "backward (both matrices)"), ("optimizer", "optimizer"))
+
+
+def floor_table(doc: dict[str, Any], shape: dict[str, Any]) -> list[str]:
+    """Markdown lines: flashsae's decode, backward and optimizer beside their bandwidth floors, their sum
+    against the encoder floor, and the step against matmul + those floors."""
+    idx, sid = index(doc), shape["id"]
+    copy = idx.get((sid, "floor", "copy"))
+    matmul_ms = _median(idx.get((sid, "floor", "matmul")))
+    if not copy or copy["status"] != "ok":
+        return []
+    gbps = copy["gb_per_s"]
+    lines = [f"Sparse parts against their bandwidth floor (the bytes each must move, `benchmarks/traffic.py`, over the "
+             f"copy bandwidth measured above, {gbps:.3g} GB/s):", "",
+             "| op | ms | bytes | floor ms | × floor |", "|---|---|---|---|---|"]
+    total_ms = total_floor = 0.0
+    for op, label in SPARSE_OPS:
+        rec = idx.get((sid, FLASHSAE, op))
+        ms = _median(rec)
+        if ms is None or rec.get("bytes_moved") is None:
+            return []
+        floor = rec["bytes_moved"] / gbps / 1e6
+        total_ms, total_floor = total_ms + ms, total_floor + floor
+        lines.append(f"| {label} | {_ms(rec, True)} | {_bytes(rec['bytes_moved'])} | {floor:.3g} | {_ratio(ms, floor)} |")
+    lines.append(f"| decode + backward + optimizer | {total_ms:.3g} | | {total_floor:.3g} | {_ratio(total_ms, total_floor)} |")
+    step = _median(idx.get((sid, FLASHSAE, "step")))
+    if step and matmul_ms:
+        lines.append(f"| step (encoder matmul + the floors above) | {step:.3g} | | {matmul_ms + total_floor:.3g} "
+                     f"| {_ratio(step, matmul_ms + total_floor)} |")
+        lines += ["", f"Decode + backward + optimizer take {100 * total_ms / matmul_ms:.0f}% of the encoder floor "
+                      f"({matmul_ms:.3g} ms); their own floors add up to {100 * total_floor / matmul_ms:.0f}% of it."]
     return lines + [""]
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from . import traffic
 from .shapes import Shape
 
 # sparsify picks its decoder at import: its Triton one needs a GPU, the eager one
@@ -229,9 +230,9 @@ def flashsae(shape: Shape, device: str) -> System:
     """flashsae.TopKSAE(sparse_grad=True) + flashsae.optim.SparseAdam(unit_norm=[W_dec]), backend
     "auto"; ops ``encode`` (ops.topk_encode, without the host-side NaN check the training step skips
     too), ``decode`` (ops.sparse_decode), ``backward``, ``optimizer`` (SparseAdam.step) and the full
-    ``step``: `flashsae.sae.trainer.Trainer.step`, the step `flashsae train` runs (AuxK off: no feature
-    is dead in a benchmark). On CUDA also ``encode-fused``: the opt-in fused encoder ("triton-fused")
-    on the same inputs, so one run compares the two Triton encoders."""
+    ``step``: `flashsae.sae.trainer.Trainer.step`, the step `flashsae train` runs (AuxK off: no
+    feature is dead in a benchmark). On CUDA also ``encode-fused``: the opt-in fused encoder
+    ("triton-fused") on the same inputs, so one run compares the two Triton encoders."""
     from flashsae import TopKSAE, ops
     from flashsae.kernels.registry import resolve_backend
     from flashsae.optim import SparseAdam
@@ -241,6 +242,9 @@ def flashsae(shape: Shape, device: str) -> System:
     sae = TopKSAE(shape.d, shape.F, shape.k, dtype=dtype, device=device, backend="auto", sparse_grad=True)
     opt = SparseAdam(sae.parameters(), lr=LR, moment_dtype=_moment_dtype(shape), unit_norm=[sae.W_dec])
     xs = input_pool(shape, device)
+    touched = fired_features(sae, xs.items[:4])
+    item, moment_item = torch.finfo(dtype).bits // 8, torch.finfo(_moment_dtype(shape)).bits // 8
+    master = dtype == torch.bfloat16
 
     def encode(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return sae.encode(x, check_finite=False)
@@ -259,15 +263,18 @@ def flashsae(shape: Shape, device: str) -> System:
 
     trainer = Trainer(sae, opt)
 
+    B, k, d = shape.B, shape.k, shape.d
     ops_ = {
         "encode": Op(encode, lambda: (xs(),)),
-        "decode": Op(sae.decode, codes),
-        "backward": Op(lambda loss: loss.backward(), lambda: (opt.zero_grad(set_to_none=True), (loss_of(xs()),))[1]),
-        "optimizer": Op(opt.step, after_backward),
+        "decode": Op(sae.decode, codes, bytes_moved=traffic.decode_bytes(B, k, d, item)),
+        "backward": Op(lambda loss: loss.backward(), lambda: (opt.zero_grad(set_to_none=True), (loss_of(xs()),))[1],
+                       bytes_moved=traffic.backward_bytes(B, k, d, touched, item)),
+        "optimizer": Op(opt.step, after_backward,
+                        bytes_moved=traffic.optimizer_bytes(touched, d, item, moment_item, master)),
         "step": Op(trainer.step, _zeroing(opt, xs)),
     }
-    backend = resolve_backend(sae.backend, torch.device(device))
-    notes = f"backend={backend}"
+    notes = (f"backend={resolve_backend(sae.backend, torch.device(device))}; {touched} distinct features fire per "
+             f"step (mean over 4 batches); master weights={'bf16 + int16 low bits' if master else 'none needed'}")
     if device == "cuda":
         ops_["encode-fused"] = Op(
             lambda x: ops.topk_encode(x, sae.W_enc, sae.b_enc, shape.k, b_pre=sae.b_dec, backend="triton-fused",
@@ -288,6 +295,16 @@ def encoder_plans(shape: Shape) -> str:
             f"buffer), {chunked.n_slices} slices, lists of {chunked.capacity} keys "
             f"({chunked.list_bytes(shape.B) / 2**20:.1f} MiB); fused encoder: {fused['n_ranges']} feature ranges, "
             f"{fused['programs']} programs in {fused['waves']} waves, lists {fused['list_bytes'] / 2**20:.1f} MiB")
+
+
+@torch.no_grad()
+def fired_features(sae: Any, batches: list[torch.Tensor]) -> int:
+    """U: the mean number of distinct features that fire in one batch (sets the sparse ops' traffic)."""
+    counts = []
+    for x in batches:
+        vals, idx = sae.encode(x)
+        counts.append(torch.unique(idx[vals > 0]).numel())
+    return round(sum(counts) / len(counts))
 
 
 BUILDERS: dict[str, Callable[[Shape, str], System]] = {

@@ -4,16 +4,19 @@ Each op is one autograd Function whose forward and backward call only the primit
 `flashsae.kernels.registry.Backend` (``topk_encode``, ``gather_rows``, ``row_dots``,
 ``segment_rows``), so every backend computes the same sparse gradients. ``backend`` picks the
 primitives by name (`BACKENDS`): ``"triton"`` (the chunked encoder and the Triton row kernels; on
-CPU tensors only under ``TRITON_INTERPRET=1``), ``"triton-fused"`` (the fused encoder, opt-in), ``"torch"`` (runs anywhere) or ``"auto"`` ("triton" on CUDA tensors, torch elsewhere).
+CPU tensors only under ``TRITON_INTERPRET=1``), ``"triton-fused"`` (the fused encoder, opt-in),
+``"torch"`` (runs anywhere) or ``"auto"`` ("triton" on CUDA tensors, torch elsewhere).
 
-With ``sparse_grad=True`` the gradients of ``W_enc``, ``W_dec`` and ``b_enc`` are coalesced sparse
-COO tensors holding only the rows of features that fired (``flashsae.optim.SparseAdam`` consumes
-them); with ``sparse_grad=False`` they are dense-shaped, for any torch optimizer.
+With ``sparse_grad=True`` the gradients of ``W_enc``, ``W_dec`` and ``b_enc`` are `RowGrad`s:
+float32 values of only the rows of features that fired, in sizes fixed by the batch (no host
+sync), which `flashsae.optim.SparseAdam` reads as they are (other optimizers see them as dense
+tensors); with ``sparse_grad=False`` they are dense tensors of the parameters' dtype. Both
+backward passes of one selection share one grouping of its fired pairs (`SharedGrouping`).
 
 Dtypes: one float dtype per call, the inputs' own; math accumulates in fp32 (float64 for float64
-inputs, which only the torch backend takes). Under ``torch.autocast`` the ops run with autocast
-disabled, in their inputs' dtypes, so they select the same features as outside it; cast the
-inputs yourself (e.g. to bf16) to get bf16 tensor cores.
+inputs, which only the torch backend takes; their `RowGrad` values are float64 too). Under
+``torch.autocast`` the ops run with autocast disabled, in their inputs' dtypes, so they select the
+same features as outside it; cast the inputs yourself (e.g. to bf16) to get bf16 tensor cores.
 """
 from __future__ import annotations
 
@@ -22,8 +25,10 @@ import contextlib
 import torch
 
 from .checks import OP_DTYPES, dtype_name, require_float_tensor, require_k, require_like, require_shape
+from .kernels.pairs import PairGroups, group_pairs
 from .kernels.reference import math_dtype
 from .kernels.registry import Backend, backend_names, get_backend
+from .rowgrad import RowGrad
 
 # The names a ``backend`` argument accepts.
 BACKENDS = backend_names()
@@ -36,14 +41,56 @@ def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def _row_gradient(rows: torch.Tensor, grad_rows: torch.Tensor, like: torch.Tensor, sparse: bool) -> torch.Tensor:
-    """W's (or b's) gradient from its compact rows: sparse COO, or scattered into a dense tensor."""
-    grad_rows = grad_rows.to(like.dtype)
+class SharedGrouping:
+    """The grouping by feature of one selection's fired pairs, made once and shared by its backward passes.
+
+    Give the same instance to `topk_encode` and to the `sparse_decode` of that encoder's (vals, idx):
+    the encoder binds it to its outputs, and whichever backward runs first groups the pairs
+    (`flashsae.kernels.pairs.group_pairs`, one sort of the B * k pairs); the other reuses it.
+    """
+
+    def __init__(self) -> None:
+        self.vals: torch.Tensor | None = None
+        self.idx: torch.Tensor | None = None
+        self.n_features = 0
+        self._fired: torch.Tensor | None = None
+        self._groups: PairGroups | None = None
+
+    def bind(self, vals: torch.Tensor, idx: torch.Tensor, n_features: int) -> None:
+        """Attach to a selection: vals [B, k], idx [B, k] int64 of features < n_features."""
+        if self.idx is not None and not self.matches(vals, idx):
+            raise ValueError("grouping is already bound to another selection; use one SharedGrouping per encoder call")
+        self.vals, self.idx, self.n_features = vals, idx, n_features
+
+    def matches(self, vals: torch.Tensor, idx: torch.Tensor) -> bool:
+        """True when bound to exactly these tensors (the encoder's outputs themselves)."""
+        return vals is self.vals and idx is self.idx
+
+    def limit_to(self, fired: torch.Tensor) -> None:
+        """Group only the pairs where ``fired`` (bool [B, k], within vals > 0), before any backward runs.
+
+        For pairs whose gradient is known to be zero (a feature-parallel rank's local candidates
+        that lost the global selection): their rows are then not touched at all.
+        """
+        if self._groups is not None:
+            raise RuntimeError("the pairs are already grouped: limit_to must come before the backward")
+        self._fired = fired
+
+    def groups(self) -> PairGroups:
+        """The fired pairs (vals > 0, or those of `limit_to`) grouped by feature; computed on the first call."""
+        if self._groups is None:
+            fired = self.vals > 0 if self._fired is None else self._fired
+            self._groups = group_pairs(self.idx, fired, self.n_features)
+        return self._groups
+
+
+def _row_gradient(like: torch.Tensor, groups: PairGroups, grad_rows: torch.Tensor, sparse: bool) -> torch.Tensor:
+    """The gradient of ``like`` (W or b) from its per-slot rows: a float32 `RowGrad`, or a dense tensor."""
     if sparse:
-        return torch.sparse_coo_tensor(rows.unsqueeze(0), grad_rows, like.shape, is_coalesced=True, check_invariants=False)
+        return RowGrad.of(like, groups.rows, grad_rows, groups.valid)
     dense = torch.zeros_like(like)
-    dense[rows] = grad_rows
-    return dense
+    # Padding slots add zeros to row 0; the fired rows are distinct, so each is rounded once.
+    return dense.index_put_((groups.rows,), grad_rows.to(like.dtype), accumulate=True)
 
 
 class TopKEncode(torch.autograd.Function):
@@ -51,16 +98,20 @@ class TopKEncode(torch.autograd.Function):
 
     Backward, with fired = vals > 0 and grad_pre = grad_vals where fired (the ReLU's gate):
     grad_x = gather_rows(grad_pre, idx, W_enc), grad_b_pre = -grad_x.sum(0), and the rows of W_enc
-    and b_enc that fired from segment_rows(grad_pre, idx, x, fired, shift=b_pre).
+    and b_enc that fired from segment_rows(grad_pre, groups, x, shift=b_pre), the groups shared
+    with the decoder's backward through a `SharedGrouping`.
     """
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, b_pre, k: int, backend: Backend, sparse_grad: bool):
+    def forward(ctx, x, W_enc, b_enc, b_pre, k: int, backend: Backend, sparse_grad: bool, mask, grouping):
+        bias = b_enc if mask is None else b_enc.masked_fill(~mask, float("-inf"))
         with _autocast_off(x.device):
-            vals, idx = backend.topk_encode(x, W_enc, b_enc, k, b_pre)
+            vals, idx = backend.topk_encode(x, W_enc, bias, k, b_pre)
         ctx.mark_non_differentiable(idx)
         ctx.save_for_backward(x, W_enc, b_pre, vals, idx)
-        ctx.backend, ctx.sparse_grad, ctx.b_enc_like = backend, sparse_grad, b_enc
+        grouping = grouping if grouping is not None else SharedGrouping()
+        grouping.bind(vals, idx, W_enc.shape[0])
+        ctx.backend, ctx.sparse_grad, ctx.b_enc_like, ctx.grouping = backend, sparse_grad, b_enc, grouping
         return vals, idx
 
     @staticmethod
@@ -72,18 +123,18 @@ class TopKEncode(torch.autograd.Function):
     def _backward(ctx, grad_vals):
         x, W_enc, b_pre, vals, idx = ctx.saved_tensors
         backend, need = ctx.backend, ctx.needs_input_grad
-        fired = vals > 0
-        grad_pre = torch.where(fired, grad_vals.to(math_dtype(x)), 0.0).contiguous()
+        grad_pre = torch.where(vals > 0, grad_vals.to(math_dtype(x)), 0.0).contiguous()
         grad_x = grad_W = grad_b = grad_b_pre = None
         if need[0] or need[3]:
             grad_x = backend.gather_rows(grad_pre, idx, W_enc)
             grad_b_pre = (-grad_x.sum(0)).to(b_pre.dtype) if b_pre is not None and need[3] else None
             grad_x = grad_x.to(x.dtype) if need[0] else None
         if need[1] or need[2]:
-            rows, grad_W_rows, grad_b_rows = backend.segment_rows(grad_pre, idx, x, fired, shift=b_pre)
-            grad_W = _row_gradient(rows, grad_W_rows, W_enc, ctx.sparse_grad) if need[1] else None
-            grad_b = _row_gradient(rows, grad_b_rows, ctx.b_enc_like, ctx.sparse_grad) if need[2] else None
-        return grad_x, grad_W, grad_b, grad_b_pre, None, None, None
+            groups = ctx.grouping.groups()
+            grad_W_rows, grad_b_rows = backend.segment_rows(grad_pre, groups, x, shift=b_pre)
+            grad_W = _row_gradient(W_enc, groups, grad_W_rows, ctx.sparse_grad) if need[1] else None
+            grad_b = _row_gradient(ctx.b_enc_like, groups, grad_b_rows, ctx.sparse_grad) if need[2] else None
+        return grad_x, grad_W, grad_b, grad_b_pre, None, None, None, None, None
 
 
 class SparseDecode(torch.autograd.Function):
@@ -91,16 +142,20 @@ class SparseDecode(torch.autograd.Function):
 
     Forward: gather_rows(vals, idx, W_dec, bias=b_dec) into an output of W_dec's dtype. Backward:
     grad_vals = row_dots(grad_out, idx, W_dec), the rows of W_dec that fired from
-    segment_rows(vals, idx, grad_out, vals > 0), grad_b_dec = grad_out.sum(0).
+    segment_rows(vals, groups, grad_out) (groups of vals > 0, shared with the encoder when it was
+    given the same `SharedGrouping`), grad_b_dec = grad_out.sum(0).
     """
 
     @staticmethod
-    def forward(ctx, vals, idx, W_dec, b_dec, backend: Backend, sparse_grad: bool):
+    def forward(ctx, vals, idx, W_dec, b_dec, backend: Backend, sparse_grad: bool, grouping):
         out = torch.empty(idx.shape[0], W_dec.shape[1], dtype=W_dec.dtype, device=W_dec.device)
         with _autocast_off(W_dec.device):
             x_hat = backend.gather_rows(vals, idx, W_dec, b_dec, out=out)
         ctx.save_for_backward(vals, idx, W_dec)
-        ctx.backend, ctx.sparse_grad = backend, sparse_grad
+        if grouping is None:
+            grouping = SharedGrouping()
+            grouping.bind(vals, idx, W_dec.shape[0])
+        ctx.backend, ctx.sparse_grad, ctx.grouping = backend, sparse_grad, grouping
         return x_hat
 
     @staticmethod
@@ -116,10 +171,11 @@ class SparseDecode(torch.autograd.Function):
         grad_vals = backend.row_dots(grad_out, idx, W_dec).to(vals.dtype) if need[0] else None
         grad_W = None
         if need[2]:
-            rows, grad_rows, _ = backend.segment_rows(vals, idx, grad_out, vals > 0)
-            grad_W = _row_gradient(rows, grad_rows, W_dec, ctx.sparse_grad)
+            groups = ctx.grouping.groups()
+            grad_rows, _ = backend.segment_rows(vals, groups, grad_out)
+            grad_W = _row_gradient(W_dec, groups, grad_rows, ctx.sparse_grad)
         grad_b = grad_out.sum(0, dtype=math_dtype(W_dec)).to(W_dec.dtype) if need[3] else None
-        return grad_vals, None, grad_W, grad_b, None, None
+        return grad_vals, None, grad_W, grad_b, None, None, None
 
 
 def topk_encode(
@@ -131,16 +187,22 @@ def topk_encode(
     b_pre: torch.Tensor | None = None,
     backend: str = "auto",
     sparse_grad: bool = False,
+    mask: torch.Tensor | None = None,
+    grouping: SharedGrouping | None = None,
     check_finite: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of ``relu((x - b_pre) @ W_enc.T + b_enc)`` per row, never forming the [B, F] matrix.
 
     x: [B, d] (B may be 0), W_enc: [F, d], b_enc: [F], b_pre: [d] or None; one dtype of fp32 |
     bf16 | fp16 (or float64 on the torch backend), one device; accumulation is fp32 (float64 for
-    float64). 1 <= k <= F. Returns vals [B, k] in x's dtype, sorted
-    descending, and idx [B, k] int64 (ties to the lower feature index; rows with fewer than k
-    positive values are filled with zeros at the lowest unchosen indices). Differentiable w.r.t.
-    x, W_enc, b_enc, b_pre. Non-contiguous inputs are copied to contiguous ones.
+    float64). 1 <= k <= F. Returns vals [B, k] in x's dtype, sorted descending, and idx [B, k]
+    int64 (ties to the lower feature index; rows with fewer than k positive values are filled
+    with zeros at the lowest unchosen indices). Differentiable w.r.t. x, W_enc, b_enc, b_pre.
+    Non-contiguous inputs are copied to contiguous ones.
+
+    ``mask`` (bool [F]): select only among the features where it is True (the others count as
+    -inf before the ReLU, so they can fill a row's zero slots but never fire; AuxK's dead features).
+    ``grouping``: a `SharedGrouping` to bind to this selection and share with its `sparse_decode`.
 
     NaN policy: inside every backend a NaN pre-activation counts as -inf (a zero after the ReLU,
     never a firing feature). ``check_finite`` (default True) first checks x for NaN / Inf and
@@ -162,12 +224,17 @@ def topk_encode(
         require_shape("b_pre", b_pre, (d,))
         b_pre = b_pre.contiguous()
     require_k(k, n_features)
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+        require_shape("mask", mask, (n_features,))
+        require_like("mask", mask, "x", x, dtype=False)
     kernels = get_backend(backend, x.device)
     _require_backend_dtype("x", x, kernels)
     if check_finite:
         require_finite_rows("x", x)
     return TopKEncode.apply(
-        x.contiguous(), W_enc.contiguous(), b_enc.contiguous(), b_pre, k, kernels, sparse_grad
+        x.contiguous(), W_enc.contiguous(), b_enc.contiguous(), b_pre, k, kernels, sparse_grad, mask, grouping
     )
 
 
@@ -198,13 +265,16 @@ def sparse_decode(
     *,
     backend: str = "auto",
     sparse_grad: bool = False,
+    grouping: SharedGrouping | None = None,
+    check_indices: bool = True,
 ) -> torch.Tensor:
     """``x_hat = sum_j vals[:, j, None] * W_dec[idx[:, j]] + b_dec`` as a gather, fp32 accumulation.
 
     vals: [B, k] (B may be 0) and W_dec: [F, d], b_dec: [d] of one dtype (fp32 | bf16 | fp16, or
     float64 on the torch backend); idx: [B, k] int64 with entries in [0, F). Returns x_hat [B, d] in
-    W_dec's dtype. Differentiable w.r.t. vals, W_dec, b_dec. Indices are checked on the host only
-    for CPU tensors (a device check would synchronize).
+    W_dec's dtype. Differentiable w.r.t. vals, W_dec, b_dec. Indices are checked on the host only for CPU tensors (a device check
+    would synchronize), and only with ``check_indices`` (callers passing an encoder's own idx
+    skip it). ``grouping``: the `SharedGrouping` given to the `topk_encode` that made (vals, idx).
     """
     require_float_tensor("vals", vals, 2, OP_DTYPES)
     require_float_tensor("W_dec", W_dec, 2, OP_DTYPES)
@@ -216,10 +286,12 @@ def sparse_decode(
         raise TypeError(f"idx must be an int64 tensor, got {getattr(idx, 'dtype', type(idx).__name__)}")
     require_shape("idx", idx, tuple(vals.shape))
     require_like("idx", idx, "vals", vals, dtype=False)
-    if idx.device.type == "cpu" and idx.numel() and (idx.min() < 0 or idx.max() >= W_dec.shape[0]):
+    if check_indices and idx.device.type == "cpu" and idx.numel() and (idx.min() < 0 or idx.max() >= W_dec.shape[0]):
         raise ValueError(f"idx entries must lie in [0, {W_dec.shape[0]}), got [{idx.min()}, {idx.max()}]")
+    if grouping is not None and not grouping.matches(vals, idx):
+        raise ValueError("grouping is bound to another selection: give sparse_decode the encoder's own (vals, idx)")
     kernels = get_backend(backend, vals.device)
     _require_backend_dtype("vals", vals, kernels)
     return SparseDecode.apply(
-        vals.contiguous(), idx.contiguous(), W_dec.contiguous(), b_dec.contiguous(), kernels, sparse_grad
+        vals.contiguous(), idx.contiguous(), W_dec.contiguous(), b_dec.contiguous(), kernels, sparse_grad, grouping
     )

@@ -115,7 +115,7 @@ def _fold_cases(shapes) -> Iterator[Case]:
 def _row_cases(shapes, ks) -> Iterator[Case]:
     import torch
 
-    from flashsae.kernels import rows, sparse_adam
+    from flashsae.kernels import pairs, rows, sparse_adam
 
     for name in ("bf16", "fp32"):
         dtype = _dtypes()[name]
@@ -128,21 +128,30 @@ def _row_cases(shapes, ks) -> Iterator[Case]:
                            lambda a=gather: rows.gather_rows(*a[:4], out=a[4]))
                 dots = (_meta(B, d, dtype=dtype), idx, _meta(F, d, dtype=dtype))
                 yield Case(f"row_dots {name} B={B} d={d} k={k}", "row_dots", lambda a=dots: rows.row_dots(*a))
-                # segment_rows sorts the fired pairs first: real (CPU) indices, the launch itself intercepted.
+                # The fired pairs are grouped by a sort first: real (CPU) indices, the launch itself intercepted.
                 g = torch.Generator().manual_seed(0)
-                seg = (torch.rand(B, k, generator=g), torch.randint(0, F, (B, k), generator=g),
-                       torch.zeros(B, d, dtype=dtype), torch.ones(B, k, dtype=torch.bool), torch.zeros(d, dtype=dtype))
-                yield Case(f"segment_rows {name} B={B} d={d} k={k}", "segment_rows",
-                           lambda a=seg: rows.segment_rows(*a[:4], shift=a[4]))
+                real_idx = torch.randint(0, F, (B, k), generator=g)
+                groups = pairs.group_pairs(real_idx, torch.ones(B, k, dtype=torch.bool), F)
+                vecs, shift = torch.zeros(B, d, dtype=dtype), torch.zeros(d, dtype=dtype)
+                for coef, with_shift in ((torch.float32, True), (dtype, False)):  # encoder's grad_pre; decoder's vals
+                    seg = (torch.rand(B, k, generator=g).to(coef), groups, vecs, shift if with_shift else None)
+                    yield Case(f"segment_rows {name} coef={_dtype_name(coef)} B={B} d={d} k={k}", "segment_rows",
+                               lambda a=seg: rows.segment_rows(*a))
         B, d, F = shapes[0]
         for moments in ("fp32", "bf16"):
-            touched = min(F, 4096 * 64)
-            adam = (_meta(F, d, dtype=dtype), _meta(touched, d), _meta(touched, dtype=torch.int64),
-                    _meta(F, d, dtype=_dtypes()[moments]), _meta(F, d, dtype=_dtypes()[moments]),
-                    _meta(F, dtype=torch.int64))
-            yield Case(f"sparse_adam {name} moments={moments} d={d}", "sparse_adam",
-                       lambda a=adam: sparse_adam.sparse_adam_step_(*a, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
-                                                                    unit_norm=True))
+            for master in (False, True) if name == "bf16" else (False,):
+                touched = min(F, B * 64)
+                adam = (_meta(F, d, dtype=dtype), _meta(touched, d), _meta(touched, dtype=torch.int64),
+                        _meta(touched, dtype=torch.bool), _meta(F, d, dtype=_dtypes()[moments]),
+                        _meta(F, d, dtype=_dtypes()[moments]), _meta(F, dtype=torch.int64))
+                low = _meta(F, d, dtype=torch.int16) if master else None
+                yield Case(f"sparse_adam {name} moments={moments} master={master} d={d}", "sparse_adam",
+                           lambda a=adam, low=low: sparse_adam.sparse_adam_step_(
+                               *a, low=low, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, unit_norm=True))
+
+
+def _dtype_name(dtype) -> str:
+    return {v: k for k, v in _dtypes().items()}[dtype]
 
 
 def cases(subset: bool) -> Iterator[Case]:

@@ -1,13 +1,9 @@
 """Data- and feature-parallel training on 2 CPU processes (gloo) against a single-process run."""
 from __future__ import annotations
 
-import os
-import socket
-import traceback
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from flashsae import ops
 from flashsae.kernels.keys import EMPTY_KEY, pack_keys
@@ -18,7 +14,10 @@ from flashsae.sae.parallel.data import allreduce_gradients
 from flashsae.sae.parallel.feature import FeatureParallelSAE, feature_split, merge_candidates
 from flashsae.sae.parallel.strategy import SingleProcess, make_strategy
 from flashsae.sae.store import InMemorySource
+from flashsae.rowgrad import RowGrad
 from flashsae.sae.trainer import Trainer
+from tests.grads import row_values
+from tests.ranks import rank_main, run_ranks
 
 WORLD = 2
 D_MODEL, K, LOCAL_BATCH, STEPS = 16, 4, 12, 3
@@ -60,7 +59,7 @@ def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def sparse_kinds(model: torch.nn.Module) -> dict[str, bool]:
-    return {n: p.grad.is_sparse for n, p in model.named_parameters()}
+    return {n: isinstance(p.grad, RowGrad) for n, p in model.named_parameters()}
 
 
 def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -103,75 +102,46 @@ def aux_case() -> tuple[TopKSAE, torch.Tensor, torch.Tensor, torch.Tensor]:
     sae.sparse_grad = True
     x = x[:3]  # few tokens: most local candidates that lose the merge win for no other token either
     residual = exact_grid(torch.Generator().manual_seed(9), tuple(x.shape), 0.25)
-    dead = torch.cat([torch.arange(0, 30, 2), torch.arange(45, F_FP, 3)])
+    dead = torch.zeros(F_FP, dtype=torch.bool)
+    dead[torch.cat([torch.arange(0, 30, 2), torch.arange(45, F_FP, 3)])] = True
     return sae, x, residual, dead
 
 
 def sparse_rows(model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """(rows, values) of every parameter's coalesced sparse gradient."""
-    out = {}
-    for name in ("W_enc", "b_enc", "W_dec"):
-        grad = getattr(model, name).grad.coalesce()
-        out[name] = (grad.indices()[0].clone(), grad.values().clone())
-    return out
+    """(rows, values) of every parameter's `RowGrad`, ascending by row."""
+    return {name: row_values(getattr(model, name).grad) for name in ("W_enc", "b_enc", "W_dec")}
+
+
+def _rank_body(info: process_group.DistInfo) -> dict:
+    rank, result = info.rank, {}
+    assert info.world_size == WORLD and process_group.is_main() == (rank == 0)
+    data, feature = make_strategy("data", info), make_strategy("feature", info)
+    assert (data.name, feature.name) == ("data", "feature")
+    source = InMemorySource(make_data())
+    for sparse in (False, True):
+        local = source.batches(LOCAL_BATCH, seed=SEED, epoch=EPOCH, rank=rank, world_size=WORLD, prefetch=0)
+        result[f"dp_{sparse}"] = run_training(make_sae(F_DP, sparse), sparse, local, data)
+        fp = feature.wrap(make_sae(F_FP, sparse))
+        whole = source.batches(LOCAL_BATCH * WORLD, seed=SEED, epoch=EPOCH, prefetch=0)
+        result[f"fp_{sparse}"] = run_training(fp, sparse, whole, feature)
+        full = feature.full_model(fp)
+        result[f"fp_{sparse}"]["gathered"] = None if full is None else state(full)
+    sae, x = tie_forward_case()
+    with torch.no_grad():
+        result["fp_forward"] = FeatureParallelSAE.from_full(sae)(x)
+    sae, x, residual, dead = aux_case()
+    fp = FeatureParallelSAE.from_full(sae)
+    result["fp_aux"] = {"loss": add_aux_k_grads_(fp, x, residual, dead, AUX_K, 1.0), "grads": sparse_rows(fp)}
+    return result
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    result: dict = {}
-    try:
-        info = process_group.init_distributed(timeout_s=TIMEOUT_S)
-        assert (info.rank, info.world_size) == (rank, WORLD) and process_group.is_main() == (rank == 0)
-        data, feature = make_strategy("data", info), make_strategy("feature", info)
-        assert (data.name, feature.name) == ("data", "feature")
-        source = InMemorySource(make_data())
-        for sparse in (False, True):
-            local = source.batches(LOCAL_BATCH, seed=SEED, epoch=EPOCH, rank=rank, world_size=WORLD, prefetch=0)
-            result[f"dp_{sparse}"] = run_training(make_sae(F_DP, sparse), sparse, local, data)
-            fp = feature.wrap(make_sae(F_FP, sparse))
-            whole = source.batches(LOCAL_BATCH * WORLD, seed=SEED, epoch=EPOCH, prefetch=0)
-            result[f"fp_{sparse}"] = run_training(fp, sparse, whole, feature)
-            full = feature.full_model(fp)
-            result[f"fp_{sparse}"]["gathered"] = None if full is None else state(full)
-        sae, x = tie_forward_case()
-        with torch.no_grad():
-            result["fp_forward"] = FeatureParallelSAE.from_full(sae)(x)
-        sae, x, residual, dead = aux_case()
-        fp = FeatureParallelSAE.from_full(sae)
-        result["fp_aux"] = {"loss": add_aux_k_grads_(fp, x, residual, dead, AUX_K, 1.0), "grads": sparse_rows(fp)}
-        process_group.destroy_distributed()
-    except BaseException:
-        result = {"error": traceback.format_exc()}
-    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    rank_main(rank, port, out_dir, WORLD, TIMEOUT_S, _rank_body)
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    out_dir = tmp_path_factory.mktemp("dist")
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, str(out_dir))) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(TIMEOUT_S)
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.kill()
-        p.join()
-    assert not hung, f"{len(hung)} rank(s) did not finish within {TIMEOUT_S}s"
-    results = [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-    for r, res in enumerate(results):
-        assert "error" not in res, f"rank {r} failed:\n{res['error']}"
-    return results
+    return run_ranks(_worker, tmp_path_factory.mktemp("dist"), WORLD, TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")

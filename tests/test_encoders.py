@@ -222,3 +222,27 @@ def test_chunked_plan_bounds_the_buffer_and_fills_the_grid():
     assert small.slice_len % small.blocks["BN"] == 0 and small.n_slices * small.slice_len >= small.chunk
     tiny = chunked_encode.select_plan(4096, 2**20, 64, buffer_bytes=1)
     assert tiny.chunk == tiny.blocks["BN"]
+
+
+@pytest.mark.parametrize("dtype", [FP32, BF16, FP64])
+@pytest.mark.parametrize("chunk_size", [None, 7, 97])
+def test_static_torch_encoder_equals_the_threshold_select(dtype, chunk_size):
+    """The torch backend's static variant (every device but the CPU: no host sync) gives the same answer."""
+    from flashsae.kernels import torch_encode
+
+    x, W, b, b_pre = make_dyadic_inputs(9, 16, 700, dtype, seed=31)
+    W[[3, 400]] = float("nan")
+    for k in (1, 20, 700):
+        got = torch_encode.topk_encode(x, W, b, k, b_pre, chunk_size=chunk_size, static=True)
+        ref = torch_encode.topk_encode(x, W, b, k, b_pre, chunk_size=chunk_size, static=False)
+        assert torch.equal(got[1], ref[1]) and torch.equal(got[0], ref[0])
+        assert_reference_order(*got, x, W, b, b_pre, k)
+
+
+def test_static_torch_encoder_never_synchronizes():
+    from flashsae.kernels import torch_encode
+    from tests.sync_guard import SyncGuard
+
+    x, W, b, b_pre = make_inputs(9, 16, 700, FP32, seed=32)
+    with SyncGuard():
+        torch_encode.topk_encode(x, W, b, 20, b_pre, chunk_size=128, static=True)

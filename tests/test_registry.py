@@ -198,10 +198,10 @@ def test_triton_is_not_imported_when_only_the_torch_backend_runs():
             vals, idx = ops.topk_encode(x, W_enc, b_enc, 3, backend=backend, sparse_grad=True)
             x_hat = ops.sparse_decode(vals, idx, W_dec, b_dec, backend=backend, sparse_grad=True)
             (x_hat - x).square().sum().backward()
-            grad = W_dec.grad.coalesce()
+            rows, values, valid = W_dec.grad.rows_values_valid()
             moments = [torch.zeros_like(W_dec) for _ in range(2)]
             get_backend(backend, "cpu").sparse_adam_step_(
-                W_dec.detach(), grad.values(), grad.indices()[0], *moments, torch.zeros(40, dtype=torch.long),
+                W_dec.detach(), values, rows, valid, *moments, torch.zeros(40, dtype=torch.long),
                 lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, unit_norm=True,
             )
         print("torch only:", "triton" in sys.modules)

@@ -196,3 +196,29 @@ def test_torchrun_two_ranks_match_one_process(store, tmp_path, parallel):
     dist_metrics = [json.loads(line) for line in (dist_out / "metrics.jsonl").read_text().splitlines()]
     for got, expected in zip(dist_metrics, metrics, strict=True):
         assert math.isclose(got["aux_loss"], expected["aux_loss"], rel_tol=1e-4), (got, expected)
+
+
+def test_bf16_mixed_precision_run_resumes_to_identical_weights_and_master_bits(store, tmp_path):
+    """--dtype bfloat16 on the CPU: the optimizer's master low bits go into the checkpoint, so a run
+    resumed from its older checkpoint ends bit for bit where the uninterrupted one did."""
+    from flashsae.sae.run.config import TrainConfig
+    from flashsae.sae.run.driver import train
+
+    settings = dict(store=str(store), n_features=256, k=4, batch_size=128, epochs=1, log_every=1000,
+                    checkpoint_every=10, progress=False, backend="torch", aux_k=4, dead_window=1000,
+                    dtype="bfloat16")
+    full = tmp_path / "full"
+    train(TrainConfig(out=str(full), **settings))
+    kept = checkpoints.list_checkpoints(full / checkpoints.CHECKPOINTS_DIR)
+    state = checkpoints.load_checkpoint(kept[0])["optimizer"]["state"]
+    assert all(s["master_low"].dtype == torch.int16 for s in state.values() if s["exp_avg"].dim() == 2)
+    cut = tmp_path / "cut"
+    shutil.copytree(full, cut)
+    shutil.rmtree(cut / "final")
+    shutil.rmtree(cut / checkpoints.CHECKPOINTS_DIR / kept[0].name)
+    from flashsae.sae.cli import main
+
+    assert main(["train", "--resume", str(cut)]) == 0
+    weights = final_weights(full)
+    assert all(t.dtype == torch.bfloat16 for t in weights.values())
+    assert_same_weights(final_weights(cut), weights)

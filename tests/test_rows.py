@@ -9,6 +9,9 @@ import torch
 from flashsae import ops
 from flashsae.kernels import reference
 from flashsae.kernels import rows as triton_rows
+from flashsae.kernels.pairs import group_pairs
+from flashsae.rowgrad import RowGrad
+from tests.grads import row_values, touched_rows
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Max error relative to the reference's largest magnitude (at least 1), per dtype.
@@ -65,10 +68,10 @@ def test_sparse_decode_values_and_grads_match_float64_autograd(B, d, F, k, dtype
         assert x_hat.dtype == dtype and x_hat.shape == (B, d)
         assert_close(x_hat, ref_x, dtype, "x_hat")
         x_hat.backward(grad_out)
-        assert Wp.grad.is_sparse == sparse_grad
-        if sparse_grad:  # (AccumulateGrad may drop the coalesced flag; the rows are still unique, sorted)
-            assert Wp.grad.dtype == dtype and Wp.grad.sparse_dim() == 1
-            assert torch.equal(Wp.grad._indices()[0], fired_rows(idx, vals))
+        assert isinstance(Wp.grad, RowGrad) == sparse_grad
+        if sparse_grad:  # the parameter's dtype outside, float32 rows inside
+            assert Wp.grad.dtype == dtype and row_values(Wp.grad)[1].dtype == torch.float32
+            assert torch.equal(touched_rows(Wp.grad), fired_rows(idx, vals))
         assert_close(v.grad, ref_gv, dtype, "grad vals")
         assert_close(Wp.grad.to_dense(), ref_gW, dtype, "grad W_dec")
         assert_close(bp.grad, ref_gb, dtype, "grad b_dec")
@@ -100,10 +103,10 @@ def test_topk_encode_grads_match_float64_autograd(B, d, F, k, dtype, backend):
         xd, Wd, bd, bpd = (t.detach().double().requires_grad_() for t in (x, W, b, b_pre))
         pre = torch.relu((xd - bpd) @ Wd.T + bd)
         pre.gather(1, idx).backward(grad_vals.double())
-        assert Ws.grad.is_sparse == sparse_grad and bs.grad.is_sparse == sparse_grad
+        assert isinstance(Ws.grad, RowGrad) == sparse_grad and isinstance(bs.grad, RowGrad) == sparse_grad
         if sparse_grad:
-            assert torch.equal(Ws.grad._indices()[0], fired_rows(idx, vals))
-            assert torch.equal(bs.grad._indices()[0], fired_rows(idx, vals))
+            assert torch.equal(touched_rows(Ws.grad), fired_rows(idx, vals))
+            assert torch.equal(touched_rows(bs.grad), fired_rows(idx, vals))
         assert_close(xs.grad, xd.grad, dtype, "grad x")
         assert_close(Ws.grad.to_dense(), Wd.grad, dtype, "grad W_enc")
         assert_close(bs.grad.to_dense(), bd.grad, dtype, "grad b_enc")
@@ -127,13 +130,16 @@ def test_triton_launchers_write_every_output_element(dtype):
     assert_close(dots, ref_gv, dtype, "row_dots")
 
     rows = fired_rows(idx, vals)
-    poisoned = torch.full((rows.numel() + 5, d), float("nan"))
-    got_rows, grad_rows, coef_sums = triton_rows.segment_rows(vals, idx, grad_out, vals > 0, out=poisoned)
-    assert torch.equal(got_rows, rows)
-    assert_close(grad_rows, ref_gW[rows], dtype, "segment_rows")
-    assert torch.isnan(poisoned[rows.numel() :]).all(), "segment_rows wrote past its U rows"
+    groups = group_pairs(idx, vals > 0, F)
+    assert groups.n_slots == min(B * k, F) and int(groups.n_rows) == rows.numel() < groups.n_slots
+    poisoned = torch.full((groups.n_slots + 5, d), float("nan"))
+    grad_rows, coef_sums = triton_rows.segment_rows(vals, groups, grad_out, out=poisoned)
+    assert torch.equal(groups.rows[groups.valid], rows)
+    assert_close(grad_rows[groups.valid], ref_gW[rows], dtype, "segment_rows")
+    assert torch.equal(grad_rows[~groups.valid], torch.zeros_like(grad_rows[~groups.valid])), "padding slots hold zeros"
+    assert torch.isnan(poisoned[groups.n_slots :]).all(), "segment_rows wrote past its R slots"
     ref_sums = torch.zeros(F, dtype=torch.float64).index_add_(0, idx[vals > 0], vals[vals > 0].double())
-    assert_close(coef_sums, ref_sums[rows], dtype, "coef sums")
+    assert_close(coef_sums[groups.valid], ref_sums[rows], dtype, "coef sums")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -159,24 +165,28 @@ def test_segment_rows_with_shift_matches_float64_shifted_sums(backend, dtype):
     g = torch.Generator().manual_seed(6)
     x, shift = torch.randn(B, d, generator=g).to(dtype), torch.randn(d, generator=g).to(dtype)
     fired = vals > 0
-    rows, grad, sums = PRIMITIVES[backend].segment_rows(vals, idx, x, fired, shift=shift)
+    groups = group_pairs(idx, fired, F)
+    grad, sums = PRIMITIVES[backend].segment_rows(vals, groups, x, shift=shift)
+    rows, valid = groups.rows, groups.valid
     ref_rows = fired_rows(idx, vals)
     shifted = x.double() - shift.double()
     ref_grad = torch.zeros(F, d, dtype=torch.float64).index_add_(
         0, idx[fired], vals.double()[fired, None] * shifted[fired.nonzero()[:, 0]]
     )
-    assert torch.equal(rows, ref_rows)
+    assert torch.equal(rows[valid], ref_rows) and not rows[~valid].any()
     assert grad.dtype == sums.dtype == torch.float32
-    assert_close(grad, ref_grad[ref_rows], dtype, "segment_rows with shift")
+    assert_close(grad[valid], ref_grad[ref_rows], dtype, "segment_rows with shift")
+    assert not grad[~valid].any() and not sums[~valid].any()
     ref_sums = torch.zeros(F, dtype=torch.float64).index_add_(0, idx[fired], vals.double()[fired])
-    assert_close(sums, ref_sums[ref_rows], dtype, "coef sums")
+    assert_close(sums[valid], ref_sums[ref_rows], dtype, "coef sums")
 
 
 def test_segment_rows_is_deterministic():
     B, d, F, k = 32, 100, 50, 33
     vals, idx, _, _, grad_out = make_decode(B, d, F, k, torch.float32, seed=11)
-    first = triton_rows.segment_rows(vals, idx, grad_out, vals > 0)
-    second = triton_rows.segment_rows(vals, idx, grad_out, vals > 0)
+    groups = group_pairs(idx, vals > 0, F)
+    first = triton_rows.segment_rows(vals, groups, grad_out)
+    second = triton_rows.segment_rows(vals, groups, grad_out)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
@@ -199,5 +209,61 @@ def test_no_active_feature_gives_empty_sparse_grad(backend):
     vals.zero_()
     Wp = W.clone().requires_grad_()
     ops.sparse_decode(vals.requires_grad_(), idx, Wp, b, backend=backend, sparse_grad=True).backward(grad_out)
-    assert Wp.grad.is_sparse and Wp.grad._nnz() == 0
+    assert isinstance(Wp.grad, RowGrad) and touched_rows(Wp.grad).numel() == 0
     assert torch.equal(Wp.grad.to_dense(), torch.zeros_like(W))
+
+
+def production_width_case(d: int, dtype: torch.dtype):
+    """B=6 tokens, k=3: feature 0 fired by every token, feature 5 by five, feature 7 by one token,
+    feature 6 chosen with value 0 (never fires), features 8..10 never chosen."""
+    g = torch.Generator().manual_seed(d)
+    idx = torch.tensor([[0, 1, 5], [0, 2, 5], [0, 7, 5], [0, 3, 5], [0, 4, 6], [0, 1, 5]])
+    vals = torch.rand(6, 3, generator=g) + 0.1
+    vals[4, 2] = 0.0
+    W = torch.randn(11, d, generator=g) / d**0.5
+    x, shift = torch.randn(6, d, generator=g), 0.1 * torch.randn(d, generator=g)
+    return vals.to(dtype), idx, W.to(dtype), x.to(dtype), shift.to(dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [384, 768, 4096])
+def test_row_primitives_at_production_widths_with_heavy_single_and_silent_features(backend, dtype, d):
+    """Every loop runs over more than one block: the pair loop (feature 0 has six pairs), the slices of
+    d, row_dots' sweep of d; an accumulation turned into an assignment fails here."""
+    vals, idx, W, x, shift = production_width_case(d, dtype)
+    prims = PRIMITIVES[backend]
+    groups = group_pairs(idx, vals > 0, 11)
+    grad, sums = prims.segment_rows(vals, groups, x, shift=shift)
+    fired = vals > 0
+    centred = x.double() - shift.double()
+    ref = torch.zeros(11, d, dtype=torch.float64).index_add_(
+        0, idx[fired], vals.double()[fired, None] * centred[fired.nonzero()[:, 0]])
+    assert groups.rows[groups.valid].tolist() == [0, 1, 2, 3, 4, 5, 7]
+    assert_close(grad[groups.valid], ref[[0, 1, 2, 3, 4, 5, 7]], dtype, f"segment_rows d={d}")
+    ref_sums = torch.zeros(11, dtype=torch.float64).index_add_(0, idx[fired], vals.double()[fired])
+    assert_close(sums[groups.valid], ref_sums[[0, 1, 2, 3, 4, 5, 7]], dtype, "coef sums")
+    assert not grad[~groups.valid].any()
+    picked = W.double()[idx]  # [B, k, d]
+    assert_close(prims.gather_rows(vals, idx, W), torch.einsum("tk,tkd->td", vals.double(), picked), dtype, "gather_rows")
+    assert_close(prims.row_dots(x, idx, W), torch.einsum("td,tkd->tk", x.double(), picked), dtype, "row_dots")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_grouping_per_forward_is_shared_by_the_encoder_and_decoder_backward(backend, monkeypatch):
+    from flashsae import TopKSAE
+
+    calls = []
+    real = ops.group_pairs
+    monkeypatch.setattr(ops, "group_pairs", lambda *args: calls.append(args[2]) or real(*args))
+    sae = TopKSAE(24, 50, 4, backend=backend, sparse_grad=True)
+    x = torch.randn(9, 24, generator=torch.Generator().manual_seed(0))
+    (sae(x).x_hat - x).pow(2).sum().backward()
+    assert calls == [50], "one sort of the pairs for both backward passes"
+    # Each op on its own groups its own pairs; a grouping bound to one selection fits no other.
+    grouping = ops.SharedGrouping()
+    vals, idx = ops.topk_encode(x, sae.W_enc, sae.b_enc, 4, backend=backend, grouping=grouping)
+    with pytest.raises(ValueError, match="grouping is bound to another selection"):
+        ops.sparse_decode(vals.detach().clone(), idx, sae.W_dec, sae.b_dec, backend=backend, grouping=grouping)
+    with pytest.raises(ValueError, match="already bound to another selection"):
+        ops.topk_encode(x, sae.W_enc, sae.b_enc, 4, backend=backend, grouping=grouping)

@@ -12,6 +12,7 @@ from flashsae import TopKSAE
 from flashsae.kernels import torch_encode
 from flashsae.kernels.registry import get_backend, override_backend
 from flashsae.optim import SparseAdam
+from flashsae.rowgrad import RowGrad
 from flashsae.sae.trainer import Trainer
 
 F, D, K, B = 1 << 18, 64, 4, 8
@@ -21,7 +22,8 @@ class AllocationRecorder(TorchDispatchMode):
     """Records, for every op run inside the block, how many elements its outputs newly allocated.
 
     An output whose storage is one of the op's inputs' (a view, an in-place or out= op, ``set_``
-    onto a given storage) allocated nothing; a sparse COO output counts its indices and values. ``largest`` is (elements, op name).
+    onto a given storage) allocated nothing; a sparse COO output counts its indices and values, a
+    `RowGrad` the new tensors of its parts. ``largest`` is (elements, op name).
     """
 
     def __init__(self) -> None:
@@ -30,7 +32,7 @@ class AllocationRecorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        inputs, _ = tree_flatten((args, kwargs))
+        inputs = _plain_tensors(tree_flatten((args, kwargs))[0])
         known = {_storage_ptr(t) for t in inputs if isinstance(t, torch.Tensor) and not t.is_sparse}
         known |= {t.data_ptr() for t in inputs if isinstance(t, (torch.UntypedStorage, torch.TypedStorage))}
         out = func(*args, **kwargs)
@@ -39,6 +41,8 @@ class AllocationRecorder(TorchDispatchMode):
                 continue
             if t.is_sparse:
                 n = t._indices().numel() + t._values().numel()
+            elif isinstance(t, RowGrad):
+                n = sum(p.numel() for p in _plain_tensors([t]) if _storage_ptr(p) not in known)
             elif _storage_ptr(t) in known:
                 continue
             else:
@@ -46,6 +50,12 @@ class AllocationRecorder(TorchDispatchMode):
             if n > self.largest[0]:
                 self.largest = (n, str(func))
         return out
+
+
+def _plain_tensors(items: list) -> list:
+    """``items`` with every `RowGrad` replaced by the tensors of its parts."""
+    return [x for item in items for x in (
+        [t for part in item.parts for t in part] if isinstance(item, RowGrad) else [item])]
 
 
 def _storage_ptr(t: torch.Tensor) -> int:

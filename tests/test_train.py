@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from flashsae.optim import SparseAdam
+from flashsae.rowgrad import RowGrad
 from flashsae.sae.run import checkpoints
-from flashsae.sae.losses import add_aux_k_grads_
+from flashsae.sae.losses import add_aux_k_grads_, aux_k_loss
 from flashsae.sae.model import TopKSAE
 from flashsae.sae.store import ActivationStore, InMemorySource
 from flashsae.sae.run.config import TrainConfig
@@ -19,6 +20,7 @@ from flashsae.sae.run.driver import train
 from flashsae.sae.run.source import mean_sq_norm_scale
 from flashsae.sae.trainer import NonFiniteError, Trainer, reconstruction_metrics
 from tests import synthetic
+from tests.grads import row_values, touched_rows
 from tests.synthetic import synthetic_activations
 
 
@@ -95,11 +97,13 @@ def test_aux_k_grads_match_float64_reference_and_reach_only_dead_features(sparse
         sae.b_dec.copy_(0.1 * torch.randn(d, generator=gen))
     x = torch.randn(batch, d, generator=gen)
     dead = torch.tensor([1, 4, 5, 9, 17, 22, 30, 31, 40, 52])
+    dead_mask = torch.zeros(n_features, dtype=torch.bool)
+    dead_mask[dead] = True
     out = sae(x)
     ((out.x_hat - x) ** 2).sum().div(x.numel()).backward()
     main = {n: p.grad.to_dense().clone() for n, p in sae.named_parameters()}
     residual = (x - out.x_hat).detach()
-    loss = add_aux_k_grads_(sae, x, residual, dead, aux_k, coef)
+    loss = add_aux_k_grads_(sae, x, residual, dead_mask, aux_k, coef)
 
     params64 = {n: p.detach().double().requires_grad_() for n, p in sae.named_parameters()}
     ref = aux_k_reference(x.double(), residual.double(), params64["W_enc"], params64["b_enc"], params64["W_dec"],
@@ -111,7 +115,7 @@ def test_aux_k_grads_match_float64_reference_and_reach_only_dead_features(sparse
     alive[dead] = False
     for name in ("W_enc", "b_enc", "W_dec"):
         grad = getattr(sae, name).grad
-        assert grad.is_sparse == sparse_grad
+        assert isinstance(grad, RowGrad) == sparse_grad
         aux_grad = grad.to_dense() - main[name]
         torch.testing.assert_close(aux_grad.double(), params64[name].grad, rtol=1e-4, atol=1e-6)
         assert torch.equal(aux_grad[alive], torch.zeros_like(aux_grad[alive])), f"{name}: AuxK reached a live feature"
@@ -119,11 +123,59 @@ def test_aux_k_grads_match_float64_reference_and_reach_only_dead_features(sparse
     assert torch.equal(sae.b_dec.grad, main["b_dec"])  # b_dec is not trained by the AuxK loss
 
 
-def test_aux_k_with_no_dead_features_is_zero_and_adds_nothing():
-    sae = TopKSAE(8, 16, 2, backend="torch")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_aux_k_loss_and_its_row_grads_match_float64_in_every_dtype(dtype):
+    """The AuxK loss alone, its float32 row gradients against float64 autograd of the same selection
+    (dead features chosen by many tokens, by one, and by none)."""
+    d, n_features, aux_k, batch = 40, 61, 5, 23
+    gen = torch.Generator().manual_seed(11)
+    sae = TopKSAE(d, n_features, 4, dtype=dtype, backend="torch", sparse_grad=True)
+    with torch.no_grad():
+        sae.W_enc.add_((0.3 * torch.randn(n_features, d, generator=gen)).to(dtype))
+        sae.b_enc.copy_(0.2 * torch.randn(n_features, generator=gen) - 0.1)
+        sae.b_dec.copy_(0.1 * torch.randn(d, generator=gen))
+    x = torch.randn(batch, d, generator=gen).to(dtype)
+    residual = (0.5 * torch.randn(batch, d, generator=gen)).to(dtype)
+    dead = torch.rand(n_features, generator=gen) < 0.3
+    dead[[0, 2, 3]] = True
+    with torch.no_grad():  # dead feature 0 fires for every token, 2 for none, 3 for token 0 alone
+        centred = x[0].float() - sae.b_dec.float()
+        sae.b_enc[[0, 2, 3]] = torch.tensor([10.0, -100.0, -10.0]).to(dtype)
+        sae.W_enc[3] = (20 * centred / centred.pow(2).sum()).to(dtype)
+    loss = aux_k_loss(sae, x, residual, dead, aux_k)
+    loss.backward()
+    selection = sae._select(x, sae.W_enc.detach(), sae.b_enc.detach(), sae.b_dec.detach(), aux_k, dead)
+    chosen = torch.bincount(selection.idx[selection.vals > 0].reshape(-1), minlength=n_features)
+    assert chosen[0] == batch and chosen[2] == 0 and chosen[3] == 1
+    assert not chosen[~dead].any(), "only dead features are chosen"
+    p64 = {n: p.detach().double().requires_grad_() for n, p in sae.named_parameters()}
+    pre = torch.relu((x.double() - p64["b_dec"].detach()) @ p64["W_enc"].T + p64["b_enc"])
+    z = torch.zeros_like(pre).scatter(1, selection.idx, pre.gather(1, selection.idx))
+    ref = (residual.double() - z @ p64["W_dec"]).pow(2).sum() / residual.double().pow(2).sum()
+    ref.backward()
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}[dtype]
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=tol, atol=tol)
+    for name in ("W_enc", "b_enc", "W_dec"):
+        rows, values = row_values(getattr(sae, name).grad)
+        assert torch.equal(rows, torch.nonzero(chosen).squeeze(1)), name
+        scale = p64[name].grad.abs().max().item()
+        torch.testing.assert_close(values.double(), p64[name].grad[rows], rtol=tol, atol=tol * scale, msg=name)
+    assert sae.b_dec.grad is None, "b_dec is not trained by the AuxK loss"
+
+
+@pytest.mark.parametrize("sparse_grad", [True, False])
+def test_aux_k_with_no_dead_features_is_zero_and_adds_nothing(sparse_grad):
+    sae = TopKSAE(8, 16, 2, backend="torch", sparse_grad=sparse_grad)
     x = torch.randn(5, 8)
-    loss = add_aux_k_grads_(sae, x, x.clone(), torch.empty(0, dtype=torch.int64), 4, 1.0)
-    assert loss.item() == 0.0 and sae.W_enc.grad is None
+    loss = add_aux_k_grads_(sae, x, x.clone(), torch.zeros(16, dtype=torch.bool), 4, 1.0)
+    assert loss.item() == 0.0
+    for name in ("W_enc", "b_enc", "W_dec"):
+        grad = getattr(sae, name).grad
+        if sparse_grad:
+            assert touched_rows(grad).numel() == 0, name
+        assert not grad.to_dense().any(), name
+    with pytest.raises(TypeError, match=r"dead must be a bool tensor of shape \(16,\)"):
+        add_aux_k_grads_(sae, x, x.clone(), torch.tensor([1, 2]), 4, 1.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,3 +379,16 @@ def test_tensorboard_and_wandb_sinks_receive_the_jsonl_metrics(tmp_path, monkeyp
         assert math.isclose(event.value, record["fvu"], rel_tol=1e-6)
     offline_runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(offline_runs) == 1 and offline_runs[0].stat().st_size > 0
+
+
+def test_a_resumed_trainer_names_the_step_of_a_bad_batch_by_the_run_count():
+    """The step number lives on the device too (for sync-free checks): setting step_count moves it."""
+    sae = TopKSAE(8, 16, 2, backend="torch", sparse_grad=True)
+    trainer = Trainer(sae, SparseAdam(sae.parameters(), backend="torch"), check_every_step=False)
+    trainer.step_count = 20
+    x = torch.randn(4, 8)
+    trainer.step(x)
+    x[1, 2] = float("nan")
+    trainer.step(x)
+    with pytest.raises(NonFiniteError, match=r"step 22: the loss is NaN"):
+        trainer.check_finite()

@@ -6,6 +6,7 @@
 - `chunked_encode`: the "triton" encoder: cuBLAS GEMM per chunk of features + Triton threshold select.
 - `fused_encode`: the "triton-fused" encoder: Triton GEMM tiles with the threshold select in the epilogue.
 - `triton_common`: what both Triton encoders share (b_pre folding, keys and candidate lists on registers).
+- `pairs`: the fired (token, slot) pairs grouped by feature once per step, in static sizes (both backends).
 - `rows`: Triton gather_rows / row_dots / segment_rows (decode, its backward, the encoder backward).
 - `sparse_adam`: Triton row-sparse Adam step.
 - `keys`: the packed int64 top-k key format every encoder and merge shares.

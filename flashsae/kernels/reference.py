@@ -3,11 +3,16 @@
 They run on any device (the CPU backend) and are the oracle the Triton kernels are tested against;
 the backend's encoder is `flashsae.kernels.torch_encode`. Nothing here materializes a dense [F, d]
 gradient: the sparse parts work on the B * k (token, feature) pairs in chunks. Accumulation is fp32
-(float64 for float64 inputs). Shapes and return conventions are the `Backend` docstring's.
+(float64 for float64 inputs). Shapes and return conventions are the `Backend` docstring's. The
+backward and optimizer primitives keep static sizes (padding slots, masked writes): none of them
+makes a CUDA stream wait on the host.
 """
 from __future__ import annotations
 
 import torch
+
+from ..rowgrad import write_rows_
+from .pairs import PairGroups
 
 # Most values a chunk of work holds at once (4M: 16 MiB of fp32 values).
 CHUNK_ELEMENTS = 1 << 22
@@ -72,65 +77,100 @@ def row_dots(grad: torch.Tensor, idx: torch.Tensor, W: torch.Tensor) -> torch.Te
 
 def segment_rows(
     coef: torch.Tensor,
-    idx: torch.Tensor,
+    groups: PairGroups,
     vecs: torch.Tensor,
-    fired: torch.Tensor,
     shift: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-feature sums over the (token, slot) pairs where ``fired``: the compact row gradient.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-slot sums over the fired pairs of ``groups``: the compact row gradient.
 
-    coef [B, k], idx [B, k] int64, vecs [B, d], fired [B, k] bool, shift [d] or None. Returns
-    rows [U] int64 (sorted unique features that fired), grad_rows [U, d] fp32 (float64 for float64
-    vecs) with ``grad_rows[u] = sum_{idx[t, j] = rows[u], fired} coef[t, j] * (vecs[t] - shift)``
-    and coef_sums [U] in that dtype with the per-feature sum of coef.
+    coef [B, k], groups: `flashsae.kernels.pairs.PairGroups` of the same selection (R slots), vecs
+    [B, d], shift [d] or None. Returns grad_rows [R, d] fp32 (float64 for float64 vecs) with
+    ``grad_rows[u] = sum_{pairs of slot u} coef[t, j] * (vecs[t] - shift)`` (zeros in padding
+    slots) and coef_sums [R] in that dtype, the per-slot sums of coef. Pairs that did not fire add
+    zeros (static sizes: no host sync).
     """
+    n_slots, width = groups.n_slots, vecs.shape[1]
     acc_dtype = math_dtype(vecs)
-    rows, inverse = torch.unique(idx[fired], sorted=True, return_inverse=True)
-    tokens = torch.arange(idx.shape[0], device=idx.device).unsqueeze(1).expand_as(idx)[fired]
-    weights = coef.to(acc_dtype)[fired]
-    grad_rows = torch.zeros(rows.shape[0], vecs.shape[1], dtype=acc_dtype, device=vecs.device)
-    n_pairs = weights.shape[0]
-    step = _chunk_step(vecs.shape[1])
-    for start in range(0, n_pairs, step):
+    weights = torch.where(groups.fired, coef.reshape(-1).to(acc_dtype)[groups.pairs], 0.0)
+    tokens = groups.pairs // groups.k
+    grad_rows = torch.zeros(n_slots, width, dtype=acc_dtype, device=vecs.device)
+    step = _chunk_step(width)
+    for start in range(0, weights.shape[0], step):
         part = slice(start, start + step)
         picked = take_rows(vecs, tokens[part]).to(acc_dtype)
         if shift is not None:
             picked -= shift.to(acc_dtype)
-        grad_rows.index_add_(0, inverse[part], weights[part].unsqueeze(1) * picked)
-    coef_sums = torch.zeros(rows.shape[0], dtype=acc_dtype, device=coef.device)
-    coef_sums.index_add_(0, inverse, weights)
-    return rows, grad_rows, coef_sums
+        grad_rows.index_add_(0, groups.segment[part], weights[part].unsqueeze(1) * picked)
+    coef_sums = torch.zeros(n_slots, dtype=acc_dtype, device=coef.device)
+    coef_sums.index_add_(0, groups.segment, weights)
+    return grad_rows, coef_sums
 
 
 def adam_row_scalars(
-    step: torch.Tensor, rows: torch.Tensor | None, lr: float, beta1: float, beta2: float,
+    step: torch.Tensor, rows: torch.Tensor | None, valid: torch.Tensor | None, lr: float, beta1: float, beta2: float,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Advance the per-row step counts of the touched rows and return their Adam scalars.
 
-    step [n] int64 is incremented in place at ``rows`` ([U] int64, unique; None = every row).
-    Returns step_size = lr / (1 - beta1**t) and bc2_sqrt = sqrt(1 - beta2**t), both [U] in
-    ``dtype`` (computed in float64, as torch.optim.Adam does, then rounded).
+    step [n] int64 is incremented in place, without a host sync, at the ``rows`` ([U] int64; None =
+    every row) where ``valid`` ([U] bool, or [n] with rows=None; None = all). Returns step_size =
+    lr / (1 - beta1**t) and bc2_sqrt = sqrt(1 - beta2**t), [U] in ``dtype`` (computed in float64, as
+    torch.optim.Adam does, then rounded); entries that are not valid get finite values nothing uses.
     """
-    if rows is None:
+    if rows is None and valid is None:
         t = step.add_(1).to(torch.float64)
-    else:
+    elif rows is None:
+        t = step.add_(valid.to(torch.int64)).clamp(min=1).to(torch.float64)
+    elif valid is None:
         t_int = step[rows] + 1
         step[rows] = t_int
         t = t_int.to(torch.float64)
+    else:
+        step.index_add_(0, rows, valid.to(torch.int64))
+        t = step[rows].clamp(min=1).to(torch.float64)
     step_size = lr / (1 - beta1**t)
     bc2_sqrt = (1 - beta2**t).sqrt()
     return step_size.to(dtype), bc2_sqrt.to(dtype)
+
+
+def _rows_to_dense(grad: torch.Tensor, rows: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """The [n, m] gradient of rows ``rows`` [U] in ``dtype`` (padding entries hold zeros, so they add nothing)."""
+    return torch.zeros(n, grad.shape[1], dtype=dtype, device=grad.device).index_add_(0, rows, grad.to(dtype))
+
+
+def _touched(rows: torch.Tensor, valid: torch.Tensor | None, n: int) -> torch.Tensor:
+    """bool [n]: the rows some valid entry names (integer adds: deterministic, no host sync)."""
+    ones = torch.ones_like(rows) if valid is None else valid.to(torch.int64)
+    return torch.zeros(n, dtype=torch.int64, device=rows.device).index_add_(0, rows, ones) > 0
+
+
+def join_master(high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """The fp32 master weights held as a bf16 tensor ``high`` and its int16 ``low`` bits: exact."""
+    return ((high.view(torch.int16).to(torch.int32) << 16) + low.to(torch.int32)).view(torch.float32)
+
+
+def split_master(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 w -> (bf16 high: w rounded to nearest, ties away from zero; int16 low: the rest), exactly.
+
+    ``low = bits(w) - bits(high) << 16`` lies in [-2^15, 2^15) because the rounding adds half a bf16
+    unit (0x8000) to the bit pattern before truncating, so `join_master` gives w back bit for bit.
+    """
+    bits = w.view(torch.int32)
+    low = ((bits + 0x8000) & 0xFFFF) - 0x8000
+    high = ((bits - low) >> 16).to(torch.int16).view(torch.bfloat16)
+    return high, low.to(torch.int16)
 
 
 def sparse_adam_step_(
     param: torch.Tensor,
     grad: torch.Tensor,
     rows: torch.Tensor | None,
+    valid: torch.Tensor | None,
     exp_avg: torch.Tensor,
     exp_avg_sq: torch.Tensor,
     step: torch.Tensor,
     *,
+    low: torch.Tensor | None = None,
     lr: float,
     beta1: float,
     beta2: float,
@@ -139,16 +179,25 @@ def sparse_adam_step_(
 ) -> None:
     """One lazy Adam step on the touched rows of ``param``, in place; other rows are not read or written.
 
-    param [n, m] (any float dtype), exp_avg / exp_avg_sq [n, m] fp32 | bf16, step [n] int64;
-    grad [U, m] holds the gradient of rows ``rows`` [U] int64 (unique), or is [n, m] with rows=None
-    (every row). Math in fp32 (float64 for a float64 param). ``unit_norm``: remove each gradient
-    row's component along its parameter row first, and rescale the updated rows to unit norm after.
+    param [n, m] (any float dtype), exp_avg / exp_avg_sq [n, m] fp32 | bf16, step [n] int64; grad
+    [U, m] (fp32, or any float dtype) holds the gradient of rows ``rows`` [U] int64 where ``valid``
+    [U] bool (None: all; valid rows distinct, the others name row 0 and hold zeros), or is [n, m]
+    with rows=None (every row, or the rows where ``valid`` [n] when given). ``low`` [n, m] int16
+    (bf16 params only): the low bits of fp32 master weights (`join_master`); the update then runs
+    on the exact fp32 master and writes both halves back. Math in fp32 (float64 for a float64 param).
+    ``unit_norm``: remove each
+    gradient row's component along its parameter row first, and rescale the updated rows to unit
+    norm after the step. When there are at least as many slots as rows, the update runs as one
+    masked pass over all rows (the same arithmetic per row, no gathers).
     """
     acc_dtype = math_dtype(param)
     tiny = torch.finfo(acc_dtype).tiny
-    step_size, bc2_sqrt = adam_row_scalars(step, rows, lr, beta1, beta2, acc_dtype)
+    if rows is not None and rows.shape[0] >= param.shape[0]:
+        grad, valid, rows = (_rows_to_dense(grad, rows, param.shape[0], acc_dtype), _touched(rows, valid, param.shape[0]),
+                             None)
+    step_size, bc2_sqrt = adam_row_scalars(step, rows, valid, lr, beta1, beta2, acc_dtype)
     pick = (lambda t: t) if rows is None else (lambda t: take_rows(t, rows))
-    w = pick(param).to(acc_dtype)
+    w = join_master(pick(param), pick(low)) if low is not None else pick(param).to(acc_dtype)
     g = grad.to(acc_dtype)
     if unit_norm:
         along = (g * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True).clamp_min(tiny)
@@ -158,16 +207,25 @@ def sparse_adam_step_(
     m = m + (1 - beta1) * (g - m)
     v = beta2 * v + (1 - beta2) * g * g
     w = w - step_size[:, None] * m / (v.sqrt() / bc2_sqrt[:, None] + eps)
-    new = w.to(param.dtype)
     if unit_norm:
-        # Rescale the stored (rounded) row by the norm of the fp32 row, as the Triton kernel does.
         norm = w.norm(dim=1, keepdim=True).clamp_min(tiny)
-        new = (new.to(acc_dtype) / norm).to(param.dtype)
-    if rows is None:
-        param.copy_(new)
-        exp_avg.copy_(m)
-        exp_avg_sq.copy_(v)
+        # The stored (rounded) row is rescaled by the fp32 row's norm, as the Triton kernel does;
+        # with master weights the fp32 row itself is.
+        w = w / norm if low is not None else w.to(param.dtype).to(acc_dtype) / norm
+    if low is not None:
+        new, new_low = split_master(w)
     else:
-        param.index_copy_(0, rows, new)
-        exp_avg.index_copy_(0, rows, m.to(exp_avg.dtype))
-        exp_avg_sq.index_copy_(0, rows, v.to(exp_avg_sq.dtype))
+        new, new_low = w.to(param.dtype), None
+    if rows is None:
+        keep = (lambda t, old: t) if valid is None else (lambda t, old: torch.where(valid[:, None], t.to(old.dtype), old))
+        param.copy_(keep(new, param))
+        exp_avg.copy_(keep(m, exp_avg))
+        exp_avg_sq.copy_(keep(v, exp_avg_sq))
+        if low is not None:
+            low.copy_(keep(new_low, low))
+        return
+    write_rows_(param, rows, new, valid)
+    write_rows_(exp_avg, rows, m, valid)
+    write_rows_(exp_avg_sq, rows, v, valid)
+    if low is not None:
+        write_rows_(low, rows, new_low, valid)

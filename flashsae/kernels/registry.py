@@ -73,16 +73,22 @@ class Backend:
         [B, d] is written in its own dtype and returned.
     ``row_dots(grad, idx, W) -> out``
         ``out[t, j] = <grad[t], W[idx[t, j]]>``: grad [B, d], idx [B, k] int64, W [F, d] -> [B, k] fp32.
-    ``segment_rows(coef, idx, vecs, fired, shift=None) -> (rows, grad_rows, coef_sums)``
-        Per-feature sums over the (token, slot) pairs where ``fired``: coef [B, k], idx [B, k]
-        int64, vecs [B, d], fired [B, k] bool, shift [d] or None. rows [U] int64 are the sorted
-        unique features that fired, ``grad_rows[u] = sum_{idx[t, j] = rows[u], fired} coef[t, j] *
-        (vecs[t] - shift)`` [U, d] fp32, and coef_sums [U] fp32 the per-feature sums of coef.
-    ``sparse_adam_step_(param, grad, rows, exp_avg, exp_avg_sq, step, *, lr, beta1, beta2, eps, unit_norm=False) -> None``
+    ``segment_rows(coef, groups, vecs, shift=None) -> (grad_rows, coef_sums)``
+        Per-feature sums over the fired (token, slot) pairs of one selection: coef [B, k], groups a
+        `flashsae.kernels.pairs.PairGroups` of that [B, k] selection (R = min(B k, F) row slots, its
+        fired features first; computed once per step by `flashsae.kernels.pairs.group_pairs`, which
+        every backend shares), vecs [B, d], shift [d] or None. ``grad_rows[u] = sum_{pairs of slot
+        u} coef[t, j] * (vecs[t] - shift)`` [R, d] and coef_sums [R] in the math dtype, zeros in
+        padding slots. Static sizes: it never waits on the device.
+    ``sparse_adam_step_(param, grad, rows, valid, exp_avg, exp_avg_sq, step, *, low=None, lr, beta1, beta2, eps, unit_norm=False) -> None``
         One lazy Adam step, in place, on the touched rows of param [n, m] with moments exp_avg /
-        exp_avg_sq [n, m] fp32 | bf16 and per-row step counts step [n] int64. grad [U, m] holds the
-        gradient of rows ``rows`` [U] int64 (unique), or is [n, m] with rows=None (every row).
-        Untouched rows are neither read nor written; see `flashsae.optim.SparseAdam` for the math.
+        exp_avg_sq [n, m] fp32 | bf16 and per-row step counts step [n] int64. grad [U, m] (fp32 or
+        the param's dtype) holds the gradient of rows ``rows`` [U] int64 where ``valid`` [U] bool
+        (None: every entry; valid rows distinct, the others are padding: row 0, zero gradient,
+        changing nothing), or is [n, m] with rows=None (every row, or those where ``valid`` [n]).
+        ``low`` [n, m] int16 with a bf16 param: the low bits of
+        fp32 master weights (`flashsae.kernels.reference.join_master`), updated exactly. Untouched
+        rows are neither read nor written; see `flashsae.optim.SparseAdam` for the math.
 
     ``float_dtypes``: the float dtypes the primitives take.
     """
@@ -91,7 +97,7 @@ class Backend:
     topk_encode: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     gather_rows: Callable[..., torch.Tensor]
     row_dots: Callable[..., torch.Tensor]
-    segment_rows: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    segment_rows: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     sparse_adam_step_: Callable[..., None]
     float_dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -7,9 +7,11 @@ Three primitives, each one kernel (the `flashsae.kernels.registry.Backend` docst
 - ``segment_rows``: grad_rows[u] = sum_{idx[t, j] = rows[u]} coef[t, j] * (vec[t] - shift)
                                                                           (grad W_dec / W_enc rows)
 
-The segment step groups the (token, slot) pairs that fired by feature with one stable sort of the
-B * k pairs (O(B k), never O(F)); then one program sums one feature's pairs in a fixed order, so the
-row gradients are deterministic (no atomics). All math is fp32; outputs are cast on store.
+The segment sums take the grouping of the fired pairs by feature (`flashsae.kernels.pairs`, one
+sort per step shared by both backward passes); one program sums one feature's pairs in a fixed
+order over a wide slice of d, so the row gradients are deterministic (no atomics) and every lane
+loads a useful column. All math is fp32; outputs are cast on store. Nothing here reads a device
+value on the host: grids are sized by the shapes alone.
 Launchers are plain Python with the signatures of `flashsae.kernels.reference`; inputs are assumed
 validated and contiguous (`flashsae.ops` does that). `flashsae.ops` composes the ops from them.
 """
@@ -19,10 +21,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .pairs import PairGroups
+
 # Tile sizes. Gathered rows are read once per (token, slot) pair whatever the tiling, so the tiles
 # only need to be wide enough along d for coalesced loads and tall enough to amortize idx loads.
 BLOCK_TOKENS = 32
-BLOCK_PAIRS = 16
 MAX_BLOCK_D = 128
 
 
@@ -124,15 +127,17 @@ def row_dots(
 
 
 # -------------------------------------------------------------------------------------- segment sums
-# Tiling: program (u, n) owns grad_rows[u, n*BLOCK_D : (n+1)*BLOCK_D]. Feature rows[u]'s pairs are
-# pairs[offsets[u] : offsets[u + 1]] (flat positions t * k + j, ascending); the program walks them
-# BLOCK_P at a time, gathers vec[t] - shift and sums coef * vec in fp32, always in the same order.
-# The n == 0 programs also write the per-feature sum of coef.
+# Tiling: program (u, n) owns grad_rows[u, n*BLOCK_D : (n+1)*BLOCK_D], a slice of d wide enough that
+# all its lanes load useful columns (`_segment_block_d`). Slot u's pairs are
+# pairs[offsets[u] : offsets[u + 1]] (flat positions t * k + j, ascending); the program walks them one
+# at a time in that fixed order (deterministic, no atomics): one pair position, one coefficient, then a
+# full-width load of vec[t] - shift, accumulated in fp32 registers and stored once. Padding slots own
+# no pairs and store zeros. The n == 0 programs also write the slot's sum of coefficients.
 @triton.jit
 def _segment_rows_kernel(
     coef_ptr, pairs_ptr, offsets_ptr, vec_ptr, shift_ptr, out_ptr, coef_sum_ptr,
     k, d,
-    HAS_SHIFT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     u = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1).to(tl.int64)
@@ -143,65 +148,56 @@ def _segment_rows_kernel(
     if HAS_SHIFT:
         shift = tl.load(shift_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    coef_acc = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    for p0 in range(start, stop, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
-        pair_mask = p < stop
-        flat = tl.load(pairs_ptr + p, mask=pair_mask, other=0)
-        c = tl.load(coef_ptr + flat, mask=pair_mask, other=0.0).to(tl.float32)
-        tokens = flat // k
-        tile_mask = pair_mask[:, None] & col_mask[None, :]
-        v = tl.load(vec_ptr + tokens[:, None] * d + cols[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+    coef_total = tl.zeros((1,), dtype=tl.float32)
+    for p in range(start, stop):
+        flat = tl.load(pairs_ptr + p)
+        c = tl.load(coef_ptr + flat).to(tl.float32)
+        v = tl.load(vec_ptr + (flat // k) * d + cols, mask=col_mask, other=0.0).to(tl.float32)
         if HAS_SHIFT:
-            v = tl.where(tile_mask, v - shift[None, :], 0.0)
-        acc += tl.sum(c[:, None] * v, axis=0)
-        coef_acc += c
+            v = v - shift
+        acc += c * v
+        coef_total += c
     tl.store(out_ptr + u * d + cols, acc, mask=col_mask)
-    tl.store(coef_sum_ptr + u, tl.sum(coef_acc, axis=0), mask=pid_d == 0)
+    tl.store(coef_sum_ptr + u, tl.sum(coef_total, axis=0), mask=pid_d == 0)
 
 
-def group_pairs(idx: torch.Tensor, fired: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Group the fired (token, slot) pairs by feature with one stable sort of the B * k pairs.
+# Widest d-slice per segment program, and the most lanes a slice may leave masked (as a fraction of d).
+MAX_SEGMENT_BLOCK_D = 1024
+SEGMENT_WASTE = 1 / 8
 
-    idx [B, k] int64, fired [B, k] bool. Returns rows [U] int64 (sorted unique fired features),
-    offsets [U + 1] int64 and pairs [P] int64 (flat positions t * k + j, feature-major, ascending
-    within a feature): feature rows[u] owns pairs[offsets[u] : offsets[u + 1]].
-    """
-    flat_idx = idx.reshape(-1)
-    positions = torch.nonzero(fired.reshape(-1)).squeeze(1)
-    features, order = torch.sort(flat_idx[positions], stable=True)
-    rows, counts = torch.unique_consecutive(features, return_counts=True)
-    offsets = torch.zeros(rows.shape[0] + 1, dtype=torch.int64, device=idx.device)
-    torch.cumsum(counts, 0, out=offsets[1:])
-    return rows, offsets, positions[order]
+
+def _segment_block_d(d: int) -> int:
+    """The widest power-of-two slice (<= MAX_SEGMENT_BLOCK_D) whose masked tail is <= SEGMENT_WASTE * d (or 128 wide)."""
+    block = min(MAX_SEGMENT_BLOCK_D, triton.next_power_of_2(max(d, 16)))
+    while block > 128 and triton.cdiv(d, block) * block - d > SEGMENT_WASTE * d:
+        block //= 2
+    return block
 
 
 def segment_rows(
     coef: torch.Tensor,
-    idx: torch.Tensor,
+    groups: PairGroups,
     vecs: torch.Tensor,
-    fired: torch.Tensor,
     shift: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-feature sums over the pairs where ``fired``: the compact row gradient.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-slot sums over the fired pairs of ``groups``: the compact row gradient.
 
-    coef [B, k], idx [B, k] int64, vecs [B, d], fired [B, k] bool, shift [d] or None. Returns
-    rows [U] int64 (sorted unique features that fired), grad_rows [U, d] fp32 with
-    ``grad_rows[u] = sum_{idx[t, j] = rows[u], fired} coef[t, j] * (vecs[t] - shift)`` and
-    coef_sums [U] fp32. ``out`` (optional, fp32 [>= U, d]) receives grad_rows; tests poison it.
+    coef [B, k], groups: `flashsae.kernels.pairs.PairGroups` of the same [B, k] selection (R slots),
+    vecs [B, d], shift [d] or None. Returns grad_rows [R, d] fp32 with
+    ``grad_rows[u] = sum_{pairs of slot u} coef[t, j] * (vecs[t] - shift)`` (zeros in padding slots)
+    and coef_sums [R] fp32. ``out`` (optional, fp32 [>= R, d]) receives grad_rows; tests poison it.
     """
-    rows, offsets, pairs = group_pairs(idx, fired)
-    n_touched, d = rows.shape[0], vecs.shape[1]
-    grad_rows = out[:n_touched] if out is not None else torch.empty(n_touched, d, dtype=torch.float32, device=vecs.device)
-    coef_sums = torch.empty(n_touched, dtype=torch.float32, device=vecs.device)
-    if n_touched == 0 or d == 0:
-        return rows, grad_rows, coef_sums.zero_()
-    block_d = _block_d(d)
-    grid = (n_touched, triton.cdiv(d, block_d))
+    n_slots, d = groups.n_slots, vecs.shape[1]
+    grad_rows = out[:n_slots] if out is not None else torch.empty(n_slots, d, dtype=torch.float32, device=vecs.device)
+    coef_sums = torch.empty(n_slots, dtype=torch.float32, device=vecs.device)
+    if n_slots == 0 or d == 0:
+        return grad_rows.zero_(), coef_sums.zero_()
+    block_d = _segment_block_d(d)
+    grid = (n_slots, triton.cdiv(d, block_d))
     _segment_rows_kernel[grid](
-        coef, pairs, offsets, vecs, shift if shift is not None else vecs, grad_rows, coef_sums,
-        idx.shape[1], d,
-        HAS_SHIFT=shift is not None, BLOCK_P=BLOCK_PAIRS, BLOCK_D=block_d,
+        coef, groups.pairs, groups.offsets, vecs, shift if shift is not None else vecs, grad_rows, coef_sums,
+        groups.k, d,
+        HAS_SHIFT=shift is not None, BLOCK_D=block_d, num_warps=max(1, min(4, block_d // 256)),
     )
-    return rows, grad_rows, coef_sums
+    return grad_rows, coef_sums

@@ -21,8 +21,10 @@ biases):
 Rows with fewer than k positive entries fill up with zeros at the lowest feature indices not chosen
 (`fill_lowest_unchosen`): every non-positive entry is a zero after the ReLU, and a NaN pre-activation
 counts as -inf (a zero after the ReLU, never a firing feature). Memory is O(B * (chunk + k)), never
-B x F. The survivor lists have data-dependent sizes, so on a GPU this backend synchronizes with the
-host; the "triton" backend (`flashsae.kernels.chunked_encode`) runs the same select without that.
+B x F. The survivor lists have data-dependent sizes, which costs nothing on the CPU; on other devices
+the backend runs `static_topk_encode` instead (each chunk's top-k merged into a running top-k, sizes
+fixed by the shapes: no host sync), and the "triton" backend (`flashsae.kernels.chunked_encode`)
+runs the threshold select itself without a host sync.
 """
 from __future__ import annotations
 
@@ -52,6 +54,7 @@ def topk_encode(
     b_pre: torch.Tensor | None = None,
     *,
     chunk_size: int | None = None,
+    static: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of ``relu((x - b_pre) @ W_enc.T + b_enc)`` per token; the `Backend` contract.
 
@@ -59,7 +62,9 @@ def topk_encode(
     fp32; or float64, math in float64); 1 <= k <= F. Returns vals [B, k] in x's dtype sorted
     descending and idx [B, k] int64 (ties to the lower index; rows with fewer than k positive
     values end in zeros at the lowest unchosen indices). ``chunk_size`` features per matmul
-    (default `feature_chunk_size`).
+    (default `feature_chunk_size`). ``static`` (default: on every device but the CPU) runs
+    `static_topk_encode` instead, whose sizes never depend on the data: the threshold select's
+    survivor lists do, which costs nothing on the CPU but would make a GPU stream wait on the host.
     """
     n_tokens, n_features = x.shape[0], W_enc.shape[0]
     if n_tokens == 0:
@@ -70,6 +75,9 @@ def topk_encode(
         xc = xc - b_pre.to(math_dtype)
     bias = torch.nan_to_num(b_enc.to(math_dtype), nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
     chunk = chunk_size or feature_chunk_size(n_tokens, n_features)
+    if static if static is not None else x.device.type != "cpu":
+        vals, idx = static_topk_encode(xc, W_enc, bias, k, chunk)
+        return vals.to(x.dtype), idx
     best = _Best(n_tokens, k, math_dtype, x.device)
     for start in range(0, n_features, chunk):
         stop = min(start + chunk, n_features)
@@ -78,6 +86,40 @@ def topk_encode(
         best.merge(rows, cols + start, vals)
     vals, idx = best.result(n_features)
     return vals.to(x.dtype), idx
+
+
+def static_topk_encode(
+    xc: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k: int, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The encoder in sizes fixed by the shapes (no host sync): each chunk's exact top-k merged into a
+    running top-k. xc [B, d] = x - b_pre and bias [F] in the math dtype (NaN already -inf).
+
+    fp32: top-k over packed keys (`flashsae.kernels.keys`: ReLU, NaN as 0, ties to the lower index
+    whatever the order). float64: stable sorts by value, each over entries in ascending index
+    order, so equal values keep the lower index. Returns (vals [B, k] in the math dtype, idx [B, k]).
+    """
+    n_tokens, n_features = xc.shape[0], W_enc.shape[0]
+    best_vals = best_idx = best_keys = None
+    for start in range(0, n_features, chunk):
+        stop = min(start + chunk, n_features)
+        pre = torch.addmm(bias[start:stop], xc, W_enc[start:stop].to(xc.dtype).T)
+        cols = torch.arange(start, stop, device=xc.device)
+        if xc.dtype == torch.float64:
+            vals = torch.where(pre > 0, pre, 0.0)  # ReLU; NaN counts as -inf, i.e. 0
+            if best_vals is not None:  # the kept ones have the lower indices: they go first
+                vals = torch.cat([best_vals, vals], 1)
+                cols = torch.cat([best_idx, cols.expand(n_tokens, -1)], 1)
+            order = torch.sort(vals, dim=1, descending=True, stable=True).indices[:, :k]
+            best_vals = vals.gather(1, order)
+            best_idx = (cols if cols.dim() == 2 else cols.expand(n_tokens, -1)).gather(1, order)
+        else:
+            keys = pack_keys(pre, cols)
+            if best_keys is not None:
+                keys = torch.cat([best_keys, keys], 1)
+            best_keys = keys.topk(min(k, keys.shape[1]), dim=1, sorted=True).values
+    if best_keys is not None:
+        return unpack_keys(best_keys)
+    return best_vals, best_idx
 
 
 def survivors(

@@ -1,9 +1,10 @@
 """Dead-feature diagnostics: per-feature firing counters, the dead fraction, and a firing-density plot.
 
 A feature is *dead* when it has not fired in the last ``window`` tokens (the paper's convention
-counts 10M tokens; a run shorter than the window reports features that never fired). Counters
-live on the SAE's device and are updated without a host sync; only `dead_fraction` and
-`firing_density` read them back.
+counts 10M tokens; a run shorter than the window reports features that never fired). Counters,
+the token count included, live on the SAE's device and are updated without a host sync (so a
+CUDA graph can replay the update); only `dead_fraction`, `firing_density` and `state_dict` read
+them back.
 """
 from __future__ import annotations
 
@@ -19,29 +20,40 @@ class FiringTracker:
 
     ``last_fired[f]``: token count at the end of the last batch in which feature ``f`` fired
     (``-1``: never); ``fire_count[f]``: how many (token, slot) pairs chose ``f`` with a positive
-    value. Both int64 [F] on ``device``.
+    value. Both int64 [F] on ``device``; ``tokens``: int64 0-d on ``device``, the tokens seen.
     """
 
     def __init__(self, n_features: int, window: int, device: torch.device | str | None = None) -> None:
         if window < 1:
             raise ValueError(f"window must be a positive number of tokens, got {window}")
         self.n_features, self.window = n_features, window
-        self.tokens_seen = 0
+        self.tokens = torch.zeros((), dtype=torch.int64, device=device)
+        self._tokens_host = 0  # the same count, kept by the host as it records batches
         self.last_fired = torch.full((n_features,), -1, dtype=torch.int64, device=device)
         self.fire_count = torch.zeros(n_features, dtype=torch.int64, device=device)
 
+    @property
+    def tokens_seen(self) -> int:
+        """Tokens recorded so far, as the host counted them (no sync)."""
+        return self._tokens_host
+
+    def count_tokens(self, n: int) -> None:
+        """Advance the host's count by ``n`` tokens (`update` does it; a replayed CUDA graph of it does not)."""
+        self._tokens_host += n
+
     @torch.no_grad()
     def update(self, vals: torch.Tensor, idx: torch.Tensor) -> None:
-        """Record one batch: vals [B, k], idx [B, k] int64 (a slot fires when its value is > 0)."""
-        self.tokens_seen += idx.shape[0]
-        fired = idx[vals > 0]
-        self.fire_count.index_add_(0, fired, torch.ones_like(fired))
-        self.last_fired[fired] = self.tokens_seen
+        """Record one batch: vals [B, k], idx [B, k] int64 (a slot fires when its value is > 0); no host sync."""
+        self.tokens += idx.shape[0]
+        self.count_tokens(idx.shape[0])
+        flat, fired = idx.reshape(-1), (vals > 0).reshape(-1)
+        self.fire_count.index_add_(0, flat, fired.to(torch.int64))
+        self.last_fired.scatter_reduce_(0, flat, torch.where(fired, self.tokens, -1), reduce="amax")
 
     def dead_mask(self) -> torch.Tensor:
         """bool [F]: features that have not fired in the last ``window`` tokens."""
         never = self.last_fired < 0
-        return never | (self.last_fired <= self.tokens_seen - self.window)
+        return never | (self.last_fired <= self.tokens - self.window)
 
     def dead_fraction(self) -> float:
         """Fraction of features that are dead now (one host sync)."""
@@ -49,12 +61,12 @@ class FiringTracker:
 
     def firing_density(self) -> torch.Tensor:
         """fp64 [F]: the fraction of tokens on which each feature fired."""
-        return self.fire_count.double() / max(self.tokens_seen, 1)
+        return self.fire_count.double() / self.tokens.clamp(min=1)
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "window": self.window,
-            "tokens_seen": self.tokens_seen,
+            "tokens_seen": int(self.tokens),
             "last_fired": self.last_fired.cpu(),
             "fire_count": self.fire_count.cpu(),
         }
@@ -65,7 +77,8 @@ class FiringTracker:
                 f"firing state has {state['last_fired'].shape[0]} features, the SAE has {self.n_features}"
             )
         self.window = int(state["window"])
-        self.tokens_seen = int(state["tokens_seen"])
+        self._tokens_host = int(state["tokens_seen"])
+        self.tokens.fill_(self._tokens_host)
         self.last_fired.copy_(state["last_fired"])
         self.fire_count.copy_(state["fire_count"])
 

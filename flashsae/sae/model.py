@@ -21,6 +21,7 @@ from .. import ops
 from ..checks import dtype_name, parse_dtype, require_choice, require_int, require_k, require_number
 from ..errors import InputError, InputNotFoundError
 from ..kernels.registry import backend_names
+from ..rowgrad import RowGrad, write_rows_
 from .atomic import atomic_write
 
 CONFIG_FILE = "cfg.json"
@@ -36,16 +37,16 @@ class SAEOutput(NamedTuple):
 
 
 class Selection(NamedTuple):
-    """A top-k choice over some of the features.
+    """A top-k choice over the features.
 
     vals: [B, k] (differentiable w.r.t. the searched rows), idx: [B, k] int64 global feature indices;
-    won: bool [n] over the searched rows of this process, True where the row won a slot with a
-    positive value — None when every row this process selected locally won (a single process).
+    grouping: the `flashsae.ops.SharedGrouping` of (vals, idx) for their decode when they are the
+    encoder's own outputs (a single process), else None.
     """
 
     vals: torch.Tensor
     idx: torch.Tensor
-    won: torch.Tensor | None
+    grouping: ops.SharedGrouping | None = None
 
 
 class TopKSAE(nn.Module):
@@ -53,8 +54,14 @@ class TopKSAE(nn.Module):
 
     Parameters: W_enc [F, d], b_enc [F], W_dec [F, d] (rows unit-norm), b_dec [d] (also the
     pre-encoder bias, as in Gao et al. 2024). ``sparse_grad=True`` makes the gradients of W_enc,
-    W_dec and b_enc sparse COO tensors over the features that fired (pair with
-    `flashsae.optim.SparseAdam`); the default dense-shaped gradients work with any optimizer.
+    W_dec and b_enc float32 `flashsae.rowgrad.RowGrad`s over the features that fired (pair with
+    `flashsae.optim.SparseAdam`); the default dense gradients work with any optimizer.
+
+    Precision: the parameters, the input and the encoder's GEMM operands are in ``dtype``; every
+    product accumulates in fp32, and the loss, the compact gradients and the optimizer's math are
+    fp32. With ``dtype=torch.bfloat16`` and `SparseAdam` (whose default keeps exact fp32 master
+    weights for bf16 parameters) this is mixed precision: tensor-core GEMMs, half the bytes per
+    gathered row, and no update lost to bf16 rounding.
     ``metadata`` is free-form JSON saved with the weights (site, layer, normalization scale, ...).
     """
 
@@ -154,20 +161,21 @@ class TopKSAE(nn.Module):
         b_enc: torch.Tensor,
         b_pre: torch.Tensor,
         k: int,
-        row_ids: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
         *,
         check_finite: bool = True,
     ) -> Selection:
-        """Top-k of ``relu((x - b_pre) @ W_enc.T + b_enc)`` over the given rows.
+        """Top-k of ``relu((x - b_pre) @ W_enc.T + b_enc)`` over this module's features.
 
-        W_enc [n, d], b_enc [n]: rows of this module's features (all of them, or a subset such as the
-        dead features); ``row_ids`` [n] int64 ascending: their global indices (None: rows 0..n-1).
+        W_enc [n, d], b_enc [n]: the rows this module holds. ``mask`` (bool [n]): choose only among
+        the rows where it is True (the dead features, for AuxK); the others never fire.
         ``check_finite``: see `flashsae.ops.topk_encode`.
         """
-        vals, local = ops.topk_encode(x, W_enc, b_enc, k, b_pre=b_pre, backend=self.backend,
-                                      sparse_grad=self.sparse_grad, check_finite=check_finite)
-        idx = local if row_ids is None else row_ids[local]
-        return Selection(vals, idx, None)
+        grouping = ops.SharedGrouping()
+        vals, idx = ops.topk_encode(x, W_enc, b_enc, k, b_pre=b_pre, backend=self.backend,
+                                    sparse_grad=self.sparse_grad, mask=mask, grouping=grouping,
+                                    check_finite=check_finite)
+        return Selection(vals, idx, grouping)
 
     def _decode_rows(
         self,
@@ -176,17 +184,22 @@ class TopKSAE(nn.Module):
         W_dec: torch.Tensor,
         b_dec: torch.Tensor,
         row_ids: torch.Tensor | None = None,
+        grouping: ops.SharedGrouping | None = None,
     ) -> torch.Tensor:
         """``sum_j vals[:, j] * W_dec[row of idx[:, j]] + b_dec`` over the slots whose feature is among the rows.
 
         W_dec [n, d] with global indices ``row_ids`` [n] ascending (None: rows 0..n-1); slots naming
-        another feature contribute nothing. Returns [B, d] in W_dec's dtype.
+        another feature contribute nothing. ``grouping``: the selection's `Selection.grouping`
+        (row_ids None only). Returns [B, d] in W_dec's dtype.
         """
         if row_ids is not None:
             local = torch.searchsorted(row_ids, idx).clamp_(max=max(row_ids.shape[0] - 1, 0))
             vals = vals * (row_ids[local] == idx) if row_ids.shape[0] else torch.zeros_like(vals)
-            idx = local
-        return ops.sparse_decode(vals, idx, W_dec, b_dec, backend=self.backend, sparse_grad=self.sparse_grad)
+            idx, grouping = local, None
+        # An encoder's own idx, or local rows found above, need no host-side range check.
+        trusted = grouping is not None or row_ids is not None
+        return ops.sparse_decode(vals, idx, W_dec, b_dec, backend=self.backend, sparse_grad=self.sparse_grad,
+                                 grouping=grouping, check_indices=not trusted)
 
     # ---------------------------------------------------------------------------------- the forward
     def encode(self, x: torch.Tensor, *, check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,9 +211,9 @@ class TopKSAE(nn.Module):
         selection = self._select(x, self.W_enc, self.b_enc, self.b_dec, self.k, check_finite=check_finite)
         return selection.vals, selection.idx
 
-    def decode(self, vals: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """(vals [B, k], idx [B, k]) -> x_hat [B, d]."""
-        return self._decode_rows(vals, idx, self.W_dec, self.b_dec, self._held_ids(idx.device))
+    def decode(self, vals: torch.Tensor, idx: torch.Tensor, grouping: ops.SharedGrouping | None = None) -> torch.Tensor:
+        """(vals [B, k], idx [B, k] int64 in [0, F)) -> x_hat [B, d]. ``grouping``: see `Selection`."""
+        return self._decode_rows(vals, idx, self.W_dec, self.b_dec, self._held_ids(idx.device), grouping)
 
     def _held_ids(self, device: torch.device) -> torch.Tensor | None:
         """Global indices of the rows held (None when they are simply 0..F-1)."""
@@ -210,21 +223,25 @@ class TopKSAE(nn.Module):
         """x: [..., d] (any leading shape, possibly empty) -> SAEOutput with x_hat [..., d], vals [..., k],
         idx [..., k]. ``check_finite``: see `encode`."""
         lead = x.shape[:-1]
-        vals, idx = self.encode(x.reshape(-1, x.shape[-1]), check_finite=check_finite)
-        x_hat = self.decode(vals, idx)
+        selection = self._select(x.reshape(-1, x.shape[-1]), self.W_enc, self.b_enc, self.b_dec, self.k,
+                                 check_finite=check_finite)
+        vals, idx = selection.vals, selection.idx
+        x_hat = self.decode(vals, idx, selection.grouping)
         return SAEOutput(x_hat.reshape(*lead, self.d_model), vals.reshape(*lead, self.k), idx.reshape(*lead, self.k))
 
     # ------------------------------------------------------------------------------ decoder upkeep
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
-        """Rescale decoder rows to unit norm (only rows with a sparse gradient, when there is one)."""
-        rows = _sparse_grad_rows(self.W_dec)
-        W = self.W_dec.data if rows is None else self.W_dec.data[rows]
+        """Rescale decoder rows to unit norm (only the rows a `RowGrad` or sparse gradient names, when there is one)."""
+        touched = _grad_rows(self.W_dec)
+        if touched is None:
+            W = self.W_dec.data
+            W.copy_(W / W.float().norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny).to(W.dtype))
+            return
+        rows, valid = touched
+        W = self.W_dec.data.index_select(0, rows)
         W = W / W.float().norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny).to(W.dtype)
-        if rows is None:
-            self.W_dec.data.copy_(W)
-        else:
-            self.W_dec.data[rows] = W
+        write_rows_(self.W_dec.data, rows, W, valid)
 
     @torch.no_grad()
     def remove_parallel_grads_(self) -> None:
@@ -232,16 +249,15 @@ class TopKSAE(nn.Module):
         grad = self.W_dec.grad
         if grad is None:
             return
-        if grad.is_sparse:
+        if isinstance(grad, RowGrad):
+            self.W_dec.grad = grad.map_values(lambda rows, g: _orthogonal(g, self.W_dec.data.index_select(0, rows)))
+        elif grad.is_sparse:
             grad = grad.coalesce()
-            rows, values = grad.indices()[0], grad.values()
-            W = self.W_dec.data[rows].float()
-            g = values.float()
-            values.copy_((g - (g * W).sum(1, keepdim=True) * W).to(values.dtype))
+            values = grad.values()
+            values.copy_(_orthogonal(values, self.W_dec.data[grad.indices()[0]]).to(values.dtype))
             self.W_dec.grad = grad
         else:
-            W, g = self.W_dec.data.float(), grad.float()
-            grad.copy_((g - (g * W).sum(1, keepdim=True) * W).to(grad.dtype))
+            grad.copy_(_orthogonal(grad, self.W_dec.data).to(grad.dtype))
 
     # -------------------------------------------------------------------------------- save and load
     def config(self) -> dict[str, Any]:
@@ -348,9 +364,18 @@ def _read_saved_weights(file: Path, cfg: dict[str, Any], device: torch.device | 
     return state
 
 
-def _sparse_grad_rows(param: torch.Tensor) -> torch.Tensor | None:
-    """Row indices of a sparse gradient of ``param``, or None when its gradient is dense or absent."""
+def _orthogonal(g: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """``g - <g, w> w`` per row, in fp32 (w unit rows): [n, d], [n, d] -> [n, d] fp32."""
+    g, W = g.float(), W.float()
+    return g - (g * W).sum(1, keepdim=True) * W
+
+
+def _grad_rows(param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(rows, valid or None) that ``param``'s `RowGrad` or sparse gradient names; None when it is dense or absent."""
     grad = param.grad
+    if isinstance(grad, RowGrad):
+        rows, _, valid = grad.rows_values_valid()
+        return rows, valid
     if grad is None or not grad.is_sparse:
         return None
-    return grad.coalesce().indices()[0]
+    return grad.coalesce().indices()[0], None

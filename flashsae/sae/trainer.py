@@ -1,9 +1,12 @@
 """The one optimization step, for any SAE, optimizer and parallel strategy (no transformer needed).
 
-`Trainer.step` is the only training step in flashsae: MSE loss plus the AuxK loss on dead features,
-dead-feature tracking, non-finite checks, and metrics accumulated on the device (read back only at
-log steps, so the hot loop has no host sync on a GPU). What differs between one process, data
-parallel and feature parallel comes from the `flashsae.sae.parallel` strategy it is given.
+`Trainer.step` is the only training step in flashsae: MSE loss plus the AuxK loss on dead features
+in one backward pass, dead-feature tracking, non-finite checks, and metrics accumulated on the
+device. Nothing in a step makes the host wait on the device (sizes are fixed by the batch, which
+and how many features are dead or fired stays on the device): checks and metrics are read back
+only at log and checkpoint steps, and the step can be recorded once in a CUDA graph and replayed
+(`CapturedStep`). What differs between one process, data parallel and feature parallel comes from
+the `flashsae.sae.parallel` strategy it is given.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import torch
 
 from ..optim import SparseAdam
 from .diagnostics import FiringTracker
-from .losses import add_aux_k_grads_
+from .losses import aux_k_loss
 from .model import TopKSAE
 from .parallel.strategy import SingleProcess
 
@@ -59,20 +62,35 @@ class Trainer:
         self.unit_norm_by_optimizer = isinstance(optimizer, SparseAdam) and optimizer.normalizes(model.W_dec)
         # A host check costs nothing on CPU; on GPUs it is deferred to log and checkpoint steps.
         self.check_every_step = self.device.type == "cpu" if check_every_step is None else check_every_step
+        # On the device, updated in place (a recorded step keeps writing into them): the step number;
+        # [squared error, centered variance, positive activations, aux loss * steps] in float64;
+        # the first bad step (x, loss), 0 = none.
+        self._step_index = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+        self._bad = torch.zeros(2, dtype=torch.int64, device=self.device)
         self.step_count = 0
         self._reset_metrics()
 
+    @property
+    def step_count(self) -> int:
+        """Steps taken (the host's count; a resumed run sets it, and the device's copy follows)."""
+        return self._step_count
+
+    @step_count.setter
+    def step_count(self, value: int) -> None:
+        self._step_count = value
+        self._step_index.fill_(value)
+
     def _reset_metrics(self) -> None:
-        # [squared error, centered variance, positive activations, aux loss * steps], float64 on device
-        self._sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+        self._sums.zero_()
+        self._bad.zero_()
         self._tokens = 0
         self._steps = 0
         self._time = time.perf_counter()
-        self._bad = torch.zeros(2, dtype=torch.int64, device=self.device)  # first bad step (x, loss), 0 = none
 
     def _note_nonfinite(self, x_bad: torch.Tensor, loss_bad: torch.Tensor) -> None:
-        flags = torch.stack([x_bad, loss_bad]).to(torch.int64) * self.step_count
-        self._bad = torch.where(self._bad == 0, flags, self._bad)
+        flags = torch.stack([x_bad, loss_bad]).to(torch.int64) * self._step_index
+        self._bad.copy_(torch.where(self._bad == 0, flags, self._bad))  # in place: a recorded step keeps it
         if self.check_every_step:
             self.check_finite()
 
@@ -85,11 +103,31 @@ class Trainer:
             raise NonFiniteError(f"step {bad_loss}: the loss is NaN or Inf; training stopped")
 
     def step(self, x: torch.Tensor) -> None:
-        """One optimization step on x [b, d] (already normalized, on the model's device and dtype)."""
-        model, opt, strategy = self.model, self.optimizer, self.strategy
+        """One optimization step on x [b, d] (already normalized, on the model's device and dtype); no host sync."""
+        self._schedule_k()
+        aux_active = self._aux_active()
+        self._count_step(x.shape[0])
+        self._device_step(x, aux_active)
+
+    def _schedule_k(self) -> None:
+        """Set the model's k for the next step from ``k_schedule`` (k annealing); a host decision."""
         if self.k_schedule is not None:
-            model.k = self.k_schedule(self.step_count)
-        self.step_count += 1
+            self.model.k = self.k_schedule(self.step_count)
+
+    def _count_step(self, local_tokens: int) -> None:
+        """The host's count of steps and tokens for the metrics (the device counts its own steps)."""
+        self._step_count += 1
+        self._tokens += self.strategy.global_tokens(local_tokens)
+        self._steps += 1
+
+    def _aux_active(self) -> bool:
+        """AuxK runs once a whole window has been seen: before that "never fired" means nothing yet."""
+        return bool(self.aux_k and self.aux_coef and self.tracker.tokens_seen >= self.tracker.window)
+
+    def _device_step(self, x: torch.Tensor, aux_active: bool) -> None:
+        """Everything `step` does on the device, reading only device state (capturable in a CUDA graph)."""
+        model, opt, strategy = self.model, self.optimizer, self.strategy
+        self._step_index += 1
         if self.check_every_step:  # stop before a bad batch touches the weights
             self._note_nonfinite(~torch.isfinite(x).all(), torch.zeros((), dtype=torch.bool, device=x.device))
         opt.zero_grad(set_to_none=True)
@@ -97,12 +135,13 @@ class Trainer:
         err = out.x_hat.float() - x.float()
         sq_err = err.pow(2).sum()
         n = strategy.global_tokens(x.shape[0])
-        (sq_err / (n * x.shape[1])).backward()
-        aux = self._aux_k_step(x, err)
+        loss = sq_err / (n * x.shape[1])
+        aux = self._aux_k_loss(x, err) if aux_active else torch.zeros((), device=x.device)
+        (loss + self.aux_coef * aux).backward()
         self.tracker.update(*strategy.gather_codes(out.vals.detach(), out.idx))
         strategy.reduce_gradients(model)
         stats = torch.stack([
-            sq_err.double(), x.double().pow(2).sum(), (out.vals > 0).sum().double(), aux.double(),
+            sq_err.double(), x.double().pow(2).sum(), (out.vals > 0).sum().double(), aux.detach().double(),
         ])
         packed = strategy.reduce_sum(torch.cat([stats, x.double().sum(0)]))
         stats, x_sum = packed[:4], packed[4:]
@@ -114,20 +153,12 @@ class Trainer:
         if not self.unit_norm_by_optimizer:
             model.normalize_decoder_()
         self._sums += stats
-        self._tokens += n
-        self._steps += 1
 
-    def _aux_k_step(self, x: torch.Tensor, err: torch.Tensor) -> torch.Tensor:
-        """Add the AuxK gradients of the dead features; returns the AuxK loss (0 when it does not apply)."""
-        # AuxK starts once a whole window has been seen: before that "never fired" means nothing yet.
-        if not (self.aux_k and self.aux_coef and self.tracker.tokens_seen >= self.tracker.window):
-            return torch.zeros((), device=x.device)
-        dead = self.tracker.dead_mask().nonzero().squeeze(1)
-        if not dead.numel():
-            return torch.zeros((), device=x.device)
+    def _aux_k_loss(self, x: torch.Tensor, err: torch.Tensor) -> torch.Tensor:
+        """The AuxK loss on the features dead before this batch (differentiable; 0 when none is dead)."""
         residual = (-err).detach().to(x.dtype)
         denominator = self.strategy.reduce_sum(residual.float().pow(2).sum())
-        return add_aux_k_grads_(self.model, x, residual, dead, self.aux_k, self.aux_coef, denominator=denominator)
+        return aux_k_loss(self.model, x, residual, self.tracker.dead_mask(), self.aux_k, denominator=denominator)
 
     def read_metrics(self) -> dict[str, float]:
         """Metrics since the last call (one host sync), then reset: mse, fvu, l0, aux_loss, dead_frac, ..."""
@@ -147,6 +178,62 @@ class Trainer:
         }
         self._reset_metrics()
         return metrics
+
+
+class CapturedStep:
+    """`Trainer.step` recorded once in a CUDA graph and replayed for every later batch (CUDA only).
+
+    ``CapturedStep(trainer, x)`` runs the step on ``x`` eagerly on a side stream (the warm-up a
+    capture needs: lazily created state, library workspaces), then records it; each call
+    ``captured(x)`` copies x (the recorded shape and dtype) into the recorded input and replays,
+    then does the host's bookkeeping a replay skips. The step reads only device state, so replays
+    train exactly as eager steps would. It is recorded again (with that batch run eagerly first)
+    when AuxK switches on after the dead-feature window and whenever ``k_schedule`` changes k. A new
+    learning rate, a parallel strategy whose collectives cannot be captured, or replaced parameter
+    tensors need a new CapturedStep.
+    """
+
+    def __init__(self, trainer: Trainer, x: torch.Tensor) -> None:
+        if x.device.type != "cuda":
+            raise ValueError(f"CapturedStep needs CUDA tensors, got x on {x.device}")
+        self.trainer = trainer
+        self.x = torch.empty_like(x)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self._record(x)
+
+    def _record(self, x: torch.Tensor) -> None:
+        """Run ``x``'s step eagerly on a side stream, then record the step on the same stream."""
+        trainer = self.trainer
+        stream = torch.cuda.Stream(device=x.device)
+        stream.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(stream):
+            self.x.copy_(x)
+            trainer.step(self.x)
+            trainer._schedule_k()
+            self.aux_active, self.k = trainer._aux_active(), trainer.model.k
+            tokens_seen = trainer.tracker.tokens_seen
+            self.graph = None  # free the previous recording's memory first
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream):
+                trainer._device_step(self.x, self.aux_active)
+            trainer.tracker.count_tokens(tokens_seen - trainer.tracker.tokens_seen)  # recording ran nothing
+            self.graph = graph
+        torch.cuda.current_stream(x.device).wait_stream(stream)
+
+    def __call__(self, x: torch.Tensor) -> None:
+        """One training step on x [b, d] (the recorded shape, dtype and device)."""
+        trainer = self.trainer
+        trainer._schedule_k()
+        if trainer._aux_active() != self.aux_active or trainer.model.k != self.k:
+            self._record(x)
+            return
+        if x.shape != self.x.shape or x.dtype != self.x.dtype or x.device != self.x.device:
+            raise ValueError(f"x must be {tuple(self.x.shape)} {self.x.dtype} on {self.x.device} as recorded, "
+                             f"got {tuple(x.shape)} {x.dtype} on {x.device}")
+        self.x.copy_(x)
+        trainer._count_step(x.shape[0])
+        self.graph.replay()
+        trainer.tracker.count_tokens(trainer.strategy.global_tokens(x.shape[0]))
 
 
 @torch.no_grad()

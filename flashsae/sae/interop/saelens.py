@@ -154,7 +154,8 @@ def patch_saelens(sae: Any, *, backend: str = "auto", sparse_grad: bool = False)
     whose ``dead_neuron_mask`` has dead features, or a direct ``encode_with_hidden_pre`` call);
     otherwise ``hidden_pre`` is an empty [..., 0] tensor. ``decode`` of any other tensor falls back
     to SAELens' decode. Ops run in the parameters' dtype (autocast does not change them).
-    ``sparse_grad=True`` gives sparse COO gradients (only for optimizers that take them).
+    ``sparse_grad=True`` gives float32 `flashsae.rowgrad.RowGrad` gradients (`SparseAdam` reads them
+    compactly; other optimizers see them as dense tensors).
     Returns ``sae``; `flashsae.sae.interop.unpatch` restores it.
     """
     cfg = getattr(sae, "cfg", None)

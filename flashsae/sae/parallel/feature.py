@@ -17,9 +17,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ... import ops
 from ...kernels.keys import EMPTY_KEY, pack_keys, unpack_keys
 from ..run import checkpoints
-from ..losses import keep_rows
 from ..model import Selection, TopKSAE
 from .process_group import barrier, get_rank, get_world_size
 from .strategy import SingleProcess
@@ -96,10 +96,6 @@ class FeatureParallelSAE(TopKSAE):
         self.split = feature_split(n_features, self.world_size)
         self.seed = seed
         super().__init__(d_model, n_features, k, **options)
-        # Local rows that won a global slot in the last forward (see `_drop_losing_rows`).
-        self._won_rows: torch.Tensor | None = None
-        self.W_enc.register_hook(self._drop_losing_rows)
-        self.b_enc.register_hook(self._drop_losing_rows)
 
     @classmethod
     def from_full(
@@ -174,10 +170,6 @@ class FeatureParallelSAE(TopKSAE):
                 getattr(full, name).copy_(torch.cat([p[:n] for p, (_, n) in zip(parts, self.split)]))
         return full
 
-    def _drop_losing_rows(self, grad: torch.Tensor) -> torch.Tensor:
-        """Keep only the winners' rows in a sparse encoder gradient (see `flashsae.sae.losses.keep_rows`)."""
-        return keep_rows(grad, self._won_rows)
-
     def _select(
         self,
         x: torch.Tensor,
@@ -185,7 +177,7 @@ class FeatureParallelSAE(TopKSAE):
         b_enc: torch.Tensor,
         b_pre: torch.Tensor,
         k: int,
-        row_ids: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
         *,
         check_finite: bool = True,
     ) -> Selection:
@@ -193,19 +185,15 @@ class FeatureParallelSAE(TopKSAE):
 
         Each rank selects its local top-k candidates, the candidates are all-gathered and merged,
         and the winners' values are assembled into one [B, k] tensor whose gradient reaches each
-        rank's own winners. ``row_ids`` default to this rank's slice.
+        rank's own winners. The local selection's backward groups only the local candidates that
+        won, so a candidate that lost is not touched (no stale momentum moves it), as in a single
+        process. No host sync: every size is fixed by B, k and the split.
         """
-        if row_ids is None:
-            row_ids = self._held_ids(x.device)
-            self._won_rows = None  # the forward's own selection: recorded below
-            record = True
-        else:
-            record = False
         n_rows, k_local = W_enc.shape[0], min(k, W_enc.shape[0])
         if n_rows:
-            local = super()._select(_replicated(x), W_enc, b_enc, _replicated(b_pre), k_local, row_ids,
+            local = super()._select(_replicated(x), W_enc, b_enc, _replicated(b_pre), k_local, mask,
                                     check_finite=check_finite)
-            keys = pack_keys(local.vals.detach(), local.idx)
+            keys = pack_keys(local.vals.detach(), local.idx + self.offset)
             if k_local < k:
                 keys = torch.cat([keys, keys.new_full((keys.shape[0], k - k_local), EMPTY_KEY)], dim=1)
         else:
@@ -216,14 +204,13 @@ class FeatureParallelSAE(TopKSAE):
         # Each rank places its own winners' (differentiable) values into the global slots.
         mine = (pos >= self.rank * k) & (pos < self.rank * k + k_local)
         if n_rows:
-            own_vals = local.vals.gather(1, (pos - self.rank * k).clamp(0, k_local - 1)) * mine
+            slot = (pos - self.rank * k).clamp(0, k_local - 1)
+            own_vals = local.vals.gather(1, slot) * mine
+            won = torch.zeros_like(local.idx).scatter_add_(1, slot, mine.to(torch.int64)) > 0
+            local.grouping.limit_to(won & (local.vals > 0))
         else:
             own_vals = torch.zeros_like(top_vals, dtype=x.dtype)
-        vals = _SumAcrossRanks.apply(own_vals)
-        won = torch.isin(row_ids, top_idx[top_vals > 0])
-        if record:
-            self._won_rows = won
-        return Selection(vals, top_idx, won)
+        return Selection(_SumAcrossRanks.apply(own_vals), top_idx)
 
     def _decode_rows(
         self,
@@ -232,10 +219,14 @@ class FeatureParallelSAE(TopKSAE):
         W_dec: torch.Tensor,
         b_dec: torch.Tensor,
         row_ids: torch.Tensor | None = None,
+        grouping: ops.SharedGrouping | None = None,
     ) -> torch.Tensor:
-        """Each rank decodes the slots it owns; the partial decodes are summed over the ranks; a collective."""
+        """Each rank decodes the slots it owns; the partial decodes are summed over the ranks; a collective.
+
+        (A global selection has no ``grouping`` to share: each rank groups the slots it owns.)"""
         zero = torch.zeros_like(b_dec)
-        partial = super()._decode_rows(vals, idx, W_dec, zero, self._held_ids(idx.device) if row_ids is None else row_ids)
+        held = self._held_ids(idx.device) if row_ids is None else row_ids
+        partial = super()._decode_rows(vals, idx, W_dec, zero, held)
         return _SumAcrossRanks.apply(partial) + b_dec
 
 

@@ -80,18 +80,13 @@ def destroy_distributed() -> None:
         dist.destroy_process_group()
 
 
-def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's ``t`` [b, ...] along dim 0 in rank order (all ranks' shapes must match)."""
+def all_gather_list(t: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's ``t`` (all ranks' shapes must match), in rank order."""
     parts = [torch.empty_like(t) for _ in range(get_world_size())]
     dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
+    return parts
 
 
-def all_gather_padded(values: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
-    """All-gather [n_r, ...] tensors of varying n_r (``counts``, known on every rank): pad to the max, gather, trim."""
-    width = max(max(counts), 1)  # some backends reject empty collectives
-    padded = values.new_zeros((width, *values.shape[1:]))
-    padded[: values.shape[0]] = values
-    parts = [torch.empty_like(padded) for _ in counts]
-    dist.all_gather(parts, padded)
-    return [p[:n] for p, n in zip(parts, counts)]
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's ``t`` [b, ...] along dim 0 in rank order (all ranks' shapes must match)."""
+    return torch.cat(all_gather_list(t))

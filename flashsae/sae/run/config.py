@@ -18,14 +18,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from ...checks import (
-    DTYPES, parse_device, require_choice, require_count_or_fraction, require_int, require_k, require_number,
+    DTYPES, parse_device, parse_dtype, require_choice, require_count_or_fraction, require_int, require_k,
+    require_number,
 )
 from ...errors import ConfigError
 from ...kernels.registry import backend_names
 from ..hf import DEFAULT_TEXT, EMBEDDED_MODEL, SITES
 from ..hf.texts import STDLIB_TEXT
 from ..trainer import DEFAULT_DEAD_WINDOW
+
+# --dtype: "auto" (see `resolve_dtype`) or a parameter dtype.
+DTYPE_CHOICES = ("auto", *DTYPES)
 
 # The argparse groups of `flashsae train --help`, in the order it lists them.
 ACTIVATIONS = "activations"
@@ -83,6 +89,18 @@ DEFAULT_AUX_K_MAX = 512
 def default_aux_k(d_model: int) -> int:
     """The AuxK k when --aux-k is not given: d/2, at most DEFAULT_AUX_K_MAX."""
     return min(d_model // 2, DEFAULT_AUX_K_MAX)
+
+
+def resolve_dtype(name: str, device: torch.device, optimizer: str) -> torch.dtype:
+    """The SAE parameter dtype ``--dtype name`` means on ``device`` with ``--optimizer optimizer``.
+
+    "auto": bfloat16 on CUDA with sparse-adam, whose bf16 parameters keep exact fp32 master weights
+    (tensor-core GEMMs, half the bytes per gathered row, no update lost to rounding); float32 on
+    the CPU (no bf16 speed-up there) and with torch's Adam (which would round every update to bf16).
+    """
+    if name != "auto":
+        return parse_dtype(name, arg=flag("dtype"))
+    return torch.bfloat16 if device.type == "cuda" and optimizer == "sparse-adam" else torch.float32
 
 
 def default_lr(n_features: int) -> float:
@@ -151,7 +169,9 @@ class TrainConfig:
     epochs: int = option(8, SAE, "passes over the stored activations", check=_integer(1))
     lr: float | None = option(None, SAE, "learning rate", check=_number(strict=True),
                               default_text="2e-4 / sqrt(n_features / 2^14), Gao et al. 2024")
-    dtype: str = option("float32", SAE, "SAE parameter dtype", choices=tuple(DTYPES))
+    dtype: str = option("auto", SAE, "SAE parameter dtype; auto is bfloat16 mixed precision on CUDA with sparse-adam "
+                        "(bf16 weights and tensor-core GEMMs, fp32 accumulation and gradients, exact fp32 master "
+                        "weights in the optimizer) and float32 otherwise", choices=DTYPE_CHOICES)
     device: str = option("auto", SAE, "cpu, cuda or cuda:N; auto is cuda when available, else cpu", check=_device,
                          resumable=True)
     backend: str = option("auto", SAE, "kernels", choices=backend_names())

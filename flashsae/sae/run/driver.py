@@ -28,14 +28,14 @@ from ...optim import SparseAdam
 from ..asi import active_subspace, init_active_subspace, resolve_d_init
 from ..atomic import atomic_write
 from ..diagnostics import FiringTracker, plot_firing_density, subspace_energy_sums
-from ..model import TopKSAE
+from ..model import CONFIG_FILE, TopKSAE, read_saved_config
 from ..parallel import process_group
 from ..parallel.strategy import SingleProcess, make_strategy
 from ..schedules import linear_k
 from ..store import ActivationStore
 from ..trainer import DEFAULT_DEAD_WINDOW, NonFiniteError, Trainer, reconstruction_metrics
 from . import checkpoints, rundir
-from .config import TrainConfig, default_aux_k, default_lr, merge_resumed_config
+from .config import TrainConfig, default_aux_k, default_lr, merge_resumed_config, resolve_dtype
 from .metrics_log import MetricsLog, check_log_backends, format_metrics, truncate_metrics
 from .rundir import DENSITY_PLOT, FINAL_DIR, SUMMARY_FILE, RunIdentity
 from .source import leading_tokens, mean_sq_norm_scale, open_activation_source
@@ -108,7 +108,7 @@ def _set_up(cfg: TrainConfig, resumed: dict[str, Any] | None) -> Run:
     source, origin = open_activation_source(cfg, info, recollect=recollect)
     n_batches = _check_batch_size(cfg, source, strategy)
     _check_d_init(cfg, source.d_model)
-    dtype = parse_dtype(cfg.dtype)
+    dtype = _resolve_dtype(cfg, device, resumed)
     state: checkpoints.TrainerState | None = resumed["trainer"] if resumed is not None else None
     if state is not None:
         norm_scale = state.norm_scale
@@ -175,6 +175,13 @@ def _resolve_device(cfg: TrainConfig, info: process_group.DistInfo) -> torch.dev
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {cfg.device}: CUDA is not available")
     return device
+
+
+def _resolve_dtype(cfg: TrainConfig, device: torch.device, resumed: dict[str, Any] | None) -> torch.dtype:
+    """The SAE's dtype: a resumed run's own (whatever device it resumes on), else --dtype on this device."""
+    if resumed is not None:
+        return parse_dtype(read_saved_config(resumed["path"] / CONFIG_FILE)["dtype"])
+    return resolve_dtype(cfg.dtype, device, cfg.optimizer)
 
 
 def _check_batch_size(cfg: TrainConfig, source: ActivationStore, strategy: SingleProcess) -> int:
