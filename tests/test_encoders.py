@@ -123,10 +123,12 @@ def test_rows_without_enough_positives_fill_zeros_at_lowest_indices(backend, dty
     vals, idx = ENCODERS[backend](x, W, b, k, None)
     assert torch.equal(idx, torch.tensor([700, 2, 0, 1, 3, 4]).expand(B, k))
     assert (vals[:, :2] > 0).all() and (vals[:, 2:] == 0).all()
-    b[[700, 2]] = -10.0  # ... and none at all
-    vals, idx = ENCODERS[backend](x, W, b, k, None)
-    assert torch.equal(idx, torch.arange(k).expand(B, k))
-    assert (vals == 0).all() and not torch.signbit(vals).any()
+    b[[700, 2]] = -10.0  # ... and none at all, over one feature range or slice and over two
+    split = {"torch": {"chunk_size": 500}, "triton": {"n_slices": 2}, "triton-fused": {"n_ranges": 2}}[backend]
+    for options in ({}, split):
+        vals, idx = ENCODERS[backend](x, W, b, k, None, **options)
+        assert torch.equal(idx, torch.arange(k).expand(B, k))
+        assert (vals == 0).all() and not torch.signbit(vals).any()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

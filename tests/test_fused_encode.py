@@ -52,26 +52,6 @@ def test_ties_go_to_the_lower_index_across_tiles_and_ranges(dtype):
         assert torch.equal(vals, ref_vals)
 
 
-@pytest.mark.parametrize("dtype", [FP32, BF16])
-def test_rows_without_enough_positives_fill_zeros_at_lowest_indices(dtype):
-    B, d, F, k = 5, 16, 1000, 6
-    x, W, b, _ = make_inputs(B, d, F, dtype, seed=5)
-    W = W * 0.01
-    b = torch.full((F,), -10.0, dtype=dtype)
-    b[[700, 2]] = torch.tensor([5.0, 3.0], dtype=dtype)  # exactly two positives per row ...
-    x[1] = 0.0
-    b_zero = b.clone()
-    b_zero[[700, 2]] = -10.0  # ... and none at all with this bias
-    vals, idx = tk.topk_encode(x, W, b, k, None, poison=True)
-    assert torch.equal(idx, torch.tensor([700, 2, 0, 1, 3, 4]).expand(B, k))
-    assert (vals[:, :2] > 0).all() and (vals[:, 2:] == 0).all()
-    vals, idx = tk.topk_encode(x, W, b_zero, k, None, n_ranges=2, poison=True)
-    assert torch.equal(idx, torch.arange(k).expand(B, k))
-    assert (vals == 0).all() and not torch.signbit(vals).any()
-    ref_vals, ref_idx = torch_encode.topk_encode(x, W, b_zero, k)
-    assert torch.equal(idx, ref_idx) and torch.equal(vals, ref_vals)
-
-
 def test_range_lists_hold_only_written_keys_of_their_range():
     x, W, b, _ = make_inputs(19, 16, 1100, FP32, seed=19)
     plan = tk.encode_plan(19, 1100, 16, 3)
