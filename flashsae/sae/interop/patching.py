@@ -1,7 +1,6 @@
 """Shared machinery of `patch_saelens` / `patch_sparsify`: binding methods, per-module state, hook checks."""
 from __future__ import annotations
 
-import types
 from typing import Any, Callable
 
 import torch
@@ -39,6 +38,23 @@ class PatchState:
         return {"backend": self.backend, "sparse_grad": self.sparse_grad}
 
 
+class PatchedMethod:
+    """``fn`` bound to ``module`` as an instance attribute, like a bound method (``__self__``,
+    ``__func__``), but copied and pickled as (module, fn): a copy of the module gets its own."""
+
+    def __init__(self, module: nn.Module, fn: Callable[..., Any]) -> None:
+        self.__self__, self.__func__ = module, fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.__func__(self.__self__, *args, **kwargs)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return PatchedMethod, (self.__self__, self.__func__)
+
+    def __repr__(self) -> str:
+        return f"<flashsae patched method {self.__func__.__name__} of {type(self.__self__).__name__}>"
+
+
 def patch_state(module: nn.Module) -> PatchState:
     """The `PatchState` of a module patched by `patch_methods`."""
     return module.__dict__[_STATE_ATTR]
@@ -61,7 +77,7 @@ def patch_methods(
         raise ValueError(f"{type(module).__name__} is already patched; call unpatch() first")
     require_choice("backend", backend, backend_names())
     for name, fn in methods.items():
-        setattr(module, name, types.MethodType(fn, module))
+        setattr(module, name, PatchedMethod(module, fn))
     module.__dict__[_STATE_ATTR] = PatchState(backend, bool(sparse_grad), tuple(methods), **options)
 
 
