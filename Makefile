@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.flashsae-installed
 
-.PHONY: setup test demo bench bench-gpu clean
+.PHONY: setup test demo bench bench-gpu conformance clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,13 @@ bench-gpu: $(STAMP)
 	+ str(torch.version.cuda) + '). Run it on a GPU machine with a CUDA torch (make bench-gpu TORCH=torch), or run make bench.')"
 	$(BENCH_PYTEST) --bench-device cuda --bench-grid $(BENCH_GRID); status=$$?; \
 	$(PY) -m benchmarks.report "$$($(PY) -m benchmarks.machine cuda)/results.json" && exit $$status
+
+# The peers' own test suites (fetched at run time), unpatched and with flashsae patched in
+# (benchmarks/README.md); results in benchmarks/results/conformance/. Not part of `make test`.
+CONFORMANCE_ARGS ?=
+
+conformance: $(STAMP)
+	$(PY) -m benchmarks.conformance $(CONFORMANCE_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
