@@ -69,7 +69,8 @@ def markdown(results: dict[str, Any]) -> str:
 def _suite_markdown(peer: str, suite: dict[str, Any]) -> list[str]:
     lines = [f"## {peer} {suite['version']}", ""]
     if suite["status"] != "ran":
-        return lines + [f"**Not run**: {suite['reason']}", ""]
+        return lines + [f"**Not run**: {suite['reason']}. Run it where that source is reachable, or with "
+                        f"`--{peer}-src` naming a checkout of the release.", ""]
     lines += [f"Tests from {suite['source']}: {', '.join(suite['files'])}.", ""]
     for path, why in suite.get("excluded", {}).items():
         lines.append(f"- Left out: `{path}`: {why}.")
