@@ -33,7 +33,7 @@ def test_saelens_export_names_the_model_hook_and_sae_lens_version_of_a_trained_s
 
     trained = {"model": "gpt2", "hook": "transformer.h.3.attn.c_proj", "seq_len": 64, "text": "corpus.jsonl",
                "site": "attn_out", "layer": 3}
-    export_saelens(_random_sae(2, metadata=trained), tmp_path)
+    export_saelens(random_sae(2, metadata=trained), tmp_path)
     metadata = json.loads((tmp_path / "cfg.json").read_text())["metadata"]
     assert metadata["sae_lens_version"] == importlib.metadata.version("sae-lens")
     assert (metadata["model_name"], metadata["hook_name"]) == ("gpt2", "transformer.h.3.attn.c_proj")
