@@ -12,7 +12,7 @@ TORCH_STAMP := $(VENV)/.flashsae-torch
 DEMO_STAMP := $(VENV)/.flashsae-demo
 DEV_STAMP := $(VENV)/.flashsae-dev
 
-.PHONY: setup test demo bench bench-gpu gpu-check gpu-check-dry gpu-carry clean
+.PHONY: setup test demo bench bench-gpu gpu-check gpu-check-dry gpu-carry conformance clean
 
 setup: $(DEV_STAMP)
 
@@ -74,6 +74,13 @@ bench-gpu:
 	+ str(torch.version.cuda) + '). Run it on a GPU machine (GPU_PYTHON names its interpreter), or run make bench.')"
 	PYTHONPATH=. $(GPU_PYTHON) $(BENCH_PYTEST) --bench-device cuda --bench-grid $(BENCH_GRID); status=$$?; \
 	PYTHONPATH=. $(GPU_PYTHON) -m benchmarks.report "$$(PYTHONPATH=. $(GPU_PYTHON) -m benchmarks.machine cuda)/results.json" && exit $$status
+
+# The peers' own test suites (fetched at run time), unpatched and with flashsae patched in
+# (benchmarks/README.md); results in benchmarks/results/conformance/. Not part of `make test`.
+CONFORMANCE_ARGS ?=
+
+conformance: $(DEV_STAMP)
+	$(PY) -m benchmarks.conformance $(CONFORMANCE_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache gpu-check-dry

@@ -4,7 +4,7 @@ For each backend (`flashsae.kernels.registry.backend_names`, so backends added l
 and each (dtype, k) of the profile, at odd shapes: the encoder's values and indices, the encoder's
 backward, the sparse decode and its backward, SparseAdam's lazy step; then one problem whose
 weight matrices hold more than 2^31 elements. The judges are the tests' own
-(`tests.oracles`, `tests.test_fused_encode`), so the CPU tests and this check agree on what
+(`tests.oracles`, `tests.encoder_checks`), so the CPU tests and this check agree on what
 passes. Before each op the device's cached allocator blocks are filled with 0xFF bytes, so an
 output element a kernel never writes reads as NaN (or index -1) and fails the check.
 """
@@ -19,7 +19,7 @@ from flashsae import ops
 from flashsae.kernels.registry import AUTO, backend_names, resolve_backend
 from flashsae.optim import SparseAdam
 from tests import oracles
-from tests.test_fused_encode import assert_exact_topk, make_inputs
+from tests.encoder_checks import assert_exact_topk, make_inputs
 
 from .phase import Context
 
