@@ -223,3 +223,30 @@ def test_non_contiguous_inputs_give_the_same_result():
     a = ops.topk_encode(x, W, b, 5, b_pre=b_pre, backend="torch")
     c = ops.topk_encode(x_t, W_t, b, 5, b_pre=b_pre, backend="torch")
     assert torch.equal(a[0], c[0]) and torch.equal(a[1], c[1])
+
+
+@pytest.mark.parametrize("sparse_grad", [False, True])
+def test_every_chunked_loop_of_the_torch_backend_matches_float64(monkeypatch, sparse_grad):
+    """CHUNK_ELEMENTS shrunk so each loop of the reference runs several chunks with a ragged last one:
+    the encoder's feature sweep (`feature_chunk_size`), gather_rows' and row_dots' token chunks and
+    segment_rows' pair chunks; forward and every gradient still match float64 autograd."""
+    B, d, F, k = 23, 384, 300, 7
+    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", 2 * k * d + 5)
+    assert reference.feature_chunk_size(B, F, k) == (2 * k * d + 5) // B == 233  # 2 chunks: 233 + 67 features
+    assert reference._chunk_step(k * d) == 2 and reference._chunk_step(d) == 2 * k
+    x, W_enc, b_enc, b_pre = make_encoder(B, d, F, torch.float32, seed=31)
+    g = torch.Generator().manual_seed(32)
+    W_dec, b_dec = torch.randn(F, d, generator=g) / d**0.5, torch.randn(d, generator=g)
+    grad_out = torch.randn(B, d, generator=g)
+    leaves = [t.clone().requires_grad_() for t in (x, W_enc, b_enc, b_pre, W_dec, b_dec)]
+    vals, idx = ops.topk_encode(*leaves[:3], k, b_pre=leaves[3], backend="torch", sparse_grad=sparse_grad)
+    x_hat = ops.sparse_decode(vals, idx, leaves[4], leaves[5], backend="torch", sparse_grad=sparse_grad)
+    x_hat.backward(grad_out)
+    refs = [t.detach().double().requires_grad_() for t in leaves]
+    assert torch.equal(idx, stable_topk(dense_pre(*(r.detach() for r in refs[:4])), k)[1])
+    ref_hat = dense_sae_loss(*refs[:4], refs[4], refs[5], idx)
+    ref_hat.backward(grad_out.double())
+    torch.testing.assert_close(x_hat.double(), ref_hat.detach(), rtol=1e-5, atol=1e-5)
+    for name, leaf, ref in zip(("x", "W_enc", "b_enc", "b_pre", "W_dec", "b_dec"), leaves, refs):
+        grad = leaf.grad.to_dense() if isinstance(leaf.grad, RowGrad) else leaf.grad
+        torch.testing.assert_close(grad.double(), ref.grad, rtol=1e-5, atol=1e-5, msg=name)
