@@ -175,8 +175,9 @@ def test_aux_k_with_no_dead_features_is_zero_and_adds_nothing(sparse_grad):
         if sparse_grad:
             assert touched_rows(grad).numel() == 0, name
         assert not grad.to_dense().any(), name
-    with pytest.raises(TypeError, match=r"dead must be a bool tensor of shape \(16,\)"):
-        add_aux_k_grads_(sae, x, x.clone(), torch.tensor([1, 2]), 4, 1.0)
+    for bad in (torch.tensor([1, 2]), torch.zeros(16), torch.zeros(15, dtype=torch.bool)):
+        with pytest.raises(TypeError, match=r"dead must be a bool tensor of shape \(16,\)"):
+            add_aux_k_grads_(sae, x, x.clone(), bad, 4, 1.0)
 
 
 # ---------------------------------------------------------------------------------------------
