@@ -12,7 +12,7 @@ TORCH_STAMP := $(VENV)/.flashsae-torch
 DEMO_STAMP := $(VENV)/.flashsae-demo
 DEV_STAMP := $(VENV)/.flashsae-dev
 
-.PHONY: setup test demo bench bench-gpu clean
+.PHONY: setup test demo bench bench-gpu mutate clean
 
 setup: $(DEV_STAMP)
 
@@ -55,6 +55,18 @@ bench-gpu: $(DEV_STAMP)
 	+ str(torch.version.cuda) + '). Run it on a GPU machine with a CUDA torch (make bench-gpu TORCH=torch), or run make bench.')"
 	$(BENCH_PYTEST) --bench-device cuda --bench-grid $(BENCH_GRID); status=$$?; \
 	$(PY) -m benchmarks.report "$$($(PY) -m benchmarks.machine cuda)/results.json" && exit $$status
+
+# Mutation testing (tests/mutation; not part of `make test`): mutmut 2, which writes each mutant into
+# the source file (Triton parses a kernel's source), mutates the kernels, ops.py, optim.py and the
+# trainer's loss code in scratch copies of the tree and runs each module's tests under the Triton
+# interpreter, MUTATE_WORKERS at a time: about an hour on 2 cores. Writes reports/mutation/README.md;
+# fails on a survivor not explained in tests/mutation/explained.toml.
+MUTMUT ?= mutmut==2.5.1
+MUTATE_WORKERS ?= 2
+
+mutate: $(DEV_STAMP)
+	$(PY) -m pip install -q "$(MUTMUT)"
+	$(PY) -m tests.mutation --workers $(MUTATE_WORKERS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

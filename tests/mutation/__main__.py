@@ -167,17 +167,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="groups tested side by side (default 2)")
     parser.add_argument("--only", nargs="*", default=[], help="only the groups whose module contains one of these")
     parser.add_argument("--out", default=str(REPO / "reports" / "mutation"), help="report directory")
+    parser.add_argument("--logs", default=str(REPO / "runs" / "mutation-logs"), help="mutmut's output, per module")
     parser.add_argument("--python", default=sys.executable, help="the Python that runs the tests (with torch)")
     parser.add_argument("--mutmut", default=str(Path(sys.executable).with_name("mutmut")), help="mutmut 2's script")
     args = parser.parse_args(argv)
     groups = [g for g in GROUPS if not args.only or any(o in g.module for o in args.only)]
-    out = Path(args.out)
-    (out / "logs").mkdir(parents=True, exist_ok=True)
+    out, logs = Path(args.out), Path(args.logs)
+    logs.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="flashsae-mutation-") as scratch:
         workers = [Worker(Path(scratch) / f"worker-{i}", args.python) for i in range(max(1, args.workers))]
         try:
-            results = run_all(groups, workers, [args.mutmut], out / "logs")
+            results = run_all(groups, workers, [args.mutmut], logs)
         finally:
             for w in workers:
                 w.close()
