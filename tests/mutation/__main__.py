@@ -182,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for w in workers:
                 w.close()
-    unexplained = write_report(results, groups, load_explanations(), out, time.monotonic() - start, len(workers))
+    command = "make mutate" if not args.only else "python -m tests.mutation --only " + " ".join(args.only)
+    unexplained = write_report(results, groups, load_explanations(), out, time.monotonic() - start, len(workers),
+                               command)
     print(f"report: {out / 'README.md'}; {unexplained} unexplained survivors")
     return 1 if unexplained else 0
 

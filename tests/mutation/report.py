@@ -57,9 +57,11 @@ def _key(result: MutantResult) -> tuple[str, str, str]:
 
 
 def write_report(
-    results: list[MutantResult], groups, explanations: dict, out: Path, seconds: float, workers: int
+    results: list[MutantResult], groups, explanations: dict, out: Path, seconds: float, workers: int,
+    command: str = "make mutate",
 ) -> int:
-    """README.md and results.json in ``out``; returns the number of survivors without an explanation."""
+    """README.md and results.json in ``out``; returns the number of survivors without an explanation.
+    ``command`` is what was run (a run limited to some modules says so)."""
     import mutmut
 
     survivors = [r for r in results if r.status in ("survived", "untested")]
@@ -67,7 +69,7 @@ def write_report(
     lines = [
         "# Mutation testing: kernels, optimizer, trainer loss code",
         "",
-        f"`make mutate` on {date.today().isoformat()} (mutmut {mutmut.__version__}, {workers} workers, "
+        f"`{command}` on {date.today().isoformat()} (mutmut {mutmut.__version__}, {workers} workers, "
         f"{seconds / 60:.0f} minutes). Each mutant is written into the source file and the module's test "
         "selection (tests/mutation/groups.py) runs under the Triton interpreter; a mutant times out at ten "
         "times the unmutated run. String literals are not mutated. Survivors are explained in "
