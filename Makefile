@@ -12,7 +12,7 @@ TORCH_STAMP := $(VENV)/.flashsae-torch
 DEMO_STAMP := $(VENV)/.flashsae-demo
 DEV_STAMP := $(VENV)/.flashsae-dev
 
-.PHONY: setup test demo bench bench-gpu mutate clean
+.PHONY: setup test demo bench bench-gpu conformance mutate clean
 
 setup: $(DEV_STAMP)
 
@@ -56,10 +56,17 @@ bench-gpu: $(DEV_STAMP)
 	$(BENCH_PYTEST) --bench-device cuda --bench-grid $(BENCH_GRID); status=$$?; \
 	$(PY) -m benchmarks.report "$$($(PY) -m benchmarks.machine cuda)/results.json" && exit $$status
 
+# The peers' own test suites (fetched at run time), unpatched and with flashsae patched in
+# (benchmarks/README.md); results in benchmarks/results/conformance/. Not part of `make test`.
+CONFORMANCE_ARGS ?=
+
+conformance: $(STAMP)
+	$(PY) -m benchmarks.conformance $(CONFORMANCE_ARGS)
+
 # Mutation testing (tests/mutation; not part of `make test`): mutmut 2, which writes each mutant into
 # the source file (Triton parses a kernel's source), mutates the kernels, ops.py, optim.py and the
 # trainer's loss code in scratch copies of the tree and runs each module's tests under the Triton
-# interpreter, MUTATE_WORKERS at a time: about an hour on 2 cores. Writes reports/mutation/README.md;
+# interpreter, MUTATE_WORKERS at a time: an hour or more on 2 cores. Writes reports/mutation/README.md;
 # fails on a survivor not explained in tests/mutation/explained.toml.
 MUTMUT ?= mutmut==2.5.1
 MUTATE_WORKERS ?= 2

@@ -48,7 +48,8 @@ def aux_k_loss(
     held = dead[sae.feature_offset : sae.feature_offset + sae.n_held]
     x, residual = x.detach(), residual.detach()
     b_pre = sae.b_dec.detach()
-    selection = sae._select(x, sae.W_enc, sae.b_enc, b_pre, aux_k, held)
+    # x was the main forward's input: checked there, or by the caller's own deferred check.
+    selection = sae._select(x, sae.W_enc, sae.b_enc, b_pre, aux_k, held, check_finite=False)
     e_hat = sae._decode_rows(selection.vals, selection.idx, sae.W_dec, torch.zeros_like(b_pre),
                              sae._held_ids(x.device), selection.grouping)
     return unexplained_fraction(e_hat, residual, denominator) * dead.any()

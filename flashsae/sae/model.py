@@ -162,15 +162,19 @@ class TopKSAE(nn.Module):
         b_pre: torch.Tensor,
         k: int,
         mask: torch.Tensor | None = None,
+        *,
+        check_finite: bool = True,
     ) -> Selection:
         """Top-k of ``relu((x - b_pre) @ W_enc.T + b_enc)`` over this module's features.
 
         W_enc [n, d], b_enc [n]: the rows this module holds. ``mask`` (bool [n]): choose only among
         the rows where it is True (the dead features, for AuxK); the others never fire.
+        ``check_finite``: see `flashsae.ops.topk_encode`.
         """
         grouping = ops.SharedGrouping()
         vals, idx = ops.topk_encode(x, W_enc, b_enc, k, b_pre=b_pre, backend=self.backend,
-                                    sparse_grad=self.sparse_grad, mask=mask, grouping=grouping)
+                                    sparse_grad=self.sparse_grad, mask=mask, grouping=grouping,
+                                    check_finite=check_finite)
         return Selection(vals, idx, grouping)
 
     def _decode_rows(
@@ -198,9 +202,13 @@ class TopKSAE(nn.Module):
                                  grouping=grouping, check_indices=not trusted)
 
     # ---------------------------------------------------------------------------------- the forward
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: [B, d] -> (vals [B, k] descending, idx [B, k] int64)."""
-        selection = self._select(x, self.W_enc, self.b_enc, self.b_dec, self.k)
+    def encode(self, x: torch.Tensor, *, check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [B, d] -> (vals [B, k] descending, idx [B, k] int64).
+
+        ``check_finite`` (default True) raises a ValueError naming the first row of x with NaN or
+        Inf (a host sync on a GPU); pass False when the caller checks later itself.
+        """
+        selection = self._select(x, self.W_enc, self.b_enc, self.b_dec, self.k, check_finite=check_finite)
         return selection.vals, selection.idx
 
     def decode(self, vals: torch.Tensor, idx: torch.Tensor, grouping: ops.SharedGrouping | None = None) -> torch.Tensor:
@@ -211,13 +219,15 @@ class TopKSAE(nn.Module):
         """Global indices of the rows held (None when they are simply 0..F-1)."""
         return None
 
-    def forward(self, x: torch.Tensor) -> SAEOutput:
-        """x: [..., d] -> SAEOutput with x_hat [..., d], vals [..., k], idx [..., k]."""
+    def forward(self, x: torch.Tensor, *, check_finite: bool = True) -> SAEOutput:
+        """x: [..., d] (any leading shape, possibly empty) -> SAEOutput with x_hat [..., d], vals [..., k],
+        idx [..., k]. ``check_finite``: see `encode`."""
         lead = x.shape[:-1]
-        selection = self._select(x.reshape(-1, x.shape[-1]), self.W_enc, self.b_enc, self.b_dec, self.k)
+        selection = self._select(x.reshape(-1, x.shape[-1]), self.W_enc, self.b_enc, self.b_dec, self.k,
+                                 check_finite=check_finite)
         vals, idx = selection.vals, selection.idx
         x_hat = self.decode(vals, idx, selection.grouping)
-        return SAEOutput(x_hat.reshape(*lead, -1), vals.reshape(*lead, -1), idx.reshape(*lead, -1))
+        return SAEOutput(x_hat.reshape(*lead, self.d_model), vals.reshape(*lead, self.k), idx.reshape(*lead, self.k))
 
     # ------------------------------------------------------------------------------ decoder upkeep
     @torch.no_grad()

@@ -35,6 +35,7 @@ def _name(path: str) -> str:
 
 
 ROWS, ADAM, PRECISION = "tests/test_rows.py", "tests/test_sparse_adam.py", "tests/test_precision.py"
+ENCODERS = "tests/test_encoders.py"
 GROUPS: tuple[Group, ...] = (
     Group("flashsae/kernels/rows.py", (
         (f"{ROWS}::test_row_primitives_at_production_widths_with_heavy_single_and_silent_features", "triton and not dtype2"),
@@ -58,6 +59,12 @@ GROUPS: tuple[Group, ...] = (
         (ADAM, "torch"),
         (PRECISION, "(torch and not thousand) or split_and_join or reference_scalars"),
     )),
+    Group("flashsae/kernels/torch_encode.py", ((ENCODERS, "torch or static"), ("tests/test_ops.py", ""))),
+    Group("flashsae/kernels/chunked_encode.py", ((ENCODERS, "(triton and not fused) or chunked"),)),
+    Group("flashsae/kernels/fused_encode.py", (
+        (ENCODERS, "fused"), ("tests/test_fused_encode.py", "not k_512"),
+    )),
+    Group("flashsae/kernels/triton_common.py", ((ENCODERS, "triton"), ("tests/test_fused_encode.py", "not k_512"))),
     Group("flashsae/kernels/pairs.py", (("tests/test_pairs.py", ""), (ROWS, "torch and dtype0"))),
     Group("flashsae/kernels/keys.py", (
         ("tests/test_ops.py", ""), ("tests/test_pairs.py", ""), ("tests/test_fused_encode.py", "not k_512"),
