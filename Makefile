@@ -12,7 +12,7 @@ TORCH_STAMP := $(VENV)/.flashsae-torch
 DEMO_STAMP := $(VENV)/.flashsae-demo
 DEV_STAMP := $(VENV)/.flashsae-dev
 
-.PHONY: setup test demo bench bench-gpu gpu-check gpu-check-dry gpu-carry conformance clean
+.PHONY: setup test demo bench bench-gpu gpu-check gpu-check-dry gpu-carry conformance mutate clean
 
 setup: $(DEV_STAMP)
 
@@ -81,6 +81,18 @@ CONFORMANCE_ARGS ?=
 
 conformance: $(DEV_STAMP)
 	$(PY) -m benchmarks.conformance $(CONFORMANCE_ARGS)
+
+# Mutation testing (tests/mutation; not part of `make test`): mutmut 2, which writes each mutant into
+# the source file (Triton parses a kernel's source), mutates the kernels, ops.py, optim.py and the
+# trainer's loss code in scratch copies of the tree and runs each module's tests under the Triton
+# interpreter, MUTATE_WORKERS at a time: an hour or more on 2 cores. Writes reports/mutation/README.md;
+# fails on a survivor not explained in tests/mutation/explained.toml.
+MUTMUT ?= mutmut==2.5.1
+MUTATE_WORKERS ?= 2
+
+mutate: $(DEV_STAMP)
+	$(PY) -m pip install -q "$(MUTMUT)"
+	$(PY) -m tests.mutation --workers $(MUTATE_WORKERS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache gpu-check-dry

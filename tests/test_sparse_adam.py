@@ -13,7 +13,8 @@ from flashsae.optim import SparseAdam
 from flashsae.rowgrad import RowGrad
 from tests.grads import touched_rows
 from tests.oracles import (
-    BETAS, EPS, LR, bits, check_bf16_moments, check_bf16_params, check_lazy_adam, skipping_steps, sparse_rows_grad,
+    BETAS, EPS, LR, bits, check_bf16_moments, check_bf16_params, check_lazy_adam, lazy_adam_reference, skipping_steps,
+    sparse_rows_grad,
 )
 
 BACKENDS = ["torch", "triton"]
@@ -161,3 +162,75 @@ def test_sae_sparse_training_reduces_loss_and_keeps_dead_rows_frozen(backend):
     norms = sae.W_dec.detach()[ever].norm(dim=1)
     torch.testing.assert_close(norms, torch.ones_like(norms), atol=1e-6, rtol=0)
     assert math.isfinite(losses[-1])
+
+
+def padded_rows_grad(like: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, pad: int) -> RowGrad:
+    """A RowGrad as the backward makes them: ``pad`` padding slots (row 0, zeros) after the rows."""
+    valid = torch.cat([torch.ones(rows.shape[0], dtype=torch.bool), torch.zeros(pad, dtype=torch.bool)])
+    return RowGrad.of(like, torch.cat([rows, torch.zeros(pad, dtype=torch.int64)]),
+                      torch.cat([values, torch.zeros(pad, *values.shape[1:])]), valid)
+
+
+GRAD_KINDS = ["row-grad", "sparse-coo", "dense"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("unit_norm", [False, True])
+@pytest.mark.parametrize("kind", GRAD_KINDS)
+def test_many_touched_rows_of_a_wide_parameter_match_float64_lazy_adam(backend, unit_norm, kind):
+    """Touched rows spanning several of the Triton kernel's row blocks (2048 elements a tile: 8 rows of
+    256 columns) and each row several column blocks, so every loop over rows and columns runs more than once."""
+    n_rows, width, n_steps = 40, 768, 3
+    g = torch.Generator().manual_seed(21)
+    w0 = torch.randn(n_rows, width, generator=g)
+    w0 = w0 / w0.norm(dim=1, keepdim=True)
+    steps = []
+    for _ in range(n_steps):
+        rows = torch.arange(n_rows) if kind == "dense" else torch.randperm(n_rows, generator=g)[:25].sort().values
+        steps.append((rows, torch.randn(rows.numel(), width, generator=g)))
+    param = torch.nn.Parameter(w0.clone())
+    opt = SparseAdam([param], lr=LR, betas=BETAS, eps=EPS, backend=backend, unit_norm=[param] if unit_norm else [])
+    for rows, grads in steps:
+        if kind == "row-grad":
+            param.grad = padded_rows_grad(param, rows, grads, pad=7)
+        elif kind == "sparse-coo":
+            param.grad = sparse_rows_grad(rows, grads, (n_rows, width))
+        else:
+            param.grad = grads.clone()
+        opt.step()
+    w_ref, m_ref, v_ref, t_ref = lazy_adam_reference(w0, steps, unit_norm)
+    assert torch.equal(opt.state[param]["step"], t_ref) and t_ref.max() == n_steps and (t_ref < n_steps).any() == (kind != "dense")
+    torch.testing.assert_close(param.detach().double(), w_ref, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(opt.state[param]["exp_avg"].double(), m_ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(opt.state[param]["exp_avg_sq"].double(), v_ref, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["sparse-coo", "row-grad"])
+def test_uncoalesced_accumulated_sparse_gradients_are_summed_per_row(backend, kind):
+    """Two gradients of one parameter added up (two uses of it; AuxK plus the main loss) name some rows
+    twice: an uncoalesced COO tensor, or a RowGrad of two parts. Each row steps once, on the sum."""
+    n_rows, width = 30, 300
+    g = torch.Generator().manual_seed(22)
+    w0 = torch.randn(n_rows, width, generator=g)
+    w0 = w0 / w0.norm(dim=1, keepdim=True)
+    first_rows, second_rows = torch.tensor([2, 5, 9, 17, 29]), torch.tensor([0, 5, 17, 20])
+    first, second = torch.randn(5, width, generator=g), torch.randn(4, width, generator=g)
+    param = torch.nn.Parameter(w0.clone())
+    opt = SparseAdam([param], lr=LR, betas=BETAS, eps=EPS, backend=backend, unit_norm=[param])
+    if kind == "sparse-coo":
+        # As autograd accumulates sparse gradients: the entries of both, concatenated, not summed.
+        param.grad = torch.sparse_coo_tensor(torch.cat([second_rows, first_rows])[None], torch.cat([second, first]),
+                                             (n_rows, width), check_invariants=True)
+        assert not param.grad.is_coalesced() and param.grad._nnz() == 9
+    else:
+        param.grad = padded_rows_grad(param, first_rows, first, pad=2) + padded_rows_grad(param, second_rows, second, pad=3)
+        assert len(param.grad.parts) == 2
+    opt.step()
+    dense = torch.zeros(n_rows, width)
+    dense.index_add_(0, first_rows, first).index_add_(0, second_rows, second)
+    rows = torch.tensor([0, 2, 5, 9, 17, 20, 29])
+    w_ref, m_ref, _, t_ref = lazy_adam_reference(w0, [(rows, dense[rows])], unit_norm=True)
+    assert torch.equal(opt.state[param]["step"], t_ref) and t_ref.sum() == 7
+    torch.testing.assert_close(param.detach().double(), w_ref, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(opt.state[param]["exp_avg"].double(), m_ref, atol=1e-6, rtol=1e-5)
