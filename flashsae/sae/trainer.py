@@ -33,7 +33,9 @@ class Trainer:
     """One SAE, its optimizer and the run's per-step bookkeeping.
 
     ``model``: the SAE this rank trains (``strategy.wrap(sae)``). ``k_schedule(steps taken)`` sets the
-    model's k before each step (k annealing); None keeps it. ``strategy``: how the step is
+    model's k before each step (k annealing); None keeps it. ``lr_schedule(steps taken)`` multiplies
+    each parameter group's learning rate as the optimizer held it when the trainer was built (warm-up
+    and decay, `flashsae.sae.schedules.lr_factor`); None keeps the rates. ``strategy``: how the step is
     spread over processes (default: one process); x given to `step` is this rank's part of the
     global batch as the strategy's ``data_shard`` says. The decoder rows stay on the unit sphere:
     by the optimizer itself when it is a `SparseAdam` that normalizes W_dec, otherwise by removing
@@ -51,6 +53,7 @@ class Trainer:
         aux_coef: float = 1 / 32,
         dead_window: int = DEFAULT_DEAD_WINDOW,
         k_schedule: Callable[[int], int] | None = None,
+        lr_schedule: Callable[[int], float] | None = None,
         check_every_step: bool | None = None,
     ) -> None:
         self.model, self.optimizer = model, optimizer
@@ -59,6 +62,10 @@ class Trainer:
         self.tracker = tracker or FiringTracker(model.n_features, dead_window, device=self.device)
         self.aux_k, self.aux_coef = aux_k, aux_coef
         self.k_schedule = k_schedule
+        self.lr_schedule = lr_schedule
+        # The rates the schedule multiplies: read now, so a resumed optimizer state (whose groups hold
+        # the scheduled rate of its last step) does not change them.
+        self.base_lrs = [float(group["lr"]) for group in optimizer.param_groups]
         self.unit_norm_by_optimizer = isinstance(optimizer, SparseAdam) and optimizer.normalizes(model.W_dec)
         # A host check costs nothing on CPU; on GPUs it is deferred to log and checkpoint steps.
         self.check_every_step = self.device.type == "cpu" if check_every_step is None else check_every_step
@@ -105,6 +112,7 @@ class Trainer:
     def step(self, x: torch.Tensor) -> None:
         """One optimization step on x [b, d] (already normalized, on the model's device and dtype); no host sync."""
         self._schedule_k()
+        self._schedule_lr()
         aux_active = self._aux_active()
         self._count_step(x.shape[0])
         self._device_step(x, aux_active)
@@ -114,11 +122,22 @@ class Trainer:
         if self.k_schedule is not None:
             self.model.k = self.k_schedule(self.step_count)
 
+    def _schedule_lr(self) -> None:
+        """Set each group's learning rate for the next step from ``lr_schedule``; a host decision."""
+        if self.lr_schedule is not None:
+            factor = self.lr_schedule(self.step_count)
+            for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+                group["lr"] = base * factor
+
     def _count_step(self, local_tokens: int) -> None:
         """The host's count of steps and tokens for the metrics (the device counts its own steps)."""
         self._step_count += 1
         self._tokens += self.strategy.global_tokens(local_tokens)
         self._steps += 1
+
+    def current_lrs(self) -> list[float]:
+        """Each parameter group's learning rate now."""
+        return [float(group["lr"]) for group in self.optimizer.param_groups]
 
     def _aux_active(self) -> bool:
         """AuxK runs once a whole window has been seen: before that "never fired" means nothing yet."""
@@ -188,9 +207,10 @@ class CapturedStep:
     ``captured(x)`` copies x (the recorded shape and dtype) into the recorded input and replays,
     then does the host's bookkeeping a replay skips. The step reads only device state, so replays
     train exactly as eager steps would. It is recorded again (with that batch run eagerly first)
-    when AuxK switches on after the dead-feature window and whenever ``k_schedule`` changes k. A new
-    learning rate, a parallel strategy whose collectives cannot be captured, or replaced parameter
-    tensors need a new CapturedStep.
+    when AuxK switches on after the dead-feature window and whenever ``k_schedule`` changes k or
+    ``lr_schedule`` the learning rate (the optimizer's launch reads the rate as a number), so a run
+    records again at every step of a warm-up or decay. A parallel strategy whose collectives cannot
+    be captured, or replaced parameter tensors need a new CapturedStep.
     """
 
     def __init__(self, trainer: Trainer, x: torch.Tensor) -> None:
@@ -210,7 +230,8 @@ class CapturedStep:
             self.x.copy_(x)
             trainer.step(self.x)
             trainer._schedule_k()
-            self.aux_active, self.k = trainer._aux_active(), trainer.model.k
+            trainer._schedule_lr()
+            self.aux_active, self.k, self.lrs = trainer._aux_active(), trainer.model.k, trainer.current_lrs()
             tokens_seen = trainer.tracker.tokens_seen
             self.graph = None  # free the previous recording's memory first
             graph = torch.cuda.CUDAGraph()
@@ -224,7 +245,8 @@ class CapturedStep:
         """One training step on x [b, d] (the recorded shape, dtype and device)."""
         trainer = self.trainer
         trainer._schedule_k()
-        if trainer._aux_active() != self.aux_active or trainer.model.k != self.k:
+        trainer._schedule_lr()
+        if trainer._aux_active() != self.aux_active or trainer.model.k != self.k or trainer.current_lrs() != self.lrs:
             self._record(x)
             return
         if x.shape != self.x.shape or x.dtype != self.x.dtype or x.device != self.x.device:

@@ -28,6 +28,7 @@ from ...errors import ConfigError
 from ...kernels.registry import backend_names
 from ..hf import DEFAULT_TEXT, EMBEDDED_MODEL, SITES
 from ..hf.texts import STDLIB_TEXT
+from ..schedules import LR_DECAYS
 from ..trainer import DEFAULT_DEAD_WINDOW
 
 # --dtype: "auto" (see `resolve_dtype`) or a parameter dtype.
@@ -107,6 +108,12 @@ def _number(low: float = 0.0, *, strict: bool = False) -> Check:
     return lambda name, value, cfg: require_number(name, value, low, strict=strict)
 
 
+def _fraction(name: str, value: Any, cfg: TrainConfig) -> None:
+    require_number(name, value, 0.0)
+    if value > 1:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+
+
 def _k(name: str, value: Any, cfg: TrainConfig) -> None:
     require_k(value, cfg.n_features, name=name, features_name=flag("n_features"))
 
@@ -160,6 +167,15 @@ class TrainConfig:
     epochs: int = option(8, SAE, "passes over the stored activations", check=_integer(1))
     lr: float | None = option(None, SAE, "learning rate", check=_number(strict=True),
                               default_text="2e-4 / sqrt(n_features / 2^14), Gao et al. 2024")
+    lr_warmup_steps: int = option(0, SAE, "warm the learning rate up linearly over the first STEPS steps "
+                                  "(step s runs at (s + 1) / STEPS of it)", metavar="STEPS", check=_integer(0))
+    lr_decay: str = option("none", SAE, "decay the learning rate over the last --lr-decay-steps steps to "
+                           "--lr-final-fraction of it, linearly or along a half cosine", choices=LR_DECAYS)
+    lr_decay_steps: int | None = option(None, SAE, "steps the decay takes, ending at the last step",
+                                        metavar="STEPS", check=_integer(1),
+                                        default_text="every step after the warm-up")
+    lr_final_fraction: float = option(0.1, SAE, "the decayed learning rate's fraction of --lr at the last step",
+                                      metavar="FRACTION", check=_fraction)
     dtype: str = option("auto", SAE, "SAE parameter dtype; auto is bfloat16 mixed precision on CUDA with sparse-adam "
                         "(bf16 weights and tensor-core GEMMs, fp32 accumulation and gradients, exact fp32 master "
                         "weights in the optimizer) and float32 otherwise", choices=DTYPE_CHOICES)

@@ -31,7 +31,7 @@ from ..diagnostics import FiringTracker, plot_firing_density, subspace_energy_su
 from ..model import CONFIG_FILE, TopKSAE, read_saved_config
 from ..parallel import process_group
 from ..parallel.strategy import SingleProcess, make_strategy
-from ..schedules import linear_k
+from ..schedules import linear_k, lr_factor
 from ..store import ActivationStore
 from ..trainer import DEFAULT_DEAD_WINDOW, NonFiniteError, Trainer, reconstruction_metrics
 from . import checkpoints, rundir
@@ -123,7 +123,7 @@ def _set_up(cfg: TrainConfig, resumed: dict[str, Any] | None) -> Run:
     sae = _build_sae(cfg, source, {**origin, "run_id": identity.run_id}, norm_scale, dtype, resumed, x0, subspace)
     model = strategy.wrap(sae.to(device))
     dead_window = cfg.dead_window or min(DEFAULT_DEAD_WINDOW, n_batches * cfg.batch_size)
-    trainer = _build_trainer(cfg, model, strategy, dead_window, source.d_model, device)
+    trainer = _build_trainer(cfg, model, strategy, dead_window, source.d_model, device, n_batches * cfg.epochs)
     position = Position()
     if resumed is not None:
         trainer.optimizer.load_state_dict(resumed["optimizer"])
@@ -233,7 +233,8 @@ def _build_sae(
 
 
 def _build_trainer(
-    cfg: TrainConfig, model: TopKSAE, strategy: SingleProcess, dead_window: int, d_model: int, device: torch.device
+    cfg: TrainConfig, model: TopKSAE, strategy: SingleProcess, dead_window: int, d_model: int, device: torch.device,
+    total_steps: int,
 ) -> Trainer:
     lr = cfg.lr if cfg.lr is not None else default_lr(cfg.n_features)
     if cfg.optimizer == "sparse-adam":
@@ -244,8 +245,12 @@ def _build_trainer(
     aux_k = cfg.aux_k if cfg.aux_k is not None else min(d_model // 2, MAX_K)
     tracker = FiringTracker(cfg.n_features, dead_window, device=device)
     k_schedule = linear_k(cfg.k_start, cfg.k, cfg.k_anneal_steps) if cfg.k_start is not None else None
+    lr_schedule = None
+    if cfg.lr_warmup_steps or cfg.lr_decay != "none":
+        lr_schedule = lr_factor(total_steps, warmup_steps=cfg.lr_warmup_steps, decay=cfg.lr_decay,
+                                decay_steps=cfg.lr_decay_steps, final_fraction=cfg.lr_final_fraction)
     return Trainer(model, optimizer, strategy=strategy, tracker=tracker, aux_k=aux_k, aux_coef=cfg.aux_coef,
-                   k_schedule=k_schedule)
+                   k_schedule=k_schedule, lr_schedule=lr_schedule)
 
 
 # ----------------------------------------------------------------------------------------------- loop
@@ -337,7 +342,7 @@ def _finish(run: Run, start_time: float) -> dict[str, Any]:
             **final_metrics, "dead_frac": dead_frac, "dead_window": tracker.window,
             "never_fired_frac": float((tracker.fire_count == 0).float().mean()),
             "tokens": run.position.tokens, "steps": run.position.step, "epochs": cfg.epochs,
-            "n_features": cfg.n_features, "k": cfg.k, "lr": trainer.optimizer.param_groups[0]["lr"],
+            "n_features": cfg.n_features, "k": cfg.k, "lr": trainer.base_lrs[0],
             "aux_k": trainer.aux_k, "norm_scale": run.norm_scale, "init": cfg.init,
             "d_init": final_sae.metadata.get("d_init"), "time_s": time.perf_counter() - start_time,
             "checkpoint": str(final_path), "eval_tokens": eval_x.shape[0], "parallel": run.strategy.name,
