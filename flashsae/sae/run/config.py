@@ -28,6 +28,8 @@ from ...errors import ConfigError
 from ...kernels.registry import backend_names
 from ..hf import DEFAULT_TEXT, EMBEDDED_MODEL, SITES
 from ..hf.texts import STDLIB_TEXT
+from ..architecture import ACTIVATIONS as ACTIVATION_CHOICES
+from ..architecture import DEFAULT_THRESHOLD_LR, Architecture
 from ..schedules import LR_DECAYS
 from ..trainer import DEFAULT_DEAD_WINDOW
 
@@ -37,9 +39,10 @@ DTYPE_CHOICES = ("auto", *DTYPES)
 # The argparse groups of `flashsae train --help`, in the order it lists them.
 ACTIVATIONS = "activations"
 SAE = "SAE and optimization"
+VARIANTS = "SAE variants"
 INIT = "initialization and dead features"
 RUNS = "output and runs"
-GROUPS = (ACTIVATIONS, SAE, INIT, RUNS)
+GROUPS = (ACTIVATIONS, SAE, VARIANTS, INIT, RUNS)
 
 _OPTION = "flashsae.option"  # the dataclass field metadata key of an `Option`
 
@@ -114,6 +117,16 @@ def _fraction(name: str, value: Any, cfg: TrainConfig) -> None:
         raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
 
 
+def _rate(name: str, value: Any, cfg: TrainConfig) -> None:
+    require_number(name, value, 0.0, strict=True)
+    if value > 1:
+        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+
+
+def _width(name: str, value: Any, cfg: TrainConfig) -> None:
+    require_int(name, value, 1, cfg.n_features)
+
+
 def _k(name: str, value: Any, cfg: TrainConfig) -> None:
     require_k(value, cfg.n_features, name=name, features_name=flag("n_features"))
 
@@ -157,6 +170,12 @@ class TrainConfig:
     n_tokens: int | None = option(None, ACTIVATIONS, "tokens to collect", metavar="N", check=_integer(1),
                                   default_text="the whole text")
     seq_len: int = option(128, ACTIVATIONS, "tokens per sequence", check=_integer(1))
+    target_site: str | None = option(None, ACTIVATIONS, "train a transcoder: encode --site, reconstruct this site of "
+                                     "the same --layer (e.g. --site mlp_in --target-site mlp_out: the MLP)",
+                                     choices=SITES, default_text="none (an autoencoder)")
+    target_hook: str | None = option(None, ACTIVATIONS, "train a transcoder whose target is this module path (its "
+                                     "input with the suffix :input), with --hook", metavar="MODULE.PATH",
+                                     default_text="none")
     store: str | None = option(None, ACTIVATIONS, "train on this existing activation store without loading a model",
                                metavar="DIR", default_text="none")
     cache: str | None = option(None, ACTIVATIONS, "activation store to reuse or fill; rejected when it holds another "
@@ -188,6 +207,16 @@ class TrainConfig:
                                  default_text="--k (no annealing)")
     k_anneal_steps: int = option(0, SAE, "steps over which k falls from --k-start to --k", metavar="STEPS",
                                  check=_integer(0))
+    activation: str = option("topk", VARIANTS, "topk: k features per token; batchtopk: the batch's batch-size * k "
+                             "largest pre-activations in training (k per token on average), saved with a JumpReLU "
+                             "threshold that encodes without a batch (Bussmann et al. 2024)", choices=ACTIVATION_CHOICES)
+    threshold_lr: float = option(DEFAULT_THRESHOLD_LR, VARIANTS, "batchtopk: the rate of the threshold's moving "
+                                 "average of each batch's smallest selected activation", check=_rate)
+    matryoshka: list[int] | None = option(None, VARIANTS, "nested dictionaries: the reconstructions from the first "
+                                          "M_1 < M_2 < ... features each add their loss; --n-features is the last "
+                                          "level", metavar="M", check=_width, default_text="none")
+    skip_connection: bool = option(False, VARIANTS, "a transcoder also learns a linear skip map of its input "
+                                   "(a skip transcoder)")
     init: str = option("random", INIT, "asi is Active Subspace Initialization: the decoder starts in the top "
                        "--d-init singular directions of the run's activations", choices=("random", "asi"))
     init_scale: str = option("unit", INIT, "unit: encoder rows start equal to the unit-norm decoder rows; calibrate: "
@@ -233,6 +262,30 @@ class TrainConfig:
             _check_value(f, getattr(self, f.name), self)
         if self.k_start is not None and self.k_start < self.k:
             raise ConfigError(f"{flag('k_start')} must be >= {flag('k')}={self.k}, got {self.k_start}")
+        widths = self.matryoshka or []
+        if widths != sorted(set(widths)):
+            raise ConfigError(f"{flag('matryoshka')} widths must rise strictly, got {' '.join(map(str, widths))}")
+        if self.target_hook is not None and self.hook is None:
+            raise ConfigError(f"{flag('target_hook')} needs {flag('hook')} (the transcoder's input); with --site, "
+                              f"give {flag('target_site')}")
+        if self.target_site is not None and self.hook is not None:
+            raise ConfigError(f"{flag('target_site')} goes with --site; with {flag('hook')}, give {flag('target_hook')}")
+        if self.skip_connection and not self.transcodes:
+            raise ConfigError(f"{flag('skip_connection')} is for transcoders: give {flag('target_site')} "
+                              f"(or {flag('target_hook')})")
+
+    @property
+    def transcodes(self) -> bool:
+        """Whether the options ask for a transcoder (a --store may also hold a transcoder's pairs)."""
+        return self.target_site is not None or self.target_hook is not None
+
+    def architecture(self, transcoder: bool, d_out: int | None) -> Architecture:
+        """The SAE variant these options train; ``transcoder`` and ``d_out`` come from the activations."""
+        widths = list(self.matryoshka or [])
+        if widths and widths[-1] != self.n_features:
+            widths.append(self.n_features)
+        return Architecture(activation=self.activation, matryoshka_widths=tuple(widths), transcoder=transcoder,
+                            d_out=d_out, skip_connection=self.skip_connection, threshold_lr=self.threshold_lr)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -247,6 +300,8 @@ def value_type(f: dataclasses.Field) -> tuple[type, bool]:
     """(the type of one value, whether the option takes a list of them), from ``f``'s annotation."""
     hint = _HINTS[f.name]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if len(args) == 1 and typing.get_origin(args[0]) is list:  # an optional list
+        hint, args = args[0], list(typing.get_args(args[0]))
     if typing.get_origin(hint) is list:
         return args[0], True
     return (args[0] if args else hint), False
