@@ -57,8 +57,8 @@ def batch_topk(
     budget = n_tokens * k
     vals, idx = encode(x, W_enc, b_enc, candidates, b_pre)
     flat = vals.reshape(-1)
-    cut = flat.topk(min(budget, flat.numel())).values[-1] if flat.numel() else flat.new_zeros(())
-    cut = torch.clamp_min(cut, 0)  # only positive entries are ever chosen
+    # With fewer candidates than the budget (K < k) only 0 bounds the cut; only positives are ever chosen.
+    cut = torch.clamp_min(flat.topk(budget).values[-1], 0) if flat.numel() >= budget else flat.new_zeros(())
     pool = _pool(x, W_enc, b_enc, b_pre, vals, idx, cut, inclusive=True)
     rows, cols, values = pool
     keep = _top_positive(rows, cols, values, budget, n_features)

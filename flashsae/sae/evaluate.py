@@ -170,7 +170,7 @@ def _evaluate(
         if out.dim() != 3 or tuple(out.shape[:2]) != tuple(where["mask"].shape):
             raise ValueError(f"the hooked module returned {tuple(out.shape)}; expected [batch, seq, d]")
         if out.shape[-1] != width:
-            raise ValueError(f"the SAE has {what}={width} but the hooked module's activation has d={out.shape[-1]}")
+            raise ValueError(f"the SAE has {what}={width} but the hooked module outputs d={out.shape[-1]}")
 
     def remember_source(activation: Tensor) -> None:
         check(activation, sae.d_model, "d_model")
