@@ -270,7 +270,7 @@ class TrainConfig:
                               f"give {flag('target_site')}")
         if self.target_site is not None and self.hook is not None:
             raise ConfigError(f"{flag('target_site')} goes with --site; with {flag('hook')}, give {flag('target_hook')}")
-        if self.skip_connection and not self.transcodes:
+        if self.skip_connection and not self.transcodes and self.store is None:  # a --store tells for itself
             raise ConfigError(f"{flag('skip_connection')} is for transcoders: give {flag('target_site')} "
                               f"(or {flag('target_hook')})")
 
