@@ -305,11 +305,10 @@ def batch_topk_encode(
     require_k(k, W_enc.shape[0])
     candidates = candidate_count(k, W_enc.shape[0], MAX_K)
 
-    def select(encode, *args):
-        return batch_topk(encode, *args[:3], k, args[3], candidates=candidates)
+    def select(encode, x, W, b, pre):
+        return batch_topk(encode, x, W, b, k, pre, candidates=candidates)
 
-    return BatchEncode.apply(x.contiguous(), W_enc.contiguous(), b_enc.contiguous(), b_pre, select,
-                             get_backend(backend, x.device), sparse_grad, None, grouping)
+    return _batch_encode(x, W_enc, b_enc, b_pre, select, backend, sparse_grad, grouping)
 
 
 def threshold_encode(
@@ -337,9 +336,14 @@ def threshold_encode(
     require_int("k_hint", k_hint)
     candidates = candidate_count(min(k_hint, W_enc.shape[0]), W_enc.shape[0], MAX_K)
 
-    def select(encode, *args):
-        return above_threshold(encode, *args[:3], value, args[3], candidates=candidates)
+    def select(encode, x, W, b, pre):
+        return above_threshold(encode, x, W, b, value, pre, candidates=candidates)
 
+    return _batch_encode(x, W_enc, b_enc, b_pre, select, backend, sparse_grad, grouping)
+
+
+def _batch_encode(x, W_enc, b_enc, b_pre, select, backend: str, sparse_grad: bool, grouping):
+    """`BatchEncode` of checked inputs (contiguous) with ``select`` on the ``backend`` of x's device."""
     return BatchEncode.apply(x.contiguous(), W_enc.contiguous(), b_enc.contiguous(), b_pre, select,
                              get_backend(backend, x.device), sparse_grad, None, grouping)
 

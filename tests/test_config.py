@@ -23,6 +23,7 @@ BAD_VALUES = {
     "log_every": ["0"], "checkpoint_every": ["-1"], "log": ["jsonl", "csv"], "parallel": ["pipeline"],
     "k_start": ["600"], "k_anneal_steps": ["-1"], "init_scale": ["huge"],
     "lr_warmup_steps": ["-1"], "lr_decay": ["step"], "lr_decay_steps": ["0"], "lr_final_fraction": ["1.5"],
+    "target_site": ["mlp_hidden"], "activation": ["jumprelu"], "threshold_lr": ["1.5"], "matryoshka": ["0"],
     "overwrite": ["--resume", "runs/elsewhere"],
 }
 
@@ -36,6 +37,8 @@ CHANGED = {
     "resume": "runs/demo", "log": ["jsonl", "wandb"], "parallel": "data", "progress": False,
     "k_start": 64, "k_anneal_steps": 100, "init_scale": "calibrate", "track_subspace": True, "overwrite": True,
     "lr_warmup_steps": 100, "lr_decay": "cosine", "lr_decay_steps": 500, "lr_final_fraction": 0.0,
+    "target_site": "mlp_out", "target_hook": "h.1.mlp", "activation": "batchtopk", "threshold_lr": 0.1,
+    "matryoshka": [256, 1024], "skip_connection": True,
 }
 
 

@@ -110,15 +110,11 @@ def test_trainer_scales_each_groups_rate_from_the_rate_it_was_built_with():
 @pytest.mark.usefixtures("one_thread")
 def test_a_run_with_warmup_and_cosine_decay_logs_its_rates_and_resumes_to_identical_weights(tmp_path):
     import json
-    import shutil
 
-    from safetensors.torch import load_file
-
-    from flashsae.sae.cli import main
-    from flashsae.sae.run import checkpoints
     from flashsae.sae.run.config import TrainConfig
     from flashsae.sae.run.driver import train
     from flashsae.sae.schedules import lr_factor
+    from tests.resumed_runs import resume_from_older_checkpoint
     from tests.synthetic import synthetic_activations, write_store
 
     store = write_store(tmp_path / "store", synthetic_activations(1200, 16, rank=6, seed=3), layer=0,
@@ -135,14 +131,7 @@ def test_a_run_with_warmup_and_cosine_decay_logs_its_rates_and_resumes_to_identi
     run_json = json.loads((full / "run.json").read_text())
     assert run_json["config"]["lr_decay"] == "cosine" and run_json["config"]["lr_warmup_steps"] == 5
 
-    cut = tmp_path / "cut"  # as if the run had died after its step-16 checkpoint, inside the decay
-    shutil.copytree(full, cut)
-    shutil.rmtree(cut / "final")
-    kept = checkpoints.list_checkpoints(cut / checkpoints.CHECKPOINTS_DIR)
-    assert [path.name for path in kept] == [checkpoints.checkpoint_name(24), checkpoints.checkpoint_name(16)]
-    shutil.rmtree(kept[0])
-    assert main(["train", "--resume", str(cut), "--no-progress"]) == 0
-    a, b = load_file(str(full / "final" / "model.safetensors")), load_file(str(cut / "final" / "model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+    cut = tmp_path / "cut"  # resumed from step 16, inside the decay
+    resume_from_older_checkpoint(full, cut, (24, 16))
     resumed = [json.loads(line)["lr"] for line in (cut / "metrics.jsonl").read_text().splitlines()]
     assert resumed == logged

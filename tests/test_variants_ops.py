@@ -8,27 +8,9 @@ import torch
 from flashsae import ops
 from flashsae.kernels import batch_select, reference
 from flashsae.rowgrad import RowGrad
+from tests.test_ops import DTYPES, TOL, dense_pre, make_encoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
-
-
-def make_encoder(B, d, F, dtype, seed, with_b_pre=True):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, d, generator=g)
-    W = torch.randn(F, d, generator=g) / d**0.5
-    b = 0.1 * torch.randn(F, generator=g)
-    b_pre = 0.1 * torch.randn(d, generator=g) if with_b_pre else None
-    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
-    return cast(x), cast(W), cast(b), cast(b_pre)
-
-
-def dense_pre(x, W, b, b_pre):
-    """float64 relu((x - b_pre) @ W.T + b) from the given (possibly low-precision) inputs."""
-    xc = x.double() - (0 if b_pre is None else b_pre.double())
-    return torch.relu(xc @ W.double().T + b.double())
 
 
 def batch_topk_reference(pre: torch.Tensor, k: int) -> torch.Tensor:

@@ -170,11 +170,11 @@ class TrainConfig:
     n_tokens: int | None = option(None, ACTIVATIONS, "tokens to collect", metavar="N", check=_integer(1),
                                   default_text="the whole text")
     seq_len: int = option(128, ACTIVATIONS, "tokens per sequence", check=_integer(1))
-    target_site: str | None = option(None, ACTIVATIONS, "train a transcoder: encode --site, reconstruct this site of "
-                                     "the same --layer (e.g. --site mlp_in --target-site mlp_out: the MLP)",
+    target_site: str | None = option(None, ACTIVATIONS, "train a transcoder: encode --site (or --hook), reconstruct "
+                                     "this site of --layer (e.g. --site mlp_in --target-site mlp_out: the MLP)",
                                      choices=SITES, default_text="none (an autoencoder)")
-    target_hook: str | None = option(None, ACTIVATIONS, "train a transcoder whose target is this module path (its "
-                                     "input with the suffix :input), with --hook", metavar="MODULE.PATH",
+    target_hook: str | None = option(None, ACTIVATIONS, "train a transcoder whose target is this module path's output "
+                                     "(its input with the suffix :input)", metavar="MODULE.PATH",
                                      default_text="none")
     store: str | None = option(None, ACTIVATIONS, "train on this existing activation store without loading a model",
                                metavar="DIR", default_text="none")
@@ -265,14 +265,9 @@ class TrainConfig:
         widths = self.matryoshka or []
         if widths != sorted(set(widths)):
             raise ConfigError(f"{flag('matryoshka')} widths must rise strictly, got {' '.join(map(str, widths))}")
-        if self.target_hook is not None and self.hook is None:
-            raise ConfigError(f"{flag('target_hook')} needs {flag('hook')} (the transcoder's input); with --site, "
-                              f"give {flag('target_site')}")
-        if self.target_site is not None and self.hook is not None:
-            raise ConfigError(f"{flag('target_site')} goes with --site; with {flag('hook')}, give {flag('target_hook')}")
-        if self.skip_connection and not self.transcodes and self.store is None:  # a --store tells for itself
-            raise ConfigError(f"{flag('skip_connection')} is for transcoders: give {flag('target_site')} "
-                              f"(or {flag('target_hook')})")
+        if self.target_site is not None and self.target_hook is not None:
+            raise ConfigError(f"{flag('target_site')} and {flag('target_hook')} both name the transcoder's target: "
+                              "give one of them")
 
     @property
     def transcodes(self) -> bool:

@@ -161,7 +161,8 @@ def _check_variant(cfg: TrainConfig, source: ActivationStore, strategy: SinglePr
         raise ConfigError("--init asi ties the encoder to the decoder in one space; a transcoder's encoder reads "
                           "another site: use --init random")
     if cfg.skip_connection and not source.target_width:
-        raise ConfigError(f"--skip-connection is for transcoders; --store {cfg.store} holds no targets")
+        raise ConfigError("--skip-connection is for transcoders: these activations hold no targets (give "
+                          "--target-site or --target-hook, or a paired --store)")
     if cfg.activation == "batchtopk" and strategy.name != "none":
         raise ConfigError(f"--activation batchtopk selects across the whole batch and trains in one process; "
                           f"got --parallel {strategy.name}")
