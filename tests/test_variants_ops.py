@@ -240,3 +240,14 @@ def test_bad_arguments_name_the_argument(call, message):
     x, W, b, _ = make_encoder(2, 4, 10, torch.float32, seed=0)
     with pytest.raises((TypeError, ValueError), match=message):
         call(x, W, b)
+
+
+def test_the_triton_backend_selects_across_the_batch_as_the_torch_backend():
+    """The batch selections take the backend's own per-row encoder: the Triton one (interpreted here)
+    chooses the same entries."""
+    x, W, b, b_pre = make_encoder(12, 32, 300, torch.float32, seed=11)
+    for select in (lambda backend: ops.batch_topk_encode(x, W, b, 3, b_pre=b_pre, backend=backend),
+                   lambda backend: ops.threshold_encode(x, W, b, 0.5, b_pre=b_pre, k_hint=2, backend=backend)):
+        (tv, ti), (rv, ri) = select("triton"), select("torch")
+        assert torch.equal(ti, ri)
+        torch.testing.assert_close(tv, rv, atol=1e-5, rtol=1e-5)
