@@ -12,7 +12,7 @@ TORCH_STAMP := $(VENV)/.flashsae-torch
 DEMO_STAMP := $(VENV)/.flashsae-demo
 DEV_STAMP := $(VENV)/.flashsae-dev
 
-.PHONY: setup test demo bench bench-gpu clean
+.PHONY: setup test demo bench bench-gpu conformance clean
 
 setup: $(DEV_STAMP)
 
@@ -55,6 +55,13 @@ bench-gpu: $(DEV_STAMP)
 	+ str(torch.version.cuda) + '). Run it on a GPU machine with a CUDA torch (make bench-gpu TORCH=torch), or run make bench.')"
 	$(BENCH_PYTEST) --bench-device cuda --bench-grid $(BENCH_GRID); status=$$?; \
 	$(PY) -m benchmarks.report "$$($(PY) -m benchmarks.machine cuda)/results.json" && exit $$status
+
+# The peers' own test suites (fetched at run time), unpatched and with flashsae patched in
+# (benchmarks/README.md); results in benchmarks/results/conformance/. Not part of `make test`.
+CONFORMANCE_ARGS ?=
+
+conformance: $(STAMP)
+	$(PY) -m benchmarks.conformance $(CONFORMANCE_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

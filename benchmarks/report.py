@@ -106,13 +106,15 @@ def shape_table(doc: dict[str, Any], shape: dict[str, Any]) -> list[str]:
 
 
 def encoder_table(doc: dict[str, Any], shape: dict[str, Any]) -> list[str]:
-    """Markdown lines comparing the encoders alone: the matmul floor, matmul + torch.topk, flashsae."""
+    """Markdown lines comparing the encoders alone: the matmul floor, matmul + torch.topk, flashsae
+    (and, on CUDA, the opt-in fused encoder)."""
     idx, sid = index(doc), shape["id"]
     floor_ms = _median(idx.get((sid, "floor", "matmul")))
     flop = 2 * shape["B"] * shape["d"] * shape["F"]
     rows = [("dense matmul (floor)", idx.get((sid, "floor", "matmul"))),
             ("matmul + torch.topk", idx.get((sid, TORCH, "encode"))),
-            ("flashsae topk_encode", idx.get((sid, FLASHSAE, "encode")))]
+            ("flashsae topk_encode", idx.get((sid, FLASHSAE, "encode"))),
+            ("flashsae topk_encode, triton-fused", idx.get((sid, FLASHSAE, "encode-fused")))]
     lines = ["Encoder alone:", "", "| encoder | ms median (min–max) | × floor | TFLOP/s | peak extra memory |",
              "|---|---|---|---|---|"]
     for label, rec in rows:

@@ -228,10 +228,12 @@ def sparsify(shape: Shape, device: str) -> System:
 
 def flashsae(shape: Shape, device: str) -> System:
     """flashsae.TopKSAE(sparse_grad=True) + flashsae.optim.SparseAdam(unit_norm=[W_dec]), backend
-    "auto"; ops ``encode`` (ops.topk_encode), ``decode`` (ops.sparse_decode), ``backward``,
-    ``optimizer`` (SparseAdam.step) and the full ``step``: `flashsae.sae.trainer.Trainer.step`, the
-    step `flashsae train` runs (AuxK off: no feature is dead in a benchmark)."""
-    from flashsae import TopKSAE
+    "auto"; ops ``encode`` (ops.topk_encode, without the host-side NaN check the training step skips
+    too), ``decode`` (ops.sparse_decode), ``backward``, ``optimizer`` (SparseAdam.step) and the full
+    ``step``: `flashsae.sae.trainer.Trainer.step`, the step `flashsae train` runs (AuxK off: no
+    feature is dead in a benchmark). On CUDA also ``encode-fused``: the opt-in fused encoder
+    ("triton-fused") on the same inputs, so one run compares the two Triton encoders."""
+    from flashsae import TopKSAE, ops
     from flashsae.kernels.registry import resolve_backend
     from flashsae.optim import SparseAdam
     from flashsae.sae.trainer import Trainer
@@ -244,12 +246,15 @@ def flashsae(shape: Shape, device: str) -> System:
     item, moment_item = torch.finfo(dtype).bits // 8, torch.finfo(_moment_dtype(shape)).bits // 8
     master = dtype == torch.bfloat16
 
+    def encode(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return sae.encode(x, check_finite=False)
+
     def loss_of(x: torch.Tensor) -> torch.Tensor:
-        vals, idx = sae.encode(x)
+        vals, idx = encode(x)
         return _mse(sae.decode(vals, idx), x)
 
     with torch.no_grad():
-        codes = Rotation([tuple(t.detach() for t in sae.encode(x)) for x in xs.items[:4]])
+        codes = Rotation([tuple(t.detach() for t in encode(x)) for x in xs.items[:4]])
 
     def after_backward() -> tuple:
         opt.zero_grad(set_to_none=True)
@@ -260,7 +265,7 @@ def flashsae(shape: Shape, device: str) -> System:
 
     B, k, d = shape.B, shape.k, shape.d
     ops_ = {
-        "encode": Op(sae.encode, lambda: (xs(),)),
+        "encode": Op(encode, lambda: (xs(),)),
         "decode": Op(sae.decode, codes, bytes_moved=traffic.decode_bytes(B, k, d, item)),
         "backward": Op(lambda loss: loss.backward(), lambda: (opt.zero_grad(set_to_none=True), (loss_of(xs()),))[1],
                        bytes_moved=traffic.backward_bytes(B, k, d, touched, item)),
@@ -271,12 +276,25 @@ def flashsae(shape: Shape, device: str) -> System:
     notes = (f"backend={resolve_backend(sae.backend, torch.device(device))}; {touched} distinct features fire per "
              f"step (mean over 4 batches); master weights={'bf16 + int16 low bits' if master else 'none needed'}")
     if device == "cuda":
-        from flashsae.kernels.fused_encode import encode_plan
-
-        plan = encode_plan(shape.B, shape.F, shape.d, shape.k, dtype=dtype)
-        notes += (f"; fused encoder plan: {plan['n_ranges']} feature ranges, {plan['candidates_per_row']} "
-                  f"candidates per row ({plan['candidates_bytes'] / 2**20:.1f} MiB)")
+        ops_["encode-fused"] = Op(
+            lambda x: ops.topk_encode(x, sae.W_enc, sae.b_enc, shape.k, b_pre=sae.b_dec, backend="triton-fused",
+                                      check_finite=False),
+            lambda: (xs(),))
+        notes += "; " + encoder_plans(shape)
     return System(ops_, [sae, opt], notes=notes)
+
+
+def encoder_plans(shape: Shape) -> str:
+    """The two Triton encoders' plans at ``shape``, for the notes of a CUDA run."""
+    from flashsae.kernels.chunked_encode import select_plan
+    from flashsae.kernels.fused_encode import encode_plan
+
+    chunked = select_plan(shape.B, shape.F, shape.k)
+    fused = encode_plan(shape.B, shape.F, shape.d, shape.k, dtype=shape.torch_dtype)
+    return (f"chunked encoder: {chunked.chunk} features per GEMM ({4 * shape.B * chunked.chunk / 2**20:.0f} MiB fp32 "
+            f"buffer), {chunked.n_slices} slices, lists of {chunked.capacity} keys "
+            f"({chunked.list_bytes(shape.B) / 2**20:.1f} MiB); fused encoder: {fused['n_ranges']} feature ranges, "
+            f"{fused['programs']} programs in {fused['waves']} waves, lists {fused['list_bytes'] / 2**20:.1f} MiB")
 
 
 @torch.no_grad()

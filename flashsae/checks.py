@@ -13,8 +13,8 @@ import torch
 
 # The floating dtypes flashsae stores parameters and activations in, by the names configs use.
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Largest k the kernels select per row.
-MAX_K = 512
+# The floating dtypes the ops take: DTYPES, and float64 (on the torch backend).
+OP_DTYPES: tuple[torch.dtype, ...] = (*DTYPES.values(), torch.float64)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -41,11 +41,11 @@ def require_int(name: str, value: Any, low: int = 1, high: int | None = None) ->
 
 
 def require_k(k: Any, n_features: int, *, name: str = "k", features_name: str = "n_features") -> int:
-    """``k`` if it is an int in [1, min(n_features, MAX_K)]; TypeError / ValueError naming ``name`` otherwise."""
+    """``k`` if it is an int in [1, n_features]; TypeError / ValueError naming ``name`` otherwise."""
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"{name} must be an int, got {type(k).__name__}")
-    if not 1 <= k <= min(n_features, MAX_K):
-        raise ValueError(f"{name} must be in [1, min({features_name}={n_features}, {MAX_K})], got {name}={k}")
+    if not 1 <= k <= n_features:
+        raise ValueError(f"{name} must be in [1, {features_name}={n_features}], got {name}={k}")
     return k
 
 
@@ -109,13 +109,16 @@ def require_dtype(name: str, dtype: Any, allowed: tuple[torch.dtype, ...] | list
     return dtype
 
 
-def require_float_tensor(name: str, t: Any, dims: int) -> torch.Tensor:
-    """``t`` if it is a ``dims``-D tensor of a `DTYPES` dtype; TypeError / ValueError naming ``name`` otherwise."""
+def require_float_tensor(
+    name: str, t: Any, dims: int, dtypes: tuple[torch.dtype, ...] | None = None
+) -> torch.Tensor:
+    """``t`` if it is a ``dims``-D tensor of one of ``dtypes`` (default: the `DTYPES` dtypes);
+    TypeError / ValueError naming ``name`` otherwise."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != dims:
         raise ValueError(f"{name} must be {dims}-D, got shape {tuple(t.shape)}")
-    require_dtype(name, t.dtype, tuple(DTYPES.values()))
+    require_dtype(name, t.dtype, dtypes or tuple(DTYPES.values()))
     return t
 
 

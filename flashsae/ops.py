@@ -3,28 +3,45 @@
 Each op is one autograd Function whose forward and backward call only the primitives of a
 `flashsae.kernels.registry.Backend` (``topk_encode``, ``gather_rows``, ``row_dots``,
 ``segment_rows``), so every backend computes the same sparse gradients. ``backend`` picks the
-primitives by name (`BACKENDS`): ``"triton"`` (GPU kernels; on CPU tensors only under
-``TRITON_INTERPRET=1``), ``"torch"`` (runs anywhere) or ``"auto"`` (Triton on CUDA tensors, torch
-elsewhere).
+primitives by name (`BACKENDS`): ``"triton"`` (the chunked encoder and the Triton row kernels; on
+CPU tensors only under ``TRITON_INTERPRET=1``), ``"triton-fused"`` (the fused encoder, opt-in),
+``"torch"`` (runs anywhere) or ``"auto"`` ("triton" on CUDA tensors, torch elsewhere).
 
 With ``sparse_grad=True`` the gradients of ``W_enc``, ``W_dec`` and ``b_enc`` are `RowGrad`s:
 float32 values of only the rows of features that fired, in sizes fixed by the batch (no host
 sync), which `flashsae.optim.SparseAdam` reads as they are (other optimizers see them as dense
 tensors); with ``sparse_grad=False`` they are dense tensors of the parameters' dtype. Both
 backward passes of one selection share one grouping of its fired pairs (`SharedGrouping`).
+
+Dtypes: one float dtype per call, the inputs' own; math accumulates in fp32 (float64 for float64
+inputs, which only the torch backend takes; their `RowGrad` values are float64 too). Under
+``torch.autocast`` the ops run with autocast disabled, in their inputs' dtypes, so they select the
+same features as outside it; cast the inputs yourself (e.g. to bf16) to get bf16 tensor cores.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-from .checks import MAX_K, require_float_tensor, require_int, require_k, require_like, require_number, require_shape
+from .checks import (
+    OP_DTYPES, dtype_name, require_float_tensor, require_int, require_k, require_like, require_number, require_shape,
+)
 from .kernels.batch_select import above_threshold, batch_topk, candidate_count
 from .kernels.pairs import PairGroups, group_pairs
+from .kernels.reference import math_dtype
 from .kernels.registry import Backend, backend_names, get_backend
 from .rowgrad import RowGrad
 
 # The names a ``backend`` argument accepts.
 BACKENDS = backend_names()
+
+
+def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """A context that disables autocast for ``device``'s type (a no-op where autocast does not exist)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class SharedGrouping:
@@ -91,7 +108,8 @@ class TopKEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_pre, k: int, backend: Backend, sparse_grad: bool, mask, grouping):
         bias = b_enc if mask is None else b_enc.masked_fill(~mask, float("-inf"))
-        vals, idx = backend.topk_encode(x, W_enc, bias, k, b_pre)
+        with _autocast_off(x.device):
+            vals, idx = backend.topk_encode(x, W_enc, bias, k, b_pre)
         ctx.mark_non_differentiable(idx)
         ctx.save_for_backward(x, W_enc, b_pre, vals, idx)
         grouping = grouping if grouping is not None else SharedGrouping()
@@ -101,9 +119,14 @@ class TopKEncode(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_vals, _grad_idx):
+        with _autocast_off(grad_vals.device):
+            return TopKEncode._backward(ctx, grad_vals)
+
+    @staticmethod
+    def _backward(ctx, grad_vals):
         x, W_enc, b_pre, vals, idx = ctx.saved_tensors
         backend, need = ctx.backend, ctx.needs_input_grad
-        grad_pre = torch.where(vals > 0, grad_vals.to(torch.float32), 0.0).contiguous()
+        grad_pre = torch.where(vals > 0, grad_vals.to(math_dtype(x)), 0.0).contiguous()
         grad_x = grad_W = grad_b = grad_b_pre = None
         if need[0] or need[3]:
             grad_x = backend.gather_rows(grad_pre, idx, W_enc)
@@ -123,7 +146,8 @@ class BatchEncode(TopKEncode):
 
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_pre, select, backend: Backend, sparse_grad: bool, mask, grouping):
-        vals, idx = select(backend.topk_encode, x, W_enc, b_enc, b_pre)
+        with _autocast_off(x.device):
+            vals, idx = select(backend.topk_encode, x, W_enc, b_enc, b_pre)
         ctx.mark_non_differentiable(idx)
         ctx.save_for_backward(x, W_enc, b_pre, vals, idx)
         grouping = grouping if grouping is not None else SharedGrouping()
@@ -144,7 +168,8 @@ class SparseDecode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, vals, idx, W_dec, b_dec, backend: Backend, sparse_grad: bool, grouping):
         out = torch.empty(idx.shape[0], W_dec.shape[1], dtype=W_dec.dtype, device=W_dec.device)
-        x_hat = backend.gather_rows(vals, idx, W_dec, b_dec, out=out)
+        with _autocast_off(W_dec.device):
+            x_hat = backend.gather_rows(vals, idx, W_dec, b_dec, out=out)
         ctx.save_for_backward(vals, idx, W_dec)
         if grouping is None:
             grouping = SharedGrouping()
@@ -154,6 +179,11 @@ class SparseDecode(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        with _autocast_off(grad_out.device):
+            return SparseDecode._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         vals, idx, W_dec = ctx.saved_tensors
         backend, need = ctx.backend, ctx.needs_input_grad
         grad_out = grad_out.contiguous()
@@ -163,7 +193,7 @@ class SparseDecode(torch.autograd.Function):
             groups = ctx.grouping.groups()
             grad_rows, _ = backend.segment_rows(vals, groups, grad_out)
             grad_W = _row_gradient(W_dec, groups, grad_rows, ctx.sparse_grad)
-        grad_b = grad_out.sum(0, dtype=torch.float32).to(W_dec.dtype) if need[3] else None
+        grad_b = grad_out.sum(0, dtype=math_dtype(W_dec)).to(W_dec.dtype) if need[3] else None
         return grad_vals, None, grad_W, grad_b, None, None, None
 
 
@@ -182,10 +212,11 @@ class NestedDecode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, vals, idx, level, n_levels: int, W_dec, b_dec, backend: Backend, sparse_grad: bool, grouping):
         out = torch.empty(n_levels, idx.shape[0], W_dec.shape[1], dtype=W_dec.dtype, device=W_dec.device)
-        acc = b_dec.to(torch.float32).expand(idx.shape[0], -1)
-        for g in range(n_levels):
-            acc = acc + backend.gather_rows(torch.where(level == g, vals, 0).contiguous(), idx, W_dec)
-            out[g] = acc
+        acc = b_dec.to(math_dtype(W_dec)).expand(idx.shape[0], -1)
+        with _autocast_off(W_dec.device):
+            for g in range(n_levels):
+                acc = acc + backend.gather_rows(torch.where(level == g, vals, 0).contiguous(), idx, W_dec)
+                out[g] = acc
         ctx.save_for_backward(vals, idx, level, W_dec)
         if grouping is None:
             grouping = SharedGrouping()
@@ -195,10 +226,16 @@ class NestedDecode(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        with _autocast_off(grad_out.device):
+            return NestedDecode._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         vals, idx, level, W_dec = ctx.saved_tensors
         backend, need = ctx.backend, ctx.needs_input_grad
-        ghat = grad_out.to(torch.float32).flip(0).cumsum(0).flip(0)  # [G, B, d]: sum over the levels >= g
-        grad_vals = torch.zeros(vals.shape, dtype=torch.float32, device=vals.device) if need[0] else None
+        math = math_dtype(W_dec)
+        ghat = grad_out.to(math).flip(0).cumsum(0).flip(0)  # [G, B, d]: sum over the levels >= g
+        grad_vals = torch.zeros(vals.shape, dtype=math, device=vals.device) if need[0] else None
         grad_rows = None
         groups = ctx.grouping.groups() if need[4] else None
         for g in range(ctx.n_levels):
@@ -210,7 +247,7 @@ class NestedDecode(torch.autograd.Function):
                 rows_g, _ = backend.segment_rows(torch.where(mine, vals, 0).contiguous(), groups, ghat_g)
                 grad_rows = rows_g if grad_rows is None else grad_rows + rows_g
         grad_W = _row_gradient(W_dec, groups, grad_rows, ctx.sparse_grad) if need[4] else None
-        grad_b = grad_out.sum((0, 1), dtype=torch.float32).to(W_dec.dtype) if need[5] else None
+        grad_b = grad_out.sum((0, 1), dtype=math).to(W_dec.dtype) if need[5] else None
         return (grad_vals.to(vals.dtype) if need[0] else None, None, None, None, grad_W, grad_b, None, None, None)
 
 
@@ -225,17 +262,17 @@ def _check_encoder(
 ) -> torch.Tensor | None:
     """Check an encoder's inputs (x [B, d], W_enc [F, d], b_enc [F], b_pre [d] or None: one float dtype and
     device); returns b_pre contiguous."""
-    require_float_tensor("x", x, 2)
-    require_float_tensor("W_enc", W_enc, 2)
+    require_float_tensor("x", x, 2, OP_DTYPES)
+    require_float_tensor("W_enc", W_enc, 2, OP_DTYPES)
     require_like("W_enc", W_enc, "x", x)
     n_features, d = W_enc.shape
     if x.shape[1] != d:
         raise ValueError(f"x has {x.shape[1]} columns but W_enc [F, d] has d={d}")
-    require_float_tensor("b_enc", b_enc, 1)
+    require_float_tensor("b_enc", b_enc, 1, OP_DTYPES)
     require_like("b_enc", b_enc, "x", x)
     require_shape("b_enc", b_enc, (n_features,))
     if b_pre is not None:
-        require_float_tensor("b_pre", b_pre, 1)
+        require_float_tensor("b_pre", b_pre, 1, OP_DTYPES)
         require_like("b_pre", b_pre, "x", x)
         require_shape("b_pre", b_pre, (d,))
         b_pre = b_pre.contiguous()
@@ -253,18 +290,25 @@ def topk_encode(
     sparse_grad: bool = False,
     mask: torch.Tensor | None = None,
     grouping: SharedGrouping | None = None,
+    check_finite: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of ``relu((x - b_pre) @ W_enc.T + b_enc)`` per row, never forming the [B, F] matrix.
 
-    x: [B, d], W_enc: [F, d], b_enc: [F], b_pre: [d] or None; one dtype of fp32 | bf16 | fp16,
-    one device; accumulation is fp32. Returns vals [B, k] in x's dtype, sorted descending, and
-    idx [B, k] int64 (ties to the lower feature index; rows with fewer than k positive values are
-    filled with zeros at the lowest unchosen indices). Differentiable w.r.t. x, W_enc, b_enc, b_pre.
+    x: [B, d] (B may be 0), W_enc: [F, d], b_enc: [F], b_pre: [d] or None; one dtype of fp32 |
+    bf16 | fp16 (or float64 on the torch backend), one device; accumulation is fp32 (float64 for
+    float64). 1 <= k <= F. Returns vals [B, k] in x's dtype, sorted descending, and idx [B, k]
+    int64 (ties to the lower feature index; rows with fewer than k positive values are filled
+    with zeros at the lowest unchosen indices). Differentiable w.r.t. x, W_enc, b_enc, b_pre.
     Non-contiguous inputs are copied to contiguous ones.
 
     ``mask`` (bool [F]): select only among the features where it is True (the others count as
     -inf before the ReLU, so they can fill a row's zero slots but never fire; AuxK's dead features).
     ``grouping``: a `SharedGrouping` to bind to this selection and share with its `sparse_decode`.
+
+    NaN policy: inside every backend a NaN pre-activation counts as -inf (a zero after the ReLU,
+    never a firing feature). ``check_finite`` (default True) first checks x for NaN / Inf and
+    raises a ValueError naming the first bad row; that check reads x on the host (a device sync
+    on a GPU), so callers with a deferred check of their own pass ``check_finite=False``.
     """
     b_pre = _check_encoder(x, W_enc, b_enc, b_pre)
     n_features = W_enc.shape[0]
@@ -275,6 +319,9 @@ def topk_encode(
         require_shape("mask", mask, (n_features,))
         require_like("mask", mask, "x", x, dtype=False)
     kernels = get_backend(backend, x.device)
+    _require_backend_dtype("x", x, kernels)
+    if check_finite:
+        require_finite_rows("x", x)
     return TopKEncode.apply(
         x.contiguous(), W_enc.contiguous(), b_enc.contiguous(), b_pre, k, kernels, sparse_grad, mask, grouping
     )
@@ -290,6 +337,7 @@ def batch_topk_encode(
     backend: str = "auto",
     sparse_grad: bool = False,
     grouping: SharedGrouping | None = None,
+    check_finite: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """BatchTopK: the B * k largest entries of ``relu((x - b_pre) @ W_enc.T + b_enc)`` over the whole batch,
     never forming the [B, F] matrix (`flashsae.kernels.batch_select.batch_topk`).
@@ -299,16 +347,16 @@ def batch_topk_encode(
     Returns zero-padded rows: vals [B, k_max] in x's dtype (each row descending) and idx [B, k_max]
     int64, k_max the largest row's count this batch (rows short of it end in zeros at their lowest
     unchosen features). Differentiable as `topk_encode` (the chosen entries' gradients only); reads
-    the device for its data-dependent sizes.
+    the device for its data-dependent sizes. NaN policy and ``check_finite`` as `topk_encode`.
     """
     b_pre = _check_encoder(x, W_enc, b_enc, b_pre)
     require_k(k, W_enc.shape[0])
-    candidates = candidate_count(k, W_enc.shape[0], MAX_K)
+    candidates = candidate_count(k, W_enc.shape[0])
 
     def select(encode, x, W, b, pre):
         return batch_topk(encode, x, W, b, k, pre, candidates=candidates)
 
-    return _batch_encode(x, W_enc, b_enc, b_pre, select, backend, sparse_grad, grouping)
+    return _batch_encode(x, W_enc, b_enc, b_pre, select, backend, sparse_grad, grouping, check_finite)
 
 
 def threshold_encode(
@@ -322,30 +370,54 @@ def threshold_encode(
     backend: str = "auto",
     sparse_grad: bool = False,
     grouping: SharedGrouping | None = None,
+    check_finite: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """JumpReLU: every entry of ``(x - b_pre) @ W_enc.T + b_enc`` strictly above ``threshold`` (a number
     >= 0, or a 0-d tensor), never forming the [B, F] matrix (`flashsae.kernels.batch_select.above_threshold`).
 
     Inputs as `topk_encode`; ``k_hint``: about how many fire per row (the per-row candidates are a few
     times it; any value is exact, a close one is fastest). Returns zero-padded rows as
-    `batch_topk_encode`. Differentiable as `topk_encode`.
+    `batch_topk_encode`. Differentiable as `topk_encode`; NaN policy and ``check_finite`` as `topk_encode`.
     """
     b_pre = _check_encoder(x, W_enc, b_enc, b_pre)
     value = float(threshold)
     require_number("threshold", value, 0.0)
     require_int("k_hint", k_hint)
-    candidates = candidate_count(min(k_hint, W_enc.shape[0]), W_enc.shape[0], MAX_K)
+    candidates = candidate_count(min(k_hint, W_enc.shape[0]), W_enc.shape[0])
 
     def select(encode, x, W, b, pre):
         return above_threshold(encode, x, W, b, value, pre, candidates=candidates)
 
-    return _batch_encode(x, W_enc, b_enc, b_pre, select, backend, sparse_grad, grouping)
+    return _batch_encode(x, W_enc, b_enc, b_pre, select, backend, sparse_grad, grouping, check_finite)
 
 
-def _batch_encode(x, W_enc, b_enc, b_pre, select, backend: str, sparse_grad: bool, grouping):
+def _batch_encode(x, W_enc, b_enc, b_pre, select, backend: str, sparse_grad: bool, grouping, check_finite: bool):
     """`BatchEncode` of checked inputs (contiguous) with ``select`` on the ``backend`` of x's device."""
+    kernels = get_backend(backend, x.device)
+    _require_backend_dtype("x", x, kernels)
+    if check_finite:
+        require_finite_rows("x", x)
     return BatchEncode.apply(x.contiguous(), W_enc.contiguous(), b_enc.contiguous(), b_pre, select,
-                             get_backend(backend, x.device), sparse_grad, None, grouping)
+                             kernels, sparse_grad, None, grouping)
+
+
+def require_finite_rows(name: str, x: torch.Tensor) -> None:
+    """ValueError naming ``name`` and its first row holding NaN or Inf (x [B, d]); reads x on the host."""
+    bad = ~torch.isfinite(x).all(dim=1)
+    if x.shape[0] and bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"{name} row {row} contains NaN or Inf; the encoder needs finite inputs "
+            "(check_finite=False skips this check)"
+        )
+
+
+def _require_backend_dtype(name: str, t: torch.Tensor, kernels: Backend) -> None:
+    """TypeError naming ``name`` when ``kernels`` does not take ``t``'s dtype (float64 off the torch backend)."""
+    if t.dtype not in kernels.float_dtypes:
+        allowed = ", ".join(dtype_name(d) for d in kernels.float_dtypes)
+        raise TypeError(f"{name} is {dtype_name(t.dtype)}, which backend {kernels.name!r} does not take "
+                        f"(it takes {allowed}); float64 runs on backend='torch'")
 
 
 def sparse_decode(
@@ -361,16 +433,16 @@ def sparse_decode(
 ) -> torch.Tensor:
     """``x_hat = sum_j vals[:, j, None] * W_dec[idx[:, j]] + b_dec`` as a gather, fp32 accumulation.
 
-    vals: [B, k] and W_dec: [F, d], b_dec: [d] of one dtype (fp32 | bf16 | fp16); idx: [B, k]
-    int64 with entries in [0, F). Returns x_hat [B, d] in W_dec's dtype. Differentiable w.r.t.
-    vals, W_dec, b_dec. Indices are checked on the host only for CPU tensors (a device check
+    vals: [B, k] (B may be 0) and W_dec: [F, d], b_dec: [d] of one dtype (fp32 | bf16 | fp16, or
+    float64 on the torch backend); idx: [B, k] int64 with entries in [0, F). Returns x_hat [B, d] in
+    W_dec's dtype. Differentiable w.r.t. vals, W_dec, b_dec. Indices are checked on the host only for CPU tensors (a device check
     would synchronize), and only with ``check_indices`` (callers passing an encoder's own idx
     skip it). ``grouping``: the `SharedGrouping` given to the `topk_encode` that made (vals, idx).
     """
-    require_float_tensor("vals", vals, 2)
-    require_float_tensor("W_dec", W_dec, 2)
+    require_float_tensor("vals", vals, 2, OP_DTYPES)
+    require_float_tensor("W_dec", W_dec, 2, OP_DTYPES)
     require_like("W_dec", W_dec, "vals", vals)
-    require_float_tensor("b_dec", b_dec, 1)
+    require_float_tensor("b_dec", b_dec, 1, OP_DTYPES)
     require_like("b_dec", b_dec, "vals", vals)
     require_shape("b_dec", b_dec, (W_dec.shape[1],))
     if not isinstance(idx, torch.Tensor) or idx.dtype != torch.int64:
@@ -382,6 +454,7 @@ def sparse_decode(
     if grouping is not None and not grouping.matches(vals, idx):
         raise ValueError("grouping is bound to another selection: give sparse_decode the encoder's own (vals, idx)")
     kernels = get_backend(backend, vals.device)
+    _require_backend_dtype("vals", vals, kernels)
     return SparseDecode.apply(
         vals.contiguous(), idx.contiguous(), W_dec.contiguous(), b_dec.contiguous(), kernels, sparse_grad, grouping
     )
@@ -405,14 +478,14 @@ def sparse_decode_nested(
 
     vals, idx: as `sparse_decode`; level [B, k] int64 in [0, n_levels): the first prefix each slot
     belongs to (`nested_levels` of idx and the prefix widths). The last level is `sparse_decode`'s
-    x_hat (up to fp32 summation order). Never forms a [B, F] matrix; costs G decodes forward and G
+    x_hat (up to the summation order). Never forms a [B, F] matrix; costs G decodes forward and G
     row_dots / segment_rows backward, on one grouping of the fired pairs. Differentiable w.r.t.
     vals, W_dec, b_dec; gradients as in `sparse_decode` (``sparse_grad``: a `RowGrad` for W_dec).
     """
-    require_float_tensor("vals", vals, 2)
-    require_float_tensor("W_dec", W_dec, 2)
+    require_float_tensor("vals", vals, 2, OP_DTYPES)
+    require_float_tensor("W_dec", W_dec, 2, OP_DTYPES)
     require_like("W_dec", W_dec, "vals", vals)
-    require_float_tensor("b_dec", b_dec, 1)
+    require_float_tensor("b_dec", b_dec, 1, OP_DTYPES)
     require_like("b_dec", b_dec, "vals", vals)
     require_shape("b_dec", b_dec, (W_dec.shape[1],))
     for name, t in (("idx", idx), ("level", level)):
@@ -429,5 +502,6 @@ def sparse_decode_nested(
     if grouping is not None and not grouping.matches(vals, idx):
         raise ValueError("grouping is bound to another selection: give the encoder's own (vals, idx)")
     kernels = get_backend(backend, vals.device)
+    _require_backend_dtype("vals", vals, kernels)
     return NestedDecode.apply(vals.contiguous(), idx.contiguous(), level.contiguous(), n_levels, W_dec.contiguous(),
                               b_dec.contiguous(), kernels, sparse_grad, grouping)

@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 import torch
 
-from .checks import require_choice, require_dtype, require_real
+from .checks import dtype_name, require_choice, require_dtype, require_real
 from .kernels.reference import join_master
 from .kernels.registry import backend_names, get_backend
 from .rowgrad import RowGrad
@@ -32,7 +32,8 @@ class SparseAdam(torch.optim.Optimizer):
     - ``unit_norm`` parameters (2-D): before the update each touched gradient row loses its
       component along the parameter row, ``g -= <g, w> / <w, w> * w``, and after it the updated
       row is rescaled to unit norm. Rows not touched are not renormalized.
-    - ``moment_dtype`` (float32 | bfloat16) stores m and v; the math is always fp32.
+    - ``moment_dtype`` (float32 | bfloat16) stores m and v; the math is fp32 (float64 for a float64
+      parameter, on the torch backend; the Triton backend rejects float64 parameters).
     - ``master_weights`` (default True): a bfloat16 parameter is the rounding of fp32 master
       weights, whose other 16 bits live in ``state["master_low"]`` (int16): each step reads the
       exact fp32 master, updates it in fp32 and writes both halves back, so no update is lost to
@@ -115,7 +116,11 @@ class SparseAdam(torch.optim.Optimizer):
                     _init_state(state, p, group)
                 grad, rows, valid = _grad_rows(p)
                 low = state.get("master_low")
-                get_backend(group["backend"], p.device).sparse_adam_step_(
+                kernels = get_backend(group["backend"], p.device)
+                if p.dtype not in kernels.float_dtypes:
+                    raise TypeError(f"params include a {dtype_name(p.dtype)} tensor, which backend {kernels.name!r} "
+                                    "does not take; float64 runs on backend='torch'")
+                kernels.sparse_adam_step_(
                     p.view(n_param_rows, -1), grad, rows, valid,
                     state["exp_avg"].view(n_param_rows, -1), state["exp_avg_sq"].view(n_param_rows, -1), state["step"],
                     low=None if low is None else low.view(n_param_rows, -1),

@@ -7,7 +7,8 @@ of ``values[i]`` at row ``rows[i]`` for every i. Sizes are fixed by the batch (R
 so producing one never waits on the device: slots that hold no row are padding (``valid`` False,
 row 0, values 0: every producer keeps to this), and a part's valid rows are distinct.
 
-- The values stay float32 whatever the parameter's dtype: autograd would cast a plain tensor
+- The values stay float32 whatever the parameter's dtype (float64 for a float64 parameter, whose
+  ops compute in float64): autograd would cast a plain tensor
   gradient to a bf16 parameter's dtype (a full pass over U x d, and rounding the optimizer then
   reads back); `flashsae.optim.SparseAdam` reads them as they are.
 - Gradients that add up (AuxK plus the main loss, two uses of one parameter) become parts of one
@@ -74,7 +75,7 @@ class RowGrad(torch.Tensor):
         n_rows = self.shape[0] if self.dim() else 1
         rows = torch.cat([p.rows for p in self.parts])
         union, valid = unique_rows(rows, torch.cat([p.valid for p in self.parts]), n_rows)
-        total = torch.zeros((union.shape[0], *self.row_shape), dtype=torch.float32, device=self.device)
+        total = torch.zeros((union.shape[0], *self.row_shape), dtype=value_dtype(self), device=self.device)
         last = max(union.shape[0] - 1, 0)
         for part in self.parts:  # one part at a time: distinct positions within each, so the sums are deterministic
             total.index_add_(0, torch.searchsorted(union, part.rows).clamp_(max=last), part.values)
@@ -116,9 +117,14 @@ class RowGrad(torch.Tensor):
         return func(*tree_map(dense, args), **tree_map(dense, kwargs))
 
 
+def value_dtype(like: torch.Tensor) -> torch.dtype:
+    """The dtype of a `RowGrad`'s values for a parameter like ``like``: float32, or float64 for float64."""
+    return torch.float64 if like.dtype == torch.float64 else torch.float32
+
+
 def _empty_part(like: RowGrad) -> RowPart:
     empty = torch.empty(0, dtype=torch.int64, device=like.device)
-    values = torch.empty((0, *like.row_shape), dtype=torch.float32, device=like.device)
+    values = torch.empty((0, *like.row_shape), dtype=value_dtype(like), device=like.device)
     return RowPart(empty, values, empty.bool())
 
 

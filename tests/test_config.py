@@ -17,11 +17,11 @@ VALIDATED = [f.name for f in FIELDS if declaration(f).choices is not None or dec
 # A value each validated option rejects, as command-line words (each passes argparse's type conversion).
 BAD_VALUES = {
     "site": ["mlp_hidden"], "layer": ["-1"], "n_tokens": ["0"], "seq_len": ["0"], "n_features": ["0"],
-    "k": ["600"], "batch_size": ["0"], "epochs": ["0"], "lr": ["0"], "dtype": ["float64"], "device": ["gpu"],
-    "backend": ["cuda"], "seed": ["-1"], "init": ["pca"], "d_init": ["1.5"], "asi_tokens": ["0"], "aux_k": ["513"],
+    "k": ["5000"], "batch_size": ["0"], "epochs": ["0"], "lr": ["0"], "dtype": ["float64"], "device": ["gpu"],
+    "backend": ["cuda"], "seed": ["-1"], "init": ["pca"], "d_init": ["1.5"], "asi_tokens": ["0"], "aux_k": ["-1"],
     "aux_coef": ["-0.5"], "dead_window": ["0"], "normalize": ["layer-norm"], "optimizer": ["sgd"],
     "log_every": ["0"], "checkpoint_every": ["-1"], "log": ["jsonl", "csv"], "parallel": ["pipeline"],
-    "k_start": ["600"], "k_anneal_steps": ["-1"], "init_scale": ["huge"],
+    "k_start": ["5000"], "k_anneal_steps": ["-1"], "init_scale": ["huge"],
     "lr_warmup_steps": ["-1"], "lr_decay": ["step"], "lr_decay_steps": ["0"], "lr_final_fraction": ["1.5"],
     "target_site": ["mlp_hidden"], "activation": ["jumprelu"], "threshold_lr": ["1.5"], "matryoshka": ["0"],
     "overwrite": ["--resume", "runs/elsewhere"],
@@ -150,7 +150,8 @@ def test_device_is_auto_or_a_torch_device():
 
 def test_k_is_checked_against_n_features():
     TrainConfig(n_features=64, k=64).validate()
-    with pytest.raises(ConfigError, match=r"--k must be in \[1, min\(--n-features=64, 512\)\], got --k=65"):
+    TrainConfig(n_features=2048, k=600, aux_k=1000).validate()  # no cap on k or the AuxK k
+    with pytest.raises(ConfigError, match=r"--k must be in \[1, --n-features=64\], got --k=65"):
         TrainConfig(n_features=64, k=65).validate()
 
 

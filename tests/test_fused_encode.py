@@ -1,80 +1,13 @@
-"""Triton fused TopK encoder forward: against a float64 dense top-k and the torch backend."""
+"""Triton fused TopK encoder ("triton-fused") forward: against a float64 dense top-k and the torch backend."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from flashsae import ops
-from flashsae.kernels import reference
 from flashsae.kernels import fused_encode as tk
-
-FP32, BF16, FP16 = torch.float32, torch.bfloat16, torch.float16
-# Absolute tolerance on a pre-activation, relative to the largest |term| sum |x - b_pre| @ |W|.T + |b|
-# (fp32 accumulation in a different order), and the relative rounding of vals to each dtype.
-ACC_TOL = 1e-5
-VAL_RTOL = {FP32: 1e-6, BF16: 2**-8, FP16: 2**-11}
-# (B, d, F, k, dtype, with b_pre): every B, d, F, k value appears, dtypes crossed with shapes and k.
-CASES = [
-    (1, 16, 100, 1, FP32, False),
-    (7, 40, 1000, 5, FP32, True),
-    (64, 96, 4099, 32, FP32, False),
-    (7, 16, 4099, 64, BF16, True),
-    (64, 40, 100, 32, BF16, False),
-    (1, 96, 1000, 1, BF16, True),
-    (7, 96, 100, 64, FP16, False),
-    (1, 40, 4099, 5, FP16, True),
-    (64, 16, 1000, 64, FP16, True),
-]
-
-
-def make_inputs(B, d, F, dtype, seed, with_pre=True):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, d, generator=g) + 0.3
-    W = torch.randn(F, d, generator=g) / d**0.5
-    b = 0.2 * torch.randn(F, generator=g) - 0.1
-    b_pre = 0.3 + 0.1 * torch.randn(d, generator=g)
-    x, W, b, b_pre = (t.to(dtype) for t in (x, W, b, b_pre))
-    return x, W, b, b_pre if with_pre else None
-
-
-def dense_float64(x, W, b, b_pre):
-    """relu((x - b_pre) @ W.T + b) in float64, and the per-row size of the fp32 accumulation's terms."""
-    xc = x.double() - (b_pre.double() if b_pre is not None else 0.0)
-    pre = torch.relu(xc @ W.double().T + b.double())
-    scale = xc.abs() @ W.double().abs().T + b.double().abs()
-    return pre, scale.max(dim=1).values
-
-
-def assert_exact_topk(vals, idx, x, W, b, b_pre, k):
-    """vals/idx are a top-k of the float64 pre-activations up to fp32 accumulation rounding."""
-    B, F = x.shape[0], W.shape[0]
-    pre, scale = dense_float64(x, W, b, b_pre)
-    atol = (ACC_TOL * scale.clamp_min(1.0))[:, None]
-    assert vals.shape == (B, k) and idx.shape == (B, k)
-    assert vals.dtype == x.dtype and idx.dtype == torch.int64
-    assert ((idx >= 0) & (idx < F)).all(), "index out of range (an unwritten candidate slot?)"
-    assert torch.isfinite(vals).all(), "non-finite value (an unwritten candidate slot?)"
-    assert (idx.sort(dim=1).values.diff(dim=1) > 0).all(), "an index was selected twice"
-    assert (vals.diff(dim=1) <= 0).all(), "vals not sorted descending"
-    chosen = pre.gather(1, idx)
-    # Each value is the fp32 pre-activation of its feature, rounded to the dtype.
-    err = (vals.double() - chosen).abs()
-    assert (err <= atol + VAL_RTOL[x.dtype] * chosen).all(), f"vals off by {err.max():.3g}"
-    # The chosen set's true values are the true top-k values (the selection is optimal) ...
-    ref_top = pre.topk(k, dim=1).values
-    gap = (chosen.sort(dim=1, descending=True).values - ref_top).abs()
-    assert (gap <= atol).all(), f"selection misses a better feature by {gap.max():.3g}"
-    # ... and every feature clearly above the k-th value is chosen.
-    clear = pre > ref_top[:, -1:] + 2 * atol
-    picked = torch.zeros_like(clear).scatter_(1, idx, True)
-    assert (picked | ~clear).all(), "a clearly larger feature was not selected"
-
-
-@pytest.mark.parametrize("B,d,F,k,dtype,with_pre", CASES)
-def test_forward_matches_float64_topk(B, d, F, k, dtype, with_pre):
-    x, W, b, b_pre = make_inputs(B, d, F, dtype, seed=B * 1000 + d + F + k, with_pre=with_pre)
-    vals, idx = tk.topk_encode(x, W, b, k, b_pre, poison=True)
-    assert_exact_topk(vals, idx, x, W, b, b_pre, k)
+from flashsae.kernels import torch_encode
+from tests.encoder_checks import BF16, FP16, FP32, VAL_RTOL, assert_exact_topk, dense_float64, make_dyadic_inputs, make_inputs
 
 
 @pytest.mark.parametrize("n_ranges", [1, 3])
@@ -100,17 +33,6 @@ def test_k_equal_to_n_features_selects_every_feature():
     assert_exact_topk(vals, idx, x, W, b, b_pre, 100)
 
 
-def make_dyadic_inputs(B, d, F, dtype, seed):
-    """Small integers and eighths: every product and partial sum is exact in fp32, so equal
-    pre-activations are bit-identical whatever the accumulation order, and many values tie."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(-4, 5, (B, d), generator=g).float()
-    W = torch.randint(-8, 9, (F, d), generator=g) / 8
-    b = torch.randint(-8, 9, (F,), generator=g) / 8
-    b_pre = torch.randint(-2, 3, (d,), generator=g) / 4
-    return [t.to(dtype) for t in (x, W, b, b_pre)]
-
-
 @pytest.mark.parametrize("dtype", [FP32, BF16, FP16])
 def test_ties_go_to_the_lower_index_across_tiles_and_ranges(dtype):
     B, d, F, k = 6, 32, 1500, 7
@@ -120,7 +42,7 @@ def test_ties_go_to_the_lower_index_across_tiles_and_ranges(dtype):
     b[twins] = 200.0  # above every other feature: the twins are the top 5 of every row
     W[[1200, 1201, 40]] = W[5].clone()  # a second tie group among the rest
     b[[1200, 1201, 40]] = b[5].item()
-    ref_vals, ref_idx = reference.topk_encode(x, W, b, k, b_pre)
+    ref_vals, ref_idx = torch_encode.topk_encode(x, W, b, k, b_pre)
     pre, _ = dense_float64(x, W, b, b_pre)
     assert (pre.topk(k + 1, dim=1).values.diff(dim=1) == 0).any(), "the test needs ties among the rest"
     for n_ranges in (1, 3):
@@ -130,66 +52,54 @@ def test_ties_go_to_the_lower_index_across_tiles_and_ranges(dtype):
         assert torch.equal(vals, ref_vals)
 
 
-@pytest.mark.parametrize("dtype", [FP32, BF16])
-def test_rows_without_enough_positives_fill_zeros_at_lowest_indices(dtype):
-    B, d, F, k = 5, 16, 1000, 6
-    x, W, b, _ = make_inputs(B, d, F, dtype, seed=5)
-    W = W * 0.01
-    b = torch.full((F,), -10.0, dtype=dtype)
-    b[[700, 2]] = torch.tensor([5.0, 3.0], dtype=dtype)  # exactly two positives per row ...
-    x[1] = 0.0
-    b_zero = b.clone()
-    b_zero[[700, 2]] = -10.0  # ... and none at all with this bias
-    vals, idx = tk.topk_encode(x, W, b, k, None, poison=True)
-    assert torch.equal(idx, torch.tensor([700, 2, 0, 1, 3, 4]).expand(B, k))
-    assert (vals[:, :2] > 0).all() and (vals[:, 2:] == 0).all()
-    vals, idx = tk.topk_encode(x, W, b_zero, k, None, n_ranges=2, poison=True)
-    assert torch.equal(idx, torch.arange(k).expand(B, k))
-    assert (vals == 0).all() and not torch.signbit(vals).any()
-    ref_vals, ref_idx = reference.topk_encode(x, W, b_zero, k)
-    assert torch.equal(idx, ref_idx) and torch.equal(vals, ref_vals)
-
-
-def test_stage_one_writes_every_candidate_slot():
+def test_range_lists_hold_only_written_keys_of_their_range():
     x, W, b, _ = make_inputs(19, 16, 1100, FP32, seed=19)
     plan = tk.encode_plan(19, 1100, 16, 3)
-    assert plan["n_ranges"] == 3 and plan["candidates_per_row"] == 3 * 4
-    cand = tk.topk_range_candidates(x, W, b, 3, plan, poison=True)
-    assert cand.shape == (19, 3, 4)
-    assert (cand >= 0).all(), "a slot kept the poison key or an empty key"
-    assert (cand.diff(dim=2) < 0).all(), "each range's keys must be sorted descending"
+    plan.update(n_ranges=3, range_len=384)
+    keys, counts = tk.range_lists(x, W, b, 3, plan, poison=True)
+    assert keys.shape == (19, 3, plan["capacity"]) and counts.shape == (19, 3)
+    assert (counts >= 3).all() and (counts <= plan["capacity"]).all()
+    slots = torch.arange(plan["capacity"])
+    written = keys[slots < counts.unsqueeze(-1)]
+    assert (written >= 0).all() and (written != torch.iinfo(torch.int64).max).all(), "a slot below the count was left unwritten"
+    feature = torch.iinfo(torch.int32).max - (keys & 0xFFFFFFFF)
+    in_range = (feature >= torch.arange(3)[None, :, None] * 384) & (feature < torch.arange(1, 4)[None, :, None] * 384)
+    assert in_range[slots < counts.unsqueeze(-1)].all(), "a list holds a feature of another range"
 
 
-def test_plan_bounds_candidates_and_covers_every_feature():
+def test_plan_bounds_lists_and_covers_every_feature():
     for n_tokens, n_features, d, k in [(4096, 2**20, 4096, 64), (4096, 2**20, 768, 32), (8, 2**20, 768, 512), (1, 100, 16, 1)]:
         plan = tk.encode_plan(n_tokens, n_features, d, k, n_sms=132)
-        assert plan["candidates_per_row"] == plan["n_ranges"] * plan["kp"] <= tk.MAX_CANDIDATES_PER_ROW
-        assert plan["kp"] >= k and plan["range_len"] % tk.RANGE_ALIGN == 0
+        assert plan["n_ranges"] * plan["capacity"] <= max(tk.MAX_LIST_KEYS_PER_ROW, plan["capacity"])
+        assert plan["capacity"] >= k and plan["range_len"] % tk.RANGE_ALIGN == 0
         assert (plan["n_ranges"] - 1) * plan["range_len"] < n_features <= plan["n_ranges"] * plan["range_len"]
+        assert plan["list_bytes"] == n_tokens * plan["n_ranges"] * plan["capacity"] * 8
 
 
-def test_public_op_with_non_contiguous_inputs_matches_torch_backend():
+@pytest.mark.parametrize("backend", ["triton", "triton-fused"])
+def test_public_op_with_non_contiguous_inputs_matches_torch_backend(backend):
     x_wide, W, b, b_pre = make_inputs(10, 80, 700, FP32, seed=3)
     x = x_wide[:, ::2]  # [10, 40], strided
     W_t = W[:, :40].T.contiguous().T  # [700, 40], column-major
     assert not x.is_contiguous() and not W_t.is_contiguous()
-    vals, idx = ops.topk_encode(x, W_t, b, 9, b_pre=b_pre[:40], backend="triton")
+    vals, idx = ops.topk_encode(x, W_t, b, 9, b_pre=b_pre[:40], backend=backend)
     ref_vals, ref_idx = ops.topk_encode(x, W_t, b, 9, b_pre=b_pre[:40], backend="torch")
     assert torch.equal(idx, ref_idx)
     torch.testing.assert_close(vals, ref_vals, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("triton_backend", ["triton", "triton-fused"])
 @pytest.mark.parametrize("dtype", [FP32, BF16])
-def test_public_op_gradients_flow_through_triton_forward(dtype):
+def test_public_op_gradients_flow_through_triton_forward(dtype, triton_backend):
     B, d, F, k = 6, 24, 300, 8
     inputs = make_inputs(B, d, F, dtype, seed=8)
     grad_vals = torch.randn(B, k, generator=torch.Generator().manual_seed(1)).to(dtype)
     results = {}
-    for backend in ("triton", "torch"):
+    for backend in (triton_backend, "torch"):
         leaves = [t.clone().requires_grad_() for t in inputs]
         vals, idx = ops.topk_encode(leaves[0], leaves[1], leaves[2], k, b_pre=leaves[3], backend=backend)
         results[backend] = (vals.detach(), idx, torch.autograd.grad(vals, leaves, grad_vals))
-    (tv, ti, tg), (rv, ri, rg) = results["triton"], results["torch"]
+    (tv, ti, tg), (rv, ri, rg) = results[triton_backend], results["torch"]
     assert torch.equal(ti, ri)
     torch.testing.assert_close(tv, rv, rtol=VAL_RTOL[dtype], atol=1e-5)
     for got, ref in zip(tg, rg):

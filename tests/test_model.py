@@ -99,16 +99,60 @@ def test_load_of_a_folder_without_weights_names_the_missing_file(tmp_path):
 @pytest.mark.parametrize(
     "args,kwargs,message",
     [
-        ((24, 100, 0), {}, r"k must be in \[1, min\(n_features=100, 512\)\], got k=0"),
-        ((24, 10, 11), {}, r"k must be in \[1, min\(n_features=10, 512\)\], got k=11"),
+        ((24, 100, 0), {}, r"k must be in \[1, n_features=100\], got k=0"),
+        ((24, 10, 11), {}, r"k must be in \[1, n_features=10\], got k=11"),
         ((0, 10, 1), {}, "d_model must be an integer >= 1, got 0"),
-        ((24, 1000, 600), {}, r"k must be in \[1, min\(n_features=1000, 512\)\], got k=600"),
+        ((24, 1000, 1001), {}, r"k must be in \[1, n_features=1000\], got k=1001"),
         ((24, 100, 4), {"backend": "gpu"}, "backend must be one of"),
     ],
 )
 def test_bad_constructor_arguments_are_named(args, kwargs, message):
     with pytest.raises(ValueError, match=message):
         TopKSAE(*args, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "triton-fused"])
+@pytest.mark.parametrize("lead", [(0,), (3, 0), (0, 2)])
+def test_forward_of_no_tokens_gives_empty_outputs_of_the_right_shapes(backend, lead):
+    sae = TopKSAE(24, 100, 6, dtype=torch.bfloat16, backend=backend, sparse_grad=True)
+    out = sae(torch.randn(*lead, 24).to(torch.bfloat16))
+    assert out.x_hat.shape == (*lead, 24) and out.vals.shape == out.idx.shape == (*lead, 6)
+    assert out.x_hat.dtype == out.vals.dtype == torch.bfloat16 and out.idx.dtype == torch.int64
+    out.x_hat.float().sum().backward()
+    assert isinstance(sae.W_enc.grad, RowGrad) and not sae.W_enc.grad.rows_values_valid()[2].any()
+
+
+def test_forward_checks_x_for_nan_unless_told_not_to():
+    sae = perturbed_sae()
+    x = torch.randn(4, 24)
+    x[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="x row 3 contains NaN or Inf"):
+        sae(x)
+    with pytest.raises(ValueError, match="x row 3 contains NaN or Inf"):
+        sae.encode(x)
+    out = sae(x, check_finite=False)
+    assert torch.equal(out.idx[:3], sae(x[:3]).idx)
+
+
+def test_the_trainer_defers_its_nan_check_instead_of_the_encoder_raising():
+    from flashsae.optim import SparseAdam
+    from flashsae.sae.trainer import NonFiniteError, Trainer
+
+    sae = perturbed_sae(sparse_grad=True)
+    trainer = Trainer(sae, SparseAdam(sae.parameters(), lr=1e-3, backend="torch"), check_every_step=False)
+    x = torch.randn(8, 24)
+    x[5] = float("inf")
+    trainer.step(x)  # no ValueError from the encoder: the trainer's own check comes later
+    with pytest.raises(NonFiniteError, match="step 1"):
+        trainer.check_finite()
+
+
+def test_k_above_512_trains_and_selects_exactly():
+    sae = perturbed_sae(d=16, F=2000, k=700)
+    x = torch.randn(3, 16)
+    out = sae(x)
+    pre = torch.relu((x - sae.b_dec) @ sae.W_enc.T + sae.b_enc)
+    torch.testing.assert_close(out.vals, pre.topk(700).values)
 
 
 def test_calibrated_encoder_scale_is_the_float64_least_squares_factor_and_keeps_the_selection():
@@ -174,7 +218,7 @@ def test_load_names_the_tensor_whose_shape_disagrees_with_the_cfg(tmp_path, chan
 
 @pytest.mark.parametrize("change, message", [
     ({"k": None}, r"cfg.json lacks 'k'"),
-    ({"k": 17}, r"cfg.json: k must be in \[1, min\(n_features=16, 512\)\], got k=17"),
+    ({"k": 17}, r"cfg.json: k must be in \[1, n_features=16\], got k=17"),
     ({"dtype": "float64"}, r"cfg.json: dtype must be one of float32, bfloat16, float16, got 'float64'"),
     ({"metadata": {"norm_scale": -1}}, r"cfg.json: metadata norm_scale must be a finite number > 0, got -1"),
     ({"metadata": [1]}, r"cfg.json: metadata must be a JSON object"),

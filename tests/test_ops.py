@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from flashsae import ops
-from flashsae.kernels import reference
+from flashsae.kernels import torch_encode
 from flashsae.kernels.registry import resolve_backend
 from flashsae.rowgrad import RowGrad
 from tests.alloc_log import AllocationLog
@@ -62,8 +62,8 @@ def test_topk_encode_matches_float64_reference(B, d, F, k, with_b_pre, dtype):
 
 def test_topk_encode_chunked_sweep_equals_one_chunk():
     x, W, b, b_pre = make_encoder(9, 24, 1000, torch.float32, seed=3)
-    one = reference.topk_encode(x, W, b, 7, b_pre)
-    chunked = reference.topk_encode(x, W, b, 7, b_pre, chunk_size=13)
+    one = torch_encode.topk_encode(x, W, b, 7, b_pre)
+    chunked = torch_encode.topk_encode(x, W, b, 7, b_pre, chunk_size=13)
     assert torch.equal(one[0], chunked[0]) and torch.equal(one[1], chunked[1])
 
 
@@ -190,11 +190,13 @@ def test_torch_encoder_memory_stays_far_below_dense_preactivations():
         (lambda x, W, b: ops.topk_encode(x, W, b, 2.0), "k must be an int"),
         (lambda x, W, b: ops.topk_encode(x[:, :5], W, b, 3), "x has 5 columns"),
         (lambda x, W, b: ops.topk_encode(x, W, b[:7], 3), "b_enc must have shape"),
-        (lambda x, W, b: ops.topk_encode(x, W.double(), b, 3), "W_enc must be float32"),
+        (lambda x, W, b: ops.topk_encode(x, W.double(), b, 3), "W_enc has dtype torch.float64 but x has torch.float32"),
         (lambda x, W, b: ops.topk_encode(x, W.half(), b, 3), "W_enc has dtype"),
         (lambda x, W, b: ops.topk_encode(x[0], W, b, 3), "x must be 2-D"),
         (lambda x, W, b: ops.topk_encode(x, W, b, 3, b_pre=x[0, :3]), "b_pre must have shape"),
         (lambda x, W, b: ops.topk_encode(x, W, b, 3, backend="cuda"), "backend must be one of"),
+        (lambda x, W, b: ops.topk_encode(x, W.to(torch.int32), b, 3), "W_enc must be float32, bfloat16, float16 or float64"),
+        (lambda x, W, b: ops.topk_encode(x.double(), W.double(), b, 3), "b_enc has dtype torch.float32 but x has torch.float64"),
         (lambda x, W, b: ops.sparse_decode(x[:, :4], torch.zeros(3, 4, dtype=torch.int32), W, b[:8]), "idx must be an int64"),
         (lambda x, W, b: ops.sparse_decode(x[:, :4], torch.full((3, 4), 50), W, b[:8]), "idx entries must lie in"),
         (lambda x, W, b: ops.sparse_decode(x[:, :4], torch.zeros(3, 5, dtype=torch.long), W, b[:8]), "idx must have shape"),
@@ -223,3 +225,113 @@ def test_non_contiguous_inputs_give_the_same_result():
     a = ops.topk_encode(x, W, b, 5, b_pre=b_pre, backend="torch")
     c = ops.topk_encode(x_t, W_t, b, 5, b_pre=b_pre, backend="torch")
     assert torch.equal(a[0], c[0]) and torch.equal(a[1], c[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Every backend: NaN / Inf checks, no tokens, autocast, float64.
+
+ALL_BACKENDS = ["torch", "triton", "triton-fused"]
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_x_is_a_value_error_naming_the_first_bad_row(backend, bad):
+    x, W, b, b_pre = make_encoder(6, 16, 50, torch.float32, seed=20)
+    x[4, 3] = bad
+    x[2, 0] = bad
+    with pytest.raises(ValueError, match="x row 2 contains NaN or Inf"):
+        ops.topk_encode(x, W, b, 5, b_pre=b_pre, backend=backend)
+    vals, idx = ops.topk_encode(x, W, b, 5, b_pre=b_pre, backend=backend, check_finite=False)
+    clean = ops.topk_encode(x[[0, 1, 3, 5]], W, b, 5, b_pre=b_pre, backend=backend)
+    assert torch.equal(idx[[0, 1, 3, 5]], clean[1]), "the check is skipped; other rows are unaffected"
+    assert not torch.isnan(vals).any(), "a NaN pre-activation is never selected"
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_nan_pre_activations_give_the_same_answer_on_every_backend(backend):
+    x, W, b, b_pre = make_encoder(7, 16, 300, torch.float32, seed=21)
+    W[[5, 77]] = float("nan")
+    b[[6, 150]] = float("nan")
+    ref = ops.topk_encode(x, W, b, 9, b_pre=b_pre, backend="torch")
+    got = ops.topk_encode(x, W, b, 9, b_pre=b_pre, backend=backend)
+    assert torch.equal(got[1], ref[1])
+    assert not torch.isin(ref[1], torch.tensor([5, 6, 77, 150])).any()
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_tokens_forward_and_backward(backend, dtype):
+    x, W_enc, b_enc, b_pre = make_encoder(0, 16, 40, dtype, seed=22)
+    W_dec, b_dec = W_enc.clone(), torch.zeros(16, dtype=dtype)
+    leaves = [t.clone().requires_grad_() for t in (x, W_enc, b_enc, b_pre, W_dec, b_dec)]
+    vals, idx = ops.topk_encode(*leaves[:3], 5, b_pre=leaves[3], backend=backend, sparse_grad=True)
+    assert vals.shape == idx.shape == (0, 5) and vals.dtype == dtype and idx.dtype == torch.int64
+    x_hat = ops.sparse_decode(vals, idx, leaves[4], leaves[5], backend=backend, sparse_grad=True)
+    assert x_hat.shape == (0, 16) and x_hat.dtype == dtype
+    x_hat.sum().backward()
+    assert leaves[0].grad.shape == (0, 16)
+    assert isinstance(leaves[1].grad, RowGrad) and not leaves[1].grad.rows_values_valid()[2].any()
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_autocast_changes_neither_dtypes_nor_the_selection(backend):
+    """Under CPU autocast to bf16 the ops run in their inputs' own dtype (fp32 here), exactly as outside."""
+    x, W_enc, b_enc, b_pre = make_encoder(9, 24, 200, torch.float32, seed=23)
+    W_dec, b_dec = W_enc.clone(), 0.1 * torch.ones(24)
+    grad_out = torch.randn(9, 24, generator=torch.Generator().manual_seed(24))
+    results = []
+    for autocast in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (x, W_enc, b_enc, b_pre, W_dec, b_dec)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            vals, idx = ops.topk_encode(*leaves[:3], 8, b_pre=leaves[3], backend=backend)
+            x_hat = ops.sparse_decode(vals, idx, leaves[4], leaves[5], backend=backend)
+            x_hat.backward(grad_out)
+        assert vals.dtype == x_hat.dtype == torch.float32
+        results.append((vals.detach(), idx, x_hat.detach(), [leaf.grad for leaf in leaves]))
+    (v0, i0, h0, g0), (v1, i1, h1, g1) = results
+    assert torch.equal(i0, i1) and torch.equal(v0, v1) and torch.equal(h0, h1)
+    for a, c in zip(g0, g1):
+        assert torch.equal(a, c)
+
+
+def test_encode_decode_float64_gradcheck():
+    x, W_enc, b_enc, b_pre = make_encoder(5, 6, 30, torch.float64, seed=25)
+    b_enc = b_enc + 0.3  # several positive values per row, none near a tie
+    W_dec = torch.randn(30, 6, generator=torch.Generator().manual_seed(26), dtype=torch.float64)
+    b_dec = torch.randn(6, generator=torch.Generator().manual_seed(27), dtype=torch.float64)
+
+    def sae(x, W_enc, b_enc, b_pre, W_dec, b_dec):
+        vals, idx = ops.topk_encode(x, W_enc, b_enc, 4, b_pre=b_pre, backend="torch")
+        return ops.sparse_decode(vals, idx, W_dec, b_dec, backend="torch")
+
+    inputs = tuple(t.clone().requires_grad_() for t in (x, W_enc, b_enc, b_pre, W_dec, b_dec))
+    assert torch.autograd.gradcheck(sae, inputs)
+
+
+@pytest.mark.parametrize("sparse_grad", [False, True])
+def test_float64_end_to_end_matches_dense_autograd_and_sparse_adam_steps_in_float64(sparse_grad):
+    from flashsae.optim import SparseAdam
+
+    x, W_enc, b_enc, b_pre = make_encoder(16, 24, 300, torch.float64, seed=28)
+    g = torch.Generator().manual_seed(29)
+    W_dec, b_dec = torch.randn(300, 24, generator=g, dtype=torch.float64), torch.randn(24, generator=g, dtype=torch.float64)
+    leaves = [torch.nn.Parameter(t.clone()) for t in (x, W_enc, b_enc, b_pre, W_dec, b_dec)]
+    vals, idx = ops.topk_encode(*leaves[:3], 10, b_pre=leaves[3], backend="torch", sparse_grad=sparse_grad)
+    x_hat = ops.sparse_decode(vals, idx, leaves[4], leaves[5], backend="torch", sparse_grad=sparse_grad)
+    assert x_hat.dtype == torch.float64
+    x_hat.square().sum().backward()
+    refs = [t.detach().clone().requires_grad_() for t in leaves]
+    dense_sae_loss(*refs, idx).square().sum().backward()
+    for leaf, ref in zip(leaves, refs):
+        grad = leaf.grad.to_dense() if isinstance(leaf.grad, RowGrad) else leaf.grad
+        assert grad.dtype == torch.float64
+        torch.testing.assert_close(grad, ref.grad, rtol=1e-10, atol=1e-10)
+    before = leaves[1].detach().clone()
+    SparseAdam(leaves[1:3], lr=1e-3, backend="torch").step()
+    grad = refs[1].grad
+    expected = before - 1e-3 * grad / (grad.abs() + 1e-8)  # Adam's first step: m_hat = g, sqrt(v_hat) = |g|
+    touched = grad.abs().sum(1) > 0
+    torch.testing.assert_close(leaves[1].detach()[touched], expected[touched], rtol=0, atol=1e-15)
+    assert torch.equal(leaves[1].detach()[~touched], before[~touched])
+    with pytest.raises(TypeError, match="float64 tensor, which backend 'triton' does not take"):
+        SparseAdam(leaves[1:3], lr=1e-3, backend="triton").step()

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from flashsae import ops
-from flashsae.kernels import reference
+from flashsae.kernels import reference, torch_encode
 from flashsae.kernels.registry import (
     Backend,
     backend_names,
@@ -29,11 +29,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_names_are_auto_and_the_table():
-    assert backend_names() == ("auto", "torch", "triton")
+    assert backend_names() == ("auto", "torch", "triton", "triton-fused")
     assert ops.BACKENDS == backend_names()
 
 
-@pytest.mark.parametrize("name", ["torch", "triton"])
+def test_the_triton_backends_share_the_row_and_adam_kernels_and_differ_in_the_encoder():
+    chunked, fused = get_backend("triton", "cpu"), get_backend("triton-fused", "cpu")
+    assert chunked.topk_encode.__module__ == "flashsae.kernels.chunked_encode"
+    assert fused.topk_encode.__module__ == "flashsae.kernels.fused_encode"
+    for primitive in PRIMITIVES[1:]:
+        assert getattr(chunked, primitive) is getattr(fused, primitive), primitive
+    assert get_backend("torch", "cpu").float_dtypes[-1] == torch.float64
+    assert torch.float64 not in chunked.float_dtypes + fused.float_dtypes
+
+
+@pytest.mark.parametrize("name", ["torch", "triton", "triton-fused"])
 def test_every_backend_provides_every_primitive(name):
     backend = get_backend(name, "cpu")
     assert isinstance(backend, Backend) and backend.name == name
@@ -53,7 +63,7 @@ def test_every_backend_provides_every_primitive(name):
     ],
 )
 def test_unknown_name_is_an_error_naming_the_argument(call):
-    with pytest.raises(ValueError, match=r"backend must be one of auto, torch, triton, got"):
+    with pytest.raises(ValueError, match=r"backend must be one of auto, torch, triton, triton-fused, got"):
         call()
 
 
@@ -67,6 +77,7 @@ def test_explicit_names_resolve_to_themselves():
     assert resolve_backend("torch", "cuda") == "torch"
     assert resolve_backend("triton", "cuda") == "triton"
     assert resolve_backend("triton", "cpu") == "triton"  # conftest sets TRITON_INTERPRET=1
+    assert resolve_backend("triton-fused", "cuda") == "triton-fused"
 
 
 def test_triton_on_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
@@ -86,7 +97,7 @@ def test_triton_on_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
 def counting_backend(calls: Counter) -> Backend:
     """The torch backend with every primitive counting its calls."""
     def counted(name):
-        fn = getattr(reference, name)
+        fn = getattr(torch_encode if name == "topk_encode" else reference, name)
 
         def wrapper(*args, **kwargs):
             calls[name] += 1
@@ -126,7 +137,7 @@ def test_override_replaces_an_entry_and_restores_the_table():
         ops.topk_encode(torch.randn(2, 8), torch.randn(5, 8), torch.randn(5), 2)
         assert calls["topk_encode"] == 1
     assert get_backend("torch", "cpu") is torch_backend
-    assert backend_names() == ("auto", "torch", "triton")
+    assert backend_names() == ("auto", "torch", "triton", "triton-fused")
 
 
 def test_override_restores_the_table_when_the_block_raises():
@@ -146,7 +157,7 @@ def test_a_new_name_is_known_only_inside_its_override():
         return dataclasses.replace(get_backend("torch", "cpu"), name="lazy")
 
     with override_backend("lazy", factory):
-        assert backend_names() == ("auto", "torch", "triton", "lazy")
+        assert backend_names() == ("auto", "torch", "triton", "triton-fused", "lazy")
         assert not built, "a factory runs on first use, not on registration"
         assert get_backend("lazy", "cpu").name == "lazy" and get_backend("lazy", "cpu").name == "lazy"
         assert len(built) == 1

@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from flashsae import TopKSAE
-from flashsae.kernels import reference
+from flashsae.kernels import torch_encode
 from flashsae.kernels.registry import get_backend, override_backend
 from flashsae.optim import SparseAdam
 from flashsae.rowgrad import RowGrad
@@ -84,7 +84,7 @@ def torch_encoder_forward():
     """The interpreter cannot sweep 2^18 features in test time: the Triton variant keeps the torch
     encoder forward (it allocates O(B * chunk)) and runs every sparse part through Triton."""
     triton = get_backend("triton", "cpu")
-    with override_backend("triton", dataclasses.replace(triton, topk_encode=reference.topk_encode)):
+    with override_backend("triton", dataclasses.replace(triton, topk_encode=torch_encode.topk_encode)):
         yield
 
 

@@ -2,16 +2,24 @@
 
 On the CPU, `tests.sync_guard.SyncGuard` fails the step on any op that would make a CUDA stream wait
 for the host; on a GPU the same guard also turns on ``torch.cuda.set_sync_debug_mode("error")``,
-and the step is recorded in a CUDA graph and replayed (`flashsae.sae.trainer.CapturedStep`).
+and the step is recorded in a CUDA graph and replayed (`flashsae.sae.trainer.CapturedStep`). The
+torch encoder's CPU path sizes its survivor lists by the data (free on a CPU), so the CPU runs use
+its static variant, the one the torch backend runs on every other device.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
 
 from flashsae import TopKSAE
+from flashsae.kernels import torch_encode
+from flashsae.kernels.registry import get_backend, override_backend
 from flashsae.optim import SparseAdam
 from flashsae.sae.parallel import process_group
 from flashsae.sae.parallel.strategy import SingleProcess, make_strategy
@@ -43,6 +51,14 @@ def batches(n: int, device: str, dtype: torch.dtype, rank: int = 0, world: int =
     return [x[rank * B : (rank + 1) * B].to(device=device, dtype=dtype) for x in data]
 
 
+@contextmanager
+def static_torch_encoder() -> Iterator[None]:
+    """The torch backend with its static encoder on the CPU too (see the module docstring)."""
+    static = functools.partial(torch_encode.topk_encode, static=True)
+    with override_backend("torch", dataclasses.replace(get_backend("torch", "cpu"), topk_encode=static)):
+        yield
+
+
 def guarded_run(trainer: Trainer, xs: list[torch.Tensor]) -> dict:
     """EAGER_STEPS steps, then GUARDED_STEPS under the guard; the metrics of the guarded ones."""
     for x in xs[:EAGER_STEPS]:
@@ -58,7 +74,8 @@ def guarded_run(trainer: Trainer, xs: list[torch.Tensor]) -> dict:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_single_process_step_with_aux_k_never_synchronizes(dtype):
     trainer = make_trainer(dtype, "cpu")
-    metrics = guarded_run(trainer, batches(EAGER_STEPS + GUARDED_STEPS, "cpu", dtype))
+    with static_torch_encoder():
+        metrics = guarded_run(trainer, batches(EAGER_STEPS + GUARDED_STEPS, "cpu", dtype))
     assert metrics["dead_frac"] > 0 and metrics["aux_loss"] > 0, metrics
 
 
@@ -99,7 +116,8 @@ def _rank_body(info: process_group.DistInfo) -> dict:
         world = strategy.data_shard()[1]
         xs = batches(EAGER_STEPS + GUARDED_STEPS, "cpu", torch.float32, info.rank if world > 1 else 0, world)
         try:
-            result[name] = guarded_run(make_trainer(torch.float32, "cpu", strategy), xs)
+            with static_torch_encoder():
+                result[name] = guarded_run(make_trainer(torch.float32, "cpu", strategy), xs)
         except SyncError:
             result[name] = {"sync": traceback.format_exc()}
     return result

@@ -138,7 +138,7 @@ def test_transcoder_steps_need_their_target_and_aux_k_reconstructs_its_residual(
     top = pre.topk(4, dim=1)
     z = torch.zeros_like(pre).scatter(1, top.indices, top.values.clamp_min(0))
     expected = (z @ sae.W_dec.double() - residual.double()).pow(2).sum() / residual.double().pow(2).sum()
-    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
 
 
 def test_batch_topk_threshold_is_the_moving_average_of_each_batchs_smallest_selected_activation():

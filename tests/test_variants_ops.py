@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from flashsae import ops
-from flashsae.kernels import batch_select, reference
+from flashsae.kernels import batch_select, torch_encode
 from flashsae.rowgrad import RowGrad
 from tests.test_ops import DTYPES, TOL, dense_pre, make_encoder
 
@@ -66,7 +66,7 @@ def test_saturated_rows_are_searched_again_and_the_selection_is_exact(candidates
     B, d, F, k = 9, 20, 64, 4
     x, W, b, b_pre = make_encoder(B, d, F, torch.float32, seed=3)
     x[0] *= 6  # row 0 holds most of the batch's largest entries
-    vals, idx = batch_select.batch_topk(reference.topk_encode, x, W, b, k, b_pre, candidates=candidates)
+    vals, idx = batch_select.batch_topk(torch_encode.topk_encode, x, W, b, k, b_pre, candidates=candidates)
     chosen = batch_topk_reference(dense_pre(x, W, b, b_pre), k)
     assert chosen[0].sum() > candidates or candidates == 64
     assert torch.equal(as_dense(vals, idx, F) > 0, chosen)
@@ -81,7 +81,7 @@ def test_ties_at_the_batch_threshold_go_to_the_lower_row_then_the_lower_feature(
     b = torch.tensor([5.0, 5.0, 4.0, 4.0, 3.0, 3.0, 2.0, 2.0, 1.0, 1.0])
     x = torch.ones(B, 1)
     for candidates in (2, 3, 10):
-        vals, idx = batch_select.batch_topk(reference.topk_encode, x, W, b, k, None, candidates=candidates)
+        vals, idx = batch_select.batch_topk(torch_encode.topk_encode, x, W, b, k, None, candidates=candidates)
         got = as_dense(vals, idx, F) > 0
         assert torch.equal(got, batch_topk_reference(dense_pre(x, W, b, None), k))
         # 12 slots: features 0-1 of every row (8), then 2 and 3 (value 4) go to rows 0 and 1

@@ -30,6 +30,8 @@ from collections.abc import Callable
 
 import torch
 
+from .reference import math_dtype
+
 # Candidates per row for k selected per row on average: BatchTopK rows rarely hold more than a few k.
 CANDIDATES_PER_K = 4
 # Most pre-activations one chunk of the saturated rows' search holds (4M: 16 MiB in fp32).
@@ -106,7 +108,7 @@ def entries_beyond(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every positive entry of ``relu((x - b_pre) @ W_enc.T + b_enc)`` (x [S, d]) at or above (``inclusive``)
     or above ``cut``, in x's dtype: flat (rows, features, values), features swept in chunks."""
-    math = torch.float64 if x.dtype == torch.float64 else torch.float32
+    math = math_dtype(x)
     xc = x.to(math) if b_pre is None else x.to(math) - b_pre.to(math)
     chunk = max(1, CHUNK_ELEMENTS // max(x.shape[0], 1))
     found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []

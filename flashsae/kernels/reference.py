@@ -1,65 +1,26 @@
-"""The torch backend: every primitive of `flashsae.kernels.registry.Backend` in plain torch.
+"""The torch backend's row and Adam primitives (`flashsae.kernels.registry.Backend`) in plain torch.
 
-It runs on any device (the CPU backend) and is the oracle the Triton kernels are tested against.
-Nothing here materializes a [B, F] matrix or a dense [F, d] gradient: the encoder sweeps features
-in chunks with a running top-k over the packed keys of `flashsae.kernels.keys` (so ties resolve
-exactly as in the Triton encoder), and the sparse parts work on the B * k (token, feature) pairs in
-chunks. Accumulation is fp32 whatever the input dtype. Shapes and return conventions are the
-`Backend` docstring's. The backward and optimizer primitives keep static sizes (padding slots,
-masked writes): none of them makes a CUDA stream wait on the host.
+They run on any device (the CPU backend) and are the oracle the Triton kernels are tested against;
+the backend's encoder is `flashsae.kernels.torch_encode`. Nothing here materializes a dense [F, d]
+gradient: the sparse parts work on the B * k (token, feature) pairs in chunks. Accumulation is fp32
+(float64 for float64 inputs). Shapes and return conventions are the `Backend` docstring's. The
+backward and optimizer primitives keep static sizes (padding slots, masked writes): none of them
+makes a CUDA stream wait on the host.
 """
 from __future__ import annotations
 
 import torch
 
 from ..rowgrad import write_rows_
-from .keys import pack_keys, unpack_keys
 from .pairs import PairGroups
 
-# Most values a chunk of work holds at once (4M: 48 MiB of fp32 values and int64 keys).
+# Most values a chunk of work holds at once (4M: 16 MiB of fp32 values).
 CHUNK_ELEMENTS = 1 << 22
 
 
-def feature_chunk_size(n_tokens: int, n_features: int, k: int) -> int:
-    """Features per chunk for the running top-k, so a chunk holds at most CHUNK_ELEMENTS values."""
-    return max(k, min(n_features, CHUNK_ELEMENTS // max(n_tokens, 1)))
-
-
-def topk_encode(
-    x: torch.Tensor,
-    W_enc: torch.Tensor,
-    b_enc: torch.Tensor,
-    k: int,
-    b_pre: torch.Tensor | None = None,
-    *,
-    chunk_size: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k of ``relu((x - b_pre) @ W_enc.T + b_enc)`` per token, sweeping features in chunks.
-
-    x: [B, d], W_enc: [F, d], b_enc: [F], b_pre: [d] or None (one float dtype).
-    Returns vals [B, k] in x's dtype, sorted descending, and idx [B, k] int64; ties go to the
-    lower feature index, and tokens with fewer than k positive values fill up with zeros at the
-    lowest unchosen indices. Extra memory is O(B * chunk_size + B * k), never O(B * F).
-    """
-    n_tokens, n_features = x.shape[0], W_enc.shape[0]
-    chunk = chunk_size or feature_chunk_size(n_tokens, n_features, k)
-    xc = x.to(torch.float32)
-    if b_pre is not None:
-        xc = xc - b_pre.to(torch.float32)
-    best = torch.empty(n_tokens, 0, dtype=torch.int64, device=x.device)
-    for start in range(0, n_features, chunk):
-        stop = min(start + chunk, n_features)
-        act = torch.addmm(b_enc[start:stop].to(torch.float32), xc, W_enc[start:stop].to(torch.float32).T)
-        keys = pack_keys(act, torch.arange(start, stop, device=x.device))  # relu(act)'s keys
-        del act
-        if keys.shape[1] > k:
-            keys = keys.topk(k, dim=1, sorted=False).values
-        best = torch.cat([best, keys], dim=1)
-        if best.shape[1] > k:
-            best = best.topk(k, dim=1, sorted=False).values
-    best = best.sort(dim=1, descending=True).values
-    vals, idx = unpack_keys(best)
-    return vals.to(x.dtype), idx
+def math_dtype(t: torch.Tensor) -> torch.dtype:
+    """The accumulation dtype for inputs like ``t``: float64 for float64, else fp32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _chunk_step(width: int) -> int:
@@ -80,33 +41,37 @@ def gather_rows(
     bias: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``out[t] = sum_j coef[t, j] * W[idx[t, j]] (+ bias)`` in fp32: coef [B, k], idx [B, k], W [F, d] -> [B, d].
+    """``out[t] = sum_j coef[t, j] * W[idx[t, j]] (+ bias)`` in fp32 (float64 for float64 W): coef
+    [B, k], idx [B, k], W [F, d] -> [B, d].
 
-    ``out`` defaults to a new fp32 [B, d] tensor; a given one is written in its own dtype.
+    ``out`` defaults to a new [B, d] tensor in the math dtype; a given one is written in its own dtype.
     """
     n_tokens, k = idx.shape
+    acc_dtype = math_dtype(W)
     if out is None:
-        out = torch.empty(n_tokens, W.shape[1], dtype=torch.float32, device=W.device)
+        out = torch.empty(n_tokens, W.shape[1], dtype=acc_dtype, device=W.device)
     step = _chunk_step(k * W.shape[1])
     for start in range(0, n_tokens, step):
         part = slice(start, start + step)
-        picked = take_rows(W, idx[part]).to(torch.float32)  # [b, k, d]
-        acc = torch.bmm(coef[part].to(torch.float32).unsqueeze(1), picked).squeeze(1)
+        picked = take_rows(W, idx[part]).to(acc_dtype)  # [b, k, d]
+        acc = torch.bmm(coef[part].to(acc_dtype).unsqueeze(1), picked).squeeze(1)
         if bias is not None:
-            acc += bias.to(torch.float32)
+            acc += bias.to(acc_dtype)
         out[part] = acc
     return out
 
 
 def row_dots(grad: torch.Tensor, idx: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-    """``out[t, j] = <grad[t], W[idx[t, j]]>`` in fp32: grad [B, d], idx [B, k], W [F, d] -> [B, k]."""
+    """``out[t, j] = <grad[t], W[idx[t, j]]>`` in fp32 (float64 for float64 W): grad [B, d], idx [B, k],
+    W [F, d] -> [B, k] in the math dtype."""
     n_tokens, k = idx.shape
-    out = torch.empty(n_tokens, k, dtype=torch.float32, device=W.device)
+    acc_dtype = math_dtype(W)
+    out = torch.empty(n_tokens, k, dtype=acc_dtype, device=W.device)
     step = _chunk_step(k * W.shape[1])
     for start in range(0, n_tokens, step):
         part = slice(start, start + step)
-        picked = take_rows(W, idx[part]).to(torch.float32)  # [b, k, d]
-        out[part] = torch.bmm(picked, grad[part].to(torch.float32).unsqueeze(2)).squeeze(2)
+        picked = take_rows(W, idx[part]).to(acc_dtype)  # [b, k, d]
+        out[part] = torch.bmm(picked, grad[part].to(acc_dtype).unsqueeze(2)).squeeze(2)
     return out
 
 
@@ -119,34 +84,37 @@ def segment_rows(
     """Per-slot sums over the fired pairs of ``groups``: the compact row gradient.
 
     coef [B, k], groups: `flashsae.kernels.pairs.PairGroups` of the same selection (R slots), vecs
-    [B, d], shift [d] or None. Returns grad_rows [R, d] fp32 with ``grad_rows[u] = sum_{pairs of
-    slot u} coef[t, j] * (vecs[t] - shift)`` (zeros in padding slots) and coef_sums [R] fp32, the
-    per-slot sums of coef. Pairs that did not fire add zeros (static sizes: no host sync).
+    [B, d], shift [d] or None. Returns grad_rows [R, d] fp32 (float64 for float64 vecs) with
+    ``grad_rows[u] = sum_{pairs of slot u} coef[t, j] * (vecs[t] - shift)`` (zeros in padding
+    slots) and coef_sums [R] in that dtype, the per-slot sums of coef. Pairs that did not fire add
+    zeros (static sizes: no host sync).
     """
     n_slots, width = groups.n_slots, vecs.shape[1]
-    weights = torch.where(groups.fired, coef.reshape(-1).to(torch.float32)[groups.pairs], 0.0)
+    acc_dtype = math_dtype(vecs)
+    weights = torch.where(groups.fired, coef.reshape(-1).to(acc_dtype)[groups.pairs], 0.0)
     tokens = groups.pairs // groups.k
-    grad_rows = torch.zeros(n_slots, width, dtype=torch.float32, device=vecs.device)
+    grad_rows = torch.zeros(n_slots, width, dtype=acc_dtype, device=vecs.device)
     step = _chunk_step(width)
     for start in range(0, weights.shape[0], step):
         part = slice(start, start + step)
-        picked = take_rows(vecs, tokens[part]).to(torch.float32)
+        picked = take_rows(vecs, tokens[part]).to(acc_dtype)
         if shift is not None:
-            picked -= shift.to(torch.float32)
+            picked -= shift.to(acc_dtype)
         grad_rows.index_add_(0, groups.segment[part], weights[part].unsqueeze(1) * picked)
-    coef_sums = torch.zeros(n_slots, dtype=torch.float32, device=coef.device)
+    coef_sums = torch.zeros(n_slots, dtype=acc_dtype, device=coef.device)
     coef_sums.index_add_(0, groups.segment, weights)
     return grad_rows, coef_sums
 
 
 def adam_row_scalars(
-    step: torch.Tensor, rows: torch.Tensor | None, valid: torch.Tensor | None, lr: float, beta1: float, beta2: float
+    step: torch.Tensor, rows: torch.Tensor | None, valid: torch.Tensor | None, lr: float, beta1: float, beta2: float,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Advance the per-row step counts of the touched rows and return their Adam scalars.
 
     step [n] int64 is incremented in place, without a host sync, at the ``rows`` ([U] int64; None =
     every row) where ``valid`` ([U] bool, or [n] with rows=None; None = all). Returns step_size =
-    lr / (1 - beta1**t) and bc2_sqrt = sqrt(1 - beta2**t), fp32 [U] (computed in float64, as
+    lr / (1 - beta1**t) and bc2_sqrt = sqrt(1 - beta2**t), [U] in ``dtype`` (computed in float64, as
     torch.optim.Adam does, then rounded); entries that are not valid get finite values nothing uses.
     """
     if rows is None and valid is None:
@@ -162,12 +130,12 @@ def adam_row_scalars(
         t = step[rows].clamp(min=1).to(torch.float64)
     step_size = lr / (1 - beta1**t)
     bc2_sqrt = (1 - beta2**t).sqrt()
-    return step_size.to(torch.float32), bc2_sqrt.to(torch.float32)
+    return step_size.to(dtype), bc2_sqrt.to(dtype)
 
 
-def _rows_to_dense(grad: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
-    """The [n, m] fp32 gradient of rows ``rows`` [U] (padding entries hold zeros, so they add nothing)."""
-    return torch.zeros(n, grad.shape[1], dtype=torch.float32, device=grad.device).index_add_(0, rows, grad.to(torch.float32))
+def _rows_to_dense(grad: torch.Tensor, rows: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """The [n, m] gradient of rows ``rows`` [U] in ``dtype`` (padding entries hold zeros, so they add nothing)."""
+    return torch.zeros(n, grad.shape[1], dtype=dtype, device=grad.device).index_add_(0, rows, grad.to(dtype))
 
 
 def _touched(rows: torch.Tensor, valid: torch.Tensor | None, n: int) -> torch.Tensor:
@@ -216,30 +184,34 @@ def sparse_adam_step_(
     [U] bool (None: all; valid rows distinct, the others name row 0 and hold zeros), or is [n, m]
     with rows=None (every row, or the rows where ``valid`` [n] when given). ``low`` [n, m] int16
     (bf16 params only): the low bits of fp32 master weights (`join_master`); the update then runs
-    on the exact fp32 master and writes both halves back. Math in fp32. ``unit_norm``: remove each
+    on the exact fp32 master and writes both halves back. Math in fp32 (float64 for a float64 param).
+    ``unit_norm``: remove each
     gradient row's component along its parameter row first, and rescale the updated rows to unit
     norm after the step. When there are at least as many slots as rows, the update runs as one
     masked pass over all rows (the same arithmetic per row, no gathers).
     """
+    acc_dtype = math_dtype(param)
+    tiny = torch.finfo(acc_dtype).tiny
     if rows is not None and rows.shape[0] >= param.shape[0]:
-        grad, valid, rows = _rows_to_dense(grad, rows, param.shape[0]), _touched(rows, valid, param.shape[0]), None
-    step_size, bc2_sqrt = adam_row_scalars(step, rows, valid, lr, beta1, beta2)
+        grad, valid, rows = (_rows_to_dense(grad, rows, param.shape[0], acc_dtype), _touched(rows, valid, param.shape[0]),
+                             None)
+    step_size, bc2_sqrt = adam_row_scalars(step, rows, valid, lr, beta1, beta2, acc_dtype)
     pick = (lambda t: t) if rows is None else (lambda t: take_rows(t, rows))
-    w = join_master(pick(param), pick(low)) if low is not None else pick(param).to(torch.float32)
-    g = grad.to(torch.float32)
+    w = join_master(pick(param), pick(low)) if low is not None else pick(param).to(acc_dtype)
+    g = grad.to(acc_dtype)
     if unit_norm:
-        along = (g * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        along = (g * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True).clamp_min(tiny)
         g = g - along * w
-    m = pick(exp_avg).to(torch.float32)
-    v = pick(exp_avg_sq).to(torch.float32)
+    m = pick(exp_avg).to(acc_dtype)
+    v = pick(exp_avg_sq).to(acc_dtype)
     m = m + (1 - beta1) * (g - m)
     v = beta2 * v + (1 - beta2) * g * g
     w = w - step_size[:, None] * m / (v.sqrt() / bc2_sqrt[:, None] + eps)
     if unit_norm:
-        norm = w.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        norm = w.norm(dim=1, keepdim=True).clamp_min(tiny)
         # The stored (rounded) row is rescaled by the fp32 row's norm, as the Triton kernel does;
         # with master weights the fp32 row itself is.
-        w = w / norm if low is not None else w.to(param.dtype).to(torch.float32) / norm
+        w = w / norm if low is not None else w.to(param.dtype).to(acc_dtype) / norm
     if low is not None:
         new, new_low = split_master(w)
     else:

@@ -4,20 +4,25 @@ A `Backend` is the set of primitives the ops (`flashsae.ops`) and the optimizer
 (`flashsae.optim.SparseAdam`) are composed of; everything above this module is backend-agnostic.
 Built-in backends:
 
-- ``"torch"``: `flashsae.kernels.reference`, runs on any device (the CPU backend, and the oracle
-  the Triton kernels are tested against).
-- ``"triton"``: the fused encoder (`flashsae.kernels.fused_encode`), the row kernels
-  (`flashsae.kernels.rows`) and the sparse Adam kernel (`flashsae.kernels.sparse_adam`). Needs CUDA
-  tensors, or CPU tensors under ``TRITON_INTERPRET=1``. Imported on first use, so flashsae does
-  not import triton while only the torch backend runs.
+- ``"torch"``: the chunked threshold encoder `flashsae.kernels.torch_encode` and the primitives of
+  `flashsae.kernels.reference`; runs on any device (the CPU backend, and the oracle the Triton
+  kernels are tested against). The only backend that takes float64.
+- ``"triton"``: the chunked encoder (`flashsae.kernels.chunked_encode`: cuBLAS GEMM per chunk of
+  features + a Triton threshold select), the row kernels (`flashsae.kernels.rows`) and the sparse
+  Adam kernel (`flashsae.kernels.sparse_adam`).
+- ``"triton-fused"``: the fused encoder (`flashsae.kernels.fused_encode`: Triton GEMM tiles whose
+  epilogue runs the same threshold select) with the same row and Adam kernels; opt-in.
 
-``"auto"`` is not a backend but a rule: Triton on CUDA tensors, torch elsewhere.
+Triton backends need CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``, and are imported
+on first use, so flashsae does not import triton while only the torch backend runs.
+
+``"auto"`` is not a backend but a rule: "triton" (the chunked encoder) on CUDA tensors, torch
+elsewhere. It picks the chunked encoder over the fused one until a GPU run shows the fused one
+faster at some shape (no GPU measurement exists yet).
 
 Adding a backend is one entry in `_TABLE`: a factory that builds its `Backend` (importing its
-modules there, so nothing loads before first use) and whether it runs Triton. A second Triton
-encoder sharing the row and Adam kernels, say, would be::
-
-    "triton-fused": _Entry(lambda: _assemble("triton-fused", other_encoder, rows, sparse_adam), uses_triton=True)
+modules there, so nothing loads before first use) and whether it runs Triton. The two Triton
+entries show the pattern: each assembles its encoder with the shared row and Adam modules.
 
 To try one out, or to swap one for a test, use `override_backend`, a context manager that restores
 the table on exit::
@@ -41,6 +46,8 @@ import torch
 from ..checks import require_choice
 
 AUTO = "auto"
+# The float dtypes of the torch backend (the Triton backends take fp32 | bf16 | fp16).
+FLOAT_DTYPES_WITH_FLOAT64 = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # What "auto" means: the backend for a device type, or AUTO_FALLBACK for every other device.
 AUTO_BY_DEVICE_TYPE = {"cuda": "triton"}
 AUTO_FALLBACK = "torch"
@@ -49,15 +56,17 @@ AUTO_FALLBACK = "torch"
 @dataclass(frozen=True)
 class Backend:
     """The primitives a backend provides. Inputs are validated and contiguous (`flashsae.ops` and
-    `SparseAdam` see to it); floats are one of fp32 | bf16 | fp16 unless stated, and all math is fp32.
-    B tokens, k slots per token, F features, d model width.
+    `SparseAdam` see to it); floats are of one dtype among ``float_dtypes`` (fp32 | bf16 | fp16,
+    plus float64 on the torch backend), and math is fp32 (float64 for float64 inputs).
+    B tokens (B may be 0), k slots per token, F features, d model width.
 
     ``topk_encode(x, W_enc, b_enc, k, b_pre) -> (vals, idx)``
         Top-k of ``relu((x - b_pre) @ W_enc.T + b_enc)`` per token, never forming [B, F]. x [B, d],
-        W_enc [F, d], b_enc [F], b_pre [d] or None, 1 <= k <= min(F, MAX_K). Returns vals [B, k] in
-        x's dtype sorted descending and idx [B, k] int64: ties go to the lower feature index, and a
-        token with fewer than k positive values fills up with zeros at the lowest unchosen indices
-        (the order of `flashsae.kernels.keys`).
+        W_enc [F, d], b_enc [F], b_pre [d] or None, 1 <= k <= F. Returns vals [B, k] in x's dtype
+        sorted descending and idx [B, k] int64: ties go to the lower feature index, a NaN
+        pre-activation counts as -inf (a zero after the ReLU), and a token with fewer than k
+        positive values fills up with zeros at the lowest unchosen indices (the order of
+        `flashsae.kernels.keys`).
     ``gather_rows(coef, idx, W, bias=None, out=None) -> out``
         ``out[t] = sum_j coef[t, j] * W[idx[t, j]] (+ bias)``: coef [B, k], idx [B, k] int64,
         W [F, d], bias [d] or None. ``out`` defaults to a new fp32 [B, d] tensor; a given ``out``
@@ -69,8 +78,8 @@ class Backend:
         `flashsae.kernels.pairs.PairGroups` of that [B, k] selection (R = min(B k, F) row slots, its
         fired features first; computed once per step by `flashsae.kernels.pairs.group_pairs`, which
         every backend shares), vecs [B, d], shift [d] or None. ``grad_rows[u] = sum_{pairs of slot
-        u} coef[t, j] * (vecs[t] - shift)`` [R, d] fp32 and coef_sums [R] fp32, zeros in padding
-        slots. Static sizes: it never waits on the device.
+        u} coef[t, j] * (vecs[t] - shift)`` [R, d] and coef_sums [R] in the math dtype, zeros in
+        padding slots. Static sizes: it never waits on the device.
     ``sparse_adam_step_(param, grad, rows, valid, exp_avg, exp_avg_sq, step, *, low=None, lr, beta1, beta2, eps, unit_norm=False) -> None``
         One lazy Adam step, in place, on the touched rows of param [n, m] with moments exp_avg /
         exp_avg_sq [n, m] fp32 | bf16 and per-row step counts step [n] int64. grad [U, m] (fp32 or
@@ -80,6 +89,8 @@ class Backend:
         ``low`` [n, m] int16 with a bf16 param: the low bits of
         fp32 master weights (`flashsae.kernels.reference.join_master`), updated exactly. Untouched
         rows are neither read nor written; see `flashsae.optim.SparseAdam` for the math.
+
+    ``float_dtypes``: the float dtypes the primitives take.
     """
 
     name: str
@@ -88,6 +99,7 @@ class Backend:
     row_dots: Callable[..., torch.Tensor]
     segment_rows: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     sparse_adam_step_: Callable[..., None]
+    float_dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
 
 
 BackendFactory = Callable[[], Backend]
@@ -100,27 +112,35 @@ class _Entry:
     uses_triton: bool
 
 
-def _assemble(name: str, encoder: ModuleType, rows: ModuleType, adam: ModuleType) -> Backend:
+def _assemble(name: str, encoder: ModuleType, rows: ModuleType, adam: ModuleType, **extra) -> Backend:
     """A `Backend` from the modules holding its primitives, under their interface names."""
-    return Backend(name, encoder.topk_encode, rows.gather_rows, rows.row_dots, rows.segment_rows, adam.sparse_adam_step_)
+    return Backend(name, encoder.topk_encode, rows.gather_rows, rows.row_dots, rows.segment_rows,
+                   adam.sparse_adam_step_, **extra)
 
 
 def _torch_backend() -> Backend:
-    from . import reference
+    from . import reference, torch_encode
 
-    return _assemble("torch", reference, reference, reference)
+    return _assemble("torch", torch_encode, reference, reference, float_dtypes=FLOAT_DTYPES_WITH_FLOAT64)
 
 
-def _triton_backend() -> Backend:
+def _chunked_backend() -> Backend:
+    from . import chunked_encode, rows, sparse_adam
+
+    return _assemble("triton", chunked_encode, rows, sparse_adam)
+
+
+def _fused_backend() -> Backend:
     from . import fused_encode, rows, sparse_adam
 
-    return _assemble("triton", fused_encode, rows, sparse_adam)
+    return _assemble("triton-fused", fused_encode, rows, sparse_adam)
 
 
 # The one table of backends: name -> how to build it. Order is the order `backend_names` lists.
 _TABLE: dict[str, _Entry] = {
     "torch": _Entry(_torch_backend, uses_triton=False),
-    "triton": _Entry(_triton_backend, uses_triton=True),
+    "triton": _Entry(_chunked_backend, uses_triton=True),
+    "triton-fused": _Entry(_fused_backend, uses_triton=True),
 }
 _built: dict[str, Backend] = {}
 
@@ -133,7 +153,7 @@ def backend_names() -> tuple[str, ...]:
 def resolve_backend(name: str, device: torch.device | str) -> str:
     """The registered backend that ``name`` runs on tensors of ``device``.
 
-    "auto" is Triton on CUDA tensors and torch elsewhere. A Triton backend on a non-CUDA device
+    "auto" is "triton" on CUDA tensors and torch elsewhere. A Triton backend on a non-CUDA device
     needs ``TRITON_INTERPRET=1``; ValueError (naming ``backend``) for that and for unknown names.
     """
     require_choice("backend", name, backend_names())

@@ -50,7 +50,8 @@ def aux_k_loss(
     x, residual = x.detach(), residual.detach()
     shift = sae.encoder_shift
     b_pre = None if shift is None else shift.detach()
-    selection = sae._select(x, sae.W_enc, sae.b_enc, b_pre, aux_k, held)
+    # x was the main forward's input: checked there, or by the caller's own deferred check.
+    selection = sae._select(x, sae.W_enc, sae.b_enc, b_pre, aux_k, held, check_finite=False)
     e_hat = sae._decode_rows(selection.vals, selection.idx, sae.W_dec, torch.zeros_like(sae.b_dec),
                              sae._held_ids(x.device), selection.grouping)
     return unexplained_fraction(e_hat, residual, denominator) * dead.any()

@@ -211,15 +211,19 @@ class TopKSAE(nn.Module):
         b_pre: torch.Tensor | None,
         k: int,
         mask: torch.Tensor | None = None,
+        *,
+        check_finite: bool = True,
     ) -> Selection:
         """Top-k of ``relu((x - b_pre) @ W_enc.T + b_enc)`` over this module's features (b_pre None: x itself).
 
         W_enc [n, d], b_enc [n]: the rows this module holds. ``mask`` (bool [n]): choose only among
         the rows where it is True (the dead features, for AuxK); the others never fire.
+        ``check_finite``: see `flashsae.ops.topk_encode`.
         """
         grouping = ops.SharedGrouping()
         vals, idx = ops.topk_encode(x, W_enc, b_enc, k, b_pre=b_pre, backend=self.backend,
-                                    sparse_grad=self.sparse_grad, mask=mask, grouping=grouping)
+                                    sparse_grad=self.sparse_grad, mask=mask, grouping=grouping,
+                                    check_finite=check_finite)
         return Selection(vals, idx, grouping)
 
     def _decode_rows(
@@ -245,24 +249,25 @@ class TopKSAE(nn.Module):
                                  grouping=grouping, check_indices=not trusted)
 
     def _select_batch(
-        self, x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_pre: torch.Tensor | None, k: int
+        self, x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_pre: torch.Tensor | None, k: int,
+        *, check_finite: bool = True,
     ) -> Selection:
         """BatchTopK: the B * k largest of ``relu((x - b_pre) @ W_enc.T + b_enc)`` over the whole batch
         x [B, d], as zero-padded rows [B, k_max] (`flashsae.ops.batch_topk_encode`)."""
         grouping = ops.SharedGrouping()
         vals, idx = ops.batch_topk_encode(x, W_enc, b_enc, k, b_pre=b_pre, backend=self.backend,
-                                          sparse_grad=self.sparse_grad, grouping=grouping)
+                                          sparse_grad=self.sparse_grad, grouping=grouping, check_finite=check_finite)
         return Selection(vals, idx, grouping)
 
     def _select_above(
         self, x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_pre: torch.Tensor | None,
-        threshold: torch.Tensor,
+        threshold: torch.Tensor, *, check_finite: bool = True,
     ) -> Selection:
         """JumpReLU: every pre-activation above ``threshold`` (a 0-d tensor >= 0), as zero-padded rows
         [B, k_max] (`flashsae.ops.threshold_encode`)."""
         grouping = ops.SharedGrouping()
         vals, idx = ops.threshold_encode(x, W_enc, b_enc, threshold, b_pre=b_pre, backend=self.backend,
-                                         sparse_grad=self.sparse_grad, grouping=grouping)
+                                         sparse_grad=self.sparse_grad, grouping=grouping, check_finite=check_finite)
         return Selection(vals, idx, grouping)
 
     def _decode_levels(
@@ -285,23 +290,28 @@ class TopKSAE(nn.Module):
                                         check_indices=not trusted)
 
     # ---------------------------------------------------------------------------------- the forward
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: [B, d] -> (vals [B, k] descending, idx [B, k] int64); BatchTopK: [B, k_max] (see `codes`)."""
-        selection = self.codes(x)
+    def encode(self, x: torch.Tensor, *, check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [B, d] -> (vals [B, k] descending, idx [B, k] int64); BatchTopK: [B, k_max] (see `codes`).
+
+        ``check_finite`` (default True) raises a ValueError naming the first row of x with NaN or
+        Inf (a host sync on a GPU); pass False when the caller checks later itself.
+        """
+        selection = self.codes(x, check_finite=check_finite)
         return selection.vals, selection.idx
 
-    def codes(self, x: torch.Tensor) -> Selection:
+    def codes(self, x: torch.Tensor, *, check_finite: bool = True) -> Selection:
         """The selection of x [B, d] this model makes: top-k per token; BatchTopK: the batch's B * k
-        largest in training mode, every pre-activation above ``threshold`` in eval mode."""
+        largest in training mode, every pre-activation above ``threshold`` in eval mode.
+        ``check_finite``: see `encode`."""
         shift = self.encoder_shift
         if not self.arch.batch_topk:
-            return self._select(x, self.W_enc, self.b_enc, shift, self.k)
+            return self._select(x, self.W_enc, self.b_enc, shift, self.k, check_finite=check_finite)
         if self.training:
-            return self._select_batch(x, self.W_enc, self.b_enc, shift, self.k)
+            return self._select_batch(x, self.W_enc, self.b_enc, shift, self.k, check_finite=check_finite)
         if self.threshold < 0:
             raise RuntimeError("this BatchTopK SAE has no JumpReLU threshold yet (no training batch has set it): "
                                "encode in training mode (model.train()) or train it first")
-        return self._select_above(x, self.W_enc, self.b_enc, shift, self.threshold)
+        return self._select_above(x, self.W_enc, self.b_enc, shift, self.threshold, check_finite=check_finite)
 
     def decode(self, vals: torch.Tensor, idx: torch.Tensor, grouping: ops.SharedGrouping | None = None) -> torch.Tensor:
         """(vals [B, k], idx [B, k] int64 in [0, F)) -> the dictionary's reconstruction [B, d_out], with b_dec
@@ -316,12 +326,13 @@ class TopKSAE(nn.Module):
         """The skip connection ``x W_skip^T``: [B, d] -> [B, d_out] in fp32 accumulation, the model's dtype."""
         return torch.mm(x.float(), self.W_skip.float().T).to(self.dtype)
 
-    def forward(self, x: torch.Tensor) -> SAEOutput:
-        """x: [..., d] -> SAEOutput with x_hat [..., d_out], vals and idx [..., k] (BatchTopK: [..., k_max]),
-        and a Matryoshka model's levels [G, ..., d_out]."""
+    def forward(self, x: torch.Tensor, *, check_finite: bool = True) -> SAEOutput:
+        """x: [..., d] (any leading shape, possibly empty) -> SAEOutput with x_hat [..., d_out], vals and
+        idx [..., k] (BatchTopK: [..., k_max]), and a Matryoshka model's levels [G, ..., d_out].
+        ``check_finite``: see `encode`."""
         lead = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1])
-        selection = self.codes(x)
+        selection = self.codes(x, check_finite=check_finite)
         vals, idx, levels = selection.vals, selection.idx, None
         if self.arch.nested:
             levels = self._decode_levels(vals, idx, self.W_dec, self.b_dec, self._held_ids(idx.device),

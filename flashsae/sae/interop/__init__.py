@@ -7,9 +7,12 @@
 
 Exporting and importing need neither peer package installed; patching works on their objects.
 """
-from ._common import NORM_SCALE_KEY, unpatch
-from .saelens import export_saelens, import_saelens, patch_saelens
-from .sparsify import export_sparsify, import_sparsify, patch_sparsify
+from ._common import NORM_SCALE_KEY
+from .patching import unpatch
+from .saelens import export_saelens, import_saelens
+from .saelens_patch import patch_saelens
+from .sparsify import export_sparsify, import_sparsify
+from .sparsify_patch import patch_sparsify
 
 __all__ = [
     "NORM_SCALE_KEY",

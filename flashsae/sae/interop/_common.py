@@ -1,11 +1,9 @@
-"""Helpers shared by the SAELens and sparsify converters: weight folding and method patching."""
+"""Helpers shared by the SAELens and sparsify converters: weight folding and building a TopKSAE."""
 from __future__ import annotations
 
-import types
-from typing import Any, Callable
+from typing import Any
 
 import torch
-from torch import nn
 
 from ..model import TopKSAE
 
@@ -15,7 +13,6 @@ TARGET_NORM_SCALE_KEY = "target_norm_scale"
 """Metadata key: a transcoder predicts ``target_norm_scale * y`` for its raw target activations ``y``."""
 FLASHSAE_METADATA_KEY = "flashsae_metadata"
 """Key under which our metadata rides along in a peer's config (their loaders ignore it)."""
-_PATCHED_ATTR = "_flashsae_patched"
 
 
 @torch.no_grad()
@@ -72,23 +69,3 @@ def build_sae(
             raise ValueError(f"{name} must have {expected}, got {tuple(value.shape)}")
         param.copy_(value.to(param.device, dtype))
     return sae
-
-
-def patch_methods(module: nn.Module, methods: dict[str, Callable[..., Any]]) -> None:
-    """Bind ``methods`` (functions taking the module first) as instance attributes of ``module``."""
-    if getattr(module, _PATCHED_ATTR, None):
-        raise ValueError(f"{type(module).__name__} is already patched; call unpatch() first")
-    for name, fn in methods.items():
-        setattr(module, name, types.MethodType(fn, module))
-    setattr(module, _PATCHED_ATTR, tuple(methods))
-
-
-def unpatch(module: nn.Module) -> nn.Module:
-    """Undo `patch_saelens` / `patch_sparsify`: the module's own methods run again."""
-    for name in getattr(module, _PATCHED_ATTR, ()) or ():
-        module.__dict__.pop(name, None)
-    if _PATCHED_ATTR in module.__dict__:
-        del module.__dict__[_PATCHED_ATTR]
-    for attr in ("_flashsae_last", "_flashsae_need_dense", "_flashsae_options"):
-        module.__dict__.pop(attr, None)
-    return module

@@ -1,4 +1,4 @@
-"""SAELens (``sae-lens``) TopK format: export / import, and our ops inside SAELens' own SAEs.
+"""SAELens (``sae-lens``) TopK format: export and import (`patch_saelens` lives in ``saelens_patch``).
 
 SAELens ``topk`` SAE on disk: ``cfg.json`` + ``sae_weights.safetensors`` holding
 ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``, ``b_dec [d_in]``, read by
@@ -27,12 +27,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ... import ops
-from ...checks import dtype_name, parse_dtype, require_choice
-from ...kernels.registry import backend_names
+from ...checks import dtype_name, parse_dtype
 from ..atomic import atomic_write
 from ..model import TopKSAE
-from ._common import FLASHSAE_METADATA_KEY, build_sae, patch_methods, raw_space_weights
+from ._common import FLASHSAE_METADATA_KEY, build_sae, raw_space_weights
 
 CONFIG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -171,94 +169,3 @@ def import_saelens(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
         metadata["reshape_activations"] = cfg["reshape_activations"]
     dtype = dtype if dtype is not None else parse_dtype(cfg.get("dtype", "float32").removeprefix("torch."))
     return build_sae(W_enc, b_enc, W_dec, b_dec, int(cfg["k"]), dtype=dtype, metadata=metadata, **kwargs)
-
-
-def patch_saelens(sae: Any, *, backend: str = "auto", sparse_grad: bool = False) -> Any:
-    """Run a SAELens TopK SAE (``TopKSAE`` or ``TopKTrainingSAE``) on `flashsae.ops`, in place.
-
-    ``encode`` / ``encode_with_hidden_pre`` select the top-k with `ops.topk_encode` (no dense
-    pre-activation matmul) and ``decode`` of the activations they return runs `ops.sparse_decode`;
-    everything else (hooks on the input and reconstruction, activation normalization, the loss,
-    ``training_forward_pass``, SAELens' ``SAETrainer``, its optimizer) is SAELens' own code and
-    gradients land in the SAE's own parameters. The map is the same, including
-    ``apply_b_dec_to_input`` and ``rescale_acts_by_decoder_norm``.
-
-    What differs: ``feature_acts`` is still the dense [..., d_sae] tensor SAELens' API promises, but
-    built by a scatter of the k values; the dense pre-activations (``hidden_pre``, and the
-    ``hook_sae_acts_pre`` hook) are computed only when the TopK auxiliary loss needs them (a step
-    whose ``dead_neuron_mask`` has dead features, or a direct ``encode_with_hidden_pre`` call);
-    otherwise ``hidden_pre`` is an empty [..., 0] tensor. ``decode`` of any other tensor falls back
-    to SAELens' decode. Ops run in the parameters' dtype (autocast does not change them).
-    ``sparse_grad=True`` gives float32 `flashsae.rowgrad.RowGrad` gradients (`SparseAdam` reads them
-    compactly; other optimizers see them as dense tensors).
-    Returns ``sae``; `flashsae.sae.interop.unpatch` restores it.
-    """
-    cfg = getattr(sae, "cfg", None)
-    architecture = cfg.architecture() if cfg is not None and hasattr(cfg, "architecture") else None
-    if architecture != "topk":
-        raise ValueError(f"patch_saelens needs a SAELens 'topk' SAE, got architecture {architecture!r}")
-    require_choice("backend", backend, backend_names())
-    sae._flashsae_options = {"backend": backend, "sparse_grad": sparse_grad}
-    methods: dict[str, Any] = {"decode": _decode, "encode": _encode}
-    if hasattr(sae, "encode_with_hidden_pre"):
-        methods.update(encode_with_hidden_pre=_encode_with_hidden_pre, training_forward_pass=_training_forward_pass)
-    patch_methods(sae, methods)
-    return sae
-
-
-def _sparse_encode(sae: Any, x: torch.Tensor, dense_pre: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(feature_acts [..., d_sae] dense, hidden_pre [..., d_sae] or [..., 0]) on ``ops.topk_encode``."""
-    opts = sae._flashsae_options
-    sae_in = sae.process_sae_in(x)  # dtype cast, reshaping, input hook, normalization, minus b_dec
-    lead, d_in = sae_in.shape[:-1], sae_in.shape[-1]
-    W_enc, b_enc = sae.W_enc.T, sae.b_enc  # [d_sae, d_in], [d_sae]
-    norms = None
-    if sae.cfg.rescale_acts_by_decoder_norm:
-        norms = sae.W_dec.norm(dim=-1)
-        W_enc, b_enc = W_enc * norms[:, None], b_enc * norms
-    vals, idx = ops.topk_encode(
-        sae_in.reshape(-1, d_in), W_enc, b_enc, sae.cfg.k, backend=opts["backend"], sparse_grad=opts["sparse_grad"]
-    )
-    feature_acts = vals.new_zeros(vals.shape[0], sae.cfg.d_sae).scatter(-1, idx, vals).reshape(*lead, -1)
-    feature_acts = sae.hook_sae_acts_post(feature_acts)
-    sae._flashsae_last = (feature_acts, vals, idx, norms, lead)
-    if dense_pre:  # SAELens' own formula, differentiable, as its aux loss expects
-        hidden_pre = sae.hook_sae_acts_pre(sae_in @ sae.W_enc + sae.b_enc)
-        if norms is not None:
-            hidden_pre = hidden_pre * norms
-    else:
-        hidden_pre = sae_in.new_empty(*lead, 0)
-    return feature_acts, hidden_pre
-
-
-def _encode(sae: Any, x: torch.Tensor) -> torch.Tensor:
-    return _sparse_encode(sae, x, dense_pre=False)[0]
-
-
-def _encode_with_hidden_pre(sae: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    need = sae.__dict__.get("_flashsae_need_dense")
-    return _sparse_encode(sae, x, dense_pre=True if need is None else need)
-
-
-def _training_forward_pass(sae: Any, step_input: Any) -> Any:
-    mask = step_input.dead_neuron_mask
-    # SAELens' TopK aux loss reads hidden_pre only when some feature is dead.
-    sae._flashsae_need_dense = mask is not None and bool(mask.any())
-    try:
-        return type(sae).training_forward_pass(sae, step_input)
-    finally:
-        sae._flashsae_need_dense = None
-
-
-def _decode(sae: Any, feature_acts: torch.Tensor) -> torch.Tensor:
-    last = sae.__dict__.pop("_flashsae_last", None)
-    if last is None or last[0] is not feature_acts:
-        return type(sae).decode(sae, feature_acts)
-    _, vals, idx, norms, lead = last
-    if norms is not None:  # rescale_acts_by_decoder_norm: activations divided by the decoder row norms
-        vals = vals / norms[idx]
-    opts = sae._flashsae_options
-    out = ops.sparse_decode(vals, idx, sae.W_dec, sae.b_dec, backend=opts["backend"], sparse_grad=opts["sparse_grad"])
-    out = sae.hook_sae_recons(out.reshape(*lead, -1))
-    out = sae.run_time_activation_norm_fn_out(out)
-    return sae.reshape_fn_out(out, sae.d_head)

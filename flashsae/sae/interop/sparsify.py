@@ -1,4 +1,4 @@
-"""sparsify (``eai-sparsify``) format: export / import, and our ops inside sparsify's SparseCoder.
+"""sparsify (``eai-sparsify``) format: export and import (`patch_sparsify` lives in ``sparsify_patch``).
 
 A sparsify ``SparseCoder`` on disk: ``cfg.json`` (the ``SparseCoderConfig`` fields plus ``d_in``)
 + ``sae.safetensors`` holding ``encoder.weight [num_latents, d_in]``, ``encoder.bias [num_latents]``
@@ -20,13 +20,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ... import ops
-from ...checks import require_choice
-from ...kernels.registry import backend_names
 from ..atomic import atomic_write
 from ..architecture import Architecture
 from ..model import TopKSAE
-from ._common import FLASHSAE_METADATA_KEY, build_sae, patch_methods, raw_space_weights
+from ._common import FLASHSAE_METADATA_KEY, build_sae, raw_space_weights
 
 CONFIG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"
@@ -83,8 +80,11 @@ def import_sparsify(path: str | os.PathLike, *, dtype: torch.dtype | None = None
 
     Only ``activation="topk"`` can be expressed (else ValueError). A transcoder (``transcode=True``:
     no ``b_dec`` subtracted before encoding; with ``skip_connection``, its ``W_skip``) becomes a
-    transcoder `Architecture` (marked ``transcode`` in the metadata too). ``dtype`` defaults to the
-    stored weights'; ``kwargs`` go to `TopKSAE`.
+    transcoder `Architecture` (marked ``transcode`` in the metadata too). A ``multi_topk`` coder is
+    imported as its top-k map (sparsify's ``encode`` then ``decode``) and marked ``multi_topk`` in
+    the metadata, since its ``forward`` returns a different map: the reconstruction from the top 4k
+    latents (its Multi-TopK loss term). ``dtype`` defaults to the stored weights'; ``kwargs`` go to
+    `TopKSAE`.
     """
     folder = Path(path)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
@@ -107,70 +107,10 @@ def import_sparsify(path: str | os.PathLike, *, dtype: torch.dtype | None = None
     metadata = dict(cfg.get(FLASHSAE_METADATA_KEY) or {})
     if transcode:
         metadata["transcode"] = True
+    if cfg.get("multi_topk", False):
+        metadata["multi_topk"] = True
     return build_sae(
         W_enc, b_enc, W_dec, b_dec, int(cfg["k"]), dtype=dtype if dtype is not None else stored_dtype,
         metadata=metadata, W_skip=state["W_skip"].to(torch.float64) if skip else None,
         arch=Architecture(transcoder=transcode, skip_connection=skip), **kwargs,
-    )
-
-
-def patch_sparsify(coder: Any, *, backend: str = "auto", sparse_grad: bool = False) -> Any:
-    """Run a sparsify ``SparseCoder`` (``activation="topk"``) on `flashsae.ops`, in place.
-
-    ``encode`` runs `ops.topk_encode` (b_dec subtracted first unless ``transcode``) and ``decode``
-    runs `ops.sparse_decode`; sparsify's own ``forward`` (FVU, AuxK, Multi-TopK, skip connection),
-    its ``Trainer`` and optimizers run unchanged and gradients land in the coder's parameters
-    (``encoder.weight``, ``encoder.bias``, ``W_dec``, ``b_dec``).
-
-    What differs: ``EncoderOutput.pre_acts`` (dense [N, num_latents]) is computed, without
-    gradient as in sparsify's fused encoder, only when ``forward`` will read it (``multi_topk``, or
-    a ``dead_mask`` with dead latents; direct ``encode`` calls always get it); otherwise it is an
-    empty [N, 0] tensor. Top-k values come sorted descending (sparsify's are unsorted). Ops run in
-    the parameters' dtype (inputs are cast to it; autocast does not change them).
-    Returns ``coder``; `flashsae.sae.interop.unpatch` restores it.
-    """
-    cfg = getattr(coder, "cfg", None)
-    if cfg is None or getattr(cfg, "activation", None) != "topk":
-        raise ValueError(f"patch_sparsify needs a SparseCoder with activation 'topk', got {getattr(cfg, 'activation', None)!r}")
-    if getattr(coder, "W_dec", None) is None:
-        raise ValueError("patch_sparsify needs a SparseCoder with a decoder (decoder=True)")
-    require_choice("backend", backend, backend_names())
-    coder._flashsae_options = {"backend": backend, "sparse_grad": sparse_grad}
-    patch_methods(coder, {"encode": _encode, "decode": _decode, "forward": _forward})
-    return coder
-
-
-def _forward(coder: Any, x: torch.Tensor, y: torch.Tensor | None = None, **kwargs: Any) -> Any:
-    dead_mask = kwargs.get("dead_mask")
-    coder._flashsae_need_dense = bool(coder.cfg.multi_topk) or (dead_mask is not None and bool(dead_mask.any()))
-    try:
-        return type(coder).forward(coder, x, y, **kwargs)
-    finally:
-        coder._flashsae_need_dense = None
-
-
-def _encode(coder: Any, x: torch.Tensor) -> Any:
-    from sparsify.fused_encoder import EncoderOutput  # the caller has sparsify installed
-
-    opts = coder._flashsae_options
-    weight, bias = coder.encoder.weight, coder.encoder.bias
-    x = x.to(weight.dtype)
-    b_pre = None if coder.cfg.transcode else coder.b_dec
-    vals, idx = ops.topk_encode(
-        x, weight, bias, coder.cfg.k, b_pre=b_pre, backend=opts["backend"], sparse_grad=opts["sparse_grad"]
-    )
-    need = coder.__dict__.get("_flashsae_need_dense")
-    if need is None or need:
-        with torch.no_grad():  # sparsify's fused encoder passes no gradient through pre_acts either
-            pre_acts = torch.relu(torch.nn.functional.linear(x if b_pre is None else x - b_pre, weight, bias))
-    else:
-        pre_acts = x.new_empty(x.shape[0], 0)
-    return EncoderOutput(vals, idx, pre_acts)
-
-
-def _decode(coder: Any, top_acts: torch.Tensor, top_indices: torch.Tensor) -> torch.Tensor:
-    opts = coder._flashsae_options
-    return ops.sparse_decode(
-        top_acts.to(coder.W_dec.dtype), top_indices, coder.W_dec, coder.b_dec,
-        backend=opts["backend"], sparse_grad=opts["sparse_grad"],
     )

@@ -188,6 +188,8 @@ class FeatureParallelSAE(TopKSAE):
         b_pre: torch.Tensor | None,
         k: int,
         mask: torch.Tensor | None = None,
+        *,
+        check_finite: bool = True,
     ) -> Selection:
         """The global top-k over every rank's rows; a collective (see `TopKSAE._select`).
 
@@ -199,7 +201,8 @@ class FeatureParallelSAE(TopKSAE):
         """
         n_rows, k_local = W_enc.shape[0], min(k, W_enc.shape[0])
         if n_rows:
-            local = super()._select(_replicated(x), W_enc, b_enc, _replicated(b_pre), k_local, mask)
+            local = super()._select(_replicated(x), W_enc, b_enc, _replicated(b_pre), k_local, mask,
+                                    check_finite=check_finite)
             keys = pack_keys(local.vals.detach(), local.idx + self.offset)
             if k_local < k:
                 keys = torch.cat([keys, keys.new_full((keys.shape[0], k - k_local), EMPTY_KEY)], dim=1)

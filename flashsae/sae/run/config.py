@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ...checks import (
-    DTYPES, MAX_K, parse_device, parse_dtype, require_choice, require_count_or_fraction, require_int, require_k,
+    DTYPES, parse_device, parse_dtype, require_choice, require_count_or_fraction, require_int, require_k,
     require_number,
 )
 from ...errors import ConfigError
@@ -84,6 +84,15 @@ def count_or_fraction(text: str) -> float:
     """Parse ``--d-init``: '96' -> 96 (a count), '0.25' -> 0.25 (a fraction); ValueError otherwise."""
     value = float(text)
     return int(value) if value >= 1 and value == int(value) else value
+
+
+# The default AuxK k is d/2, at most this many (Gao et al. 2024 use 512).
+DEFAULT_AUX_K_MAX = 512
+
+
+def default_aux_k(d_model: int) -> int:
+    """The AuxK k when --aux-k is not given: d/2, at most DEFAULT_AUX_K_MAX."""
+    return min(d_model // 2, DEFAULT_AUX_K_MAX)
 
 
 def resolve_dtype(name: str, device: torch.device, optimizer: str) -> torch.dtype:
@@ -232,8 +241,8 @@ class TrainConfig:
     asi_tokens: int = option(16384, INIT, "the run's first TOKENS tokens give the initial b_dec (their mean) and "
                              "the ASI subspace", metavar="TOKENS", check=_integer(1))
     aux_k: int | None = option(None, INIT, "AuxK: dead features that reconstruct the residual (Gao et al. 2024); "
-                               "0 disables", metavar="N", check=_integer(0, MAX_K),
-                               default_text=f"d/2, at most {MAX_K}")
+                               "0 disables", metavar="N", check=_integer(0),
+                               default_text=f"d/2, at most {DEFAULT_AUX_K_MAX}")
     aux_coef: float = option(1 / 32, INIT, "AuxK loss coefficient", check=_number())
     dead_window: int | None = option(None, INIT, "a feature is dead after this many tokens without firing",
                                      metavar="TOKENS", check=_integer(1),

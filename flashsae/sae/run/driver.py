@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ...checks import MAX_K, parse_dtype
+from ...checks import parse_dtype
 from ...errors import ConfigError
 from ...optim import SparseAdam
 from ..architecture import Architecture
@@ -36,7 +36,7 @@ from ..schedules import linear_k, lr_factor
 from ..store import ActivationStore, split_pairs
 from ..trainer import DEFAULT_DEAD_WINDOW, NonFiniteError, Trainer, reconstruction_metrics
 from . import checkpoints, rundir
-from .config import TrainConfig, default_lr, merge_resumed_config, resolve_dtype
+from .config import TrainConfig, default_aux_k, default_lr, merge_resumed_config, resolve_dtype
 from .metrics_log import MetricsLog, check_log_backends, format_metrics, truncate_metrics
 from .rundir import DENSITY_PLOT, FINAL_DIR, SUMMARY_FILE, RunIdentity
 from .source import leading_tokens, mean_sq_norm_scale, open_activation_source
@@ -284,7 +284,7 @@ def _build_trainer(
                                                       backend=cfg.backend)
     else:
         optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    aux_k = cfg.aux_k if cfg.aux_k is not None else min(d_model // 2, MAX_K)
+    aux_k = cfg.aux_k if cfg.aux_k is not None else default_aux_k(d_model)
     tracker = FiringTracker(cfg.n_features, dead_window, device=device)
     k_schedule = linear_k(cfg.k_start, cfg.k, cfg.k_anneal_steps) if cfg.k_start is not None else None
     lr_schedule = None
