@@ -24,7 +24,10 @@ import contextlib
 
 import torch
 
-from .checks import OP_DTYPES, dtype_name, require_float_tensor, require_k, require_like, require_shape
+from .checks import (
+    OP_DTYPES, dtype_name, require_float_tensor, require_int, require_k, require_like, require_number, require_shape,
+)
+from .kernels.batch_select import above_threshold, batch_topk, candidate_count
 from .kernels.pairs import PairGroups, group_pairs
 from .kernels.reference import math_dtype
 from .kernels.registry import Backend, backend_names, get_backend
@@ -137,6 +140,22 @@ class TopKEncode(torch.autograd.Function):
         return grad_x, grad_W, grad_b, grad_b_pre, None, None, None, None, None
 
 
+class BatchEncode(TopKEncode):
+    """`TopKEncode` with a selection across the batch (`flashsae.kernels.batch_select`): BatchTopK or
+    JumpReLU. The (vals, idx) it makes are zero-padded rows; the backward is `TopKEncode`'s."""
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, b_pre, select, backend: Backend, sparse_grad: bool, mask, grouping):
+        with _autocast_off(x.device):
+            vals, idx = select(backend.topk_encode, x, W_enc, b_enc, b_pre)
+        ctx.mark_non_differentiable(idx)
+        ctx.save_for_backward(x, W_enc, b_pre, vals, idx)
+        grouping = grouping if grouping is not None else SharedGrouping()
+        grouping.bind(vals, idx, W_enc.shape[0])
+        ctx.backend, ctx.sparse_grad, ctx.b_enc_like, ctx.grouping = backend, sparse_grad, b_enc, grouping
+        return vals, idx
+
+
 class SparseDecode(torch.autograd.Function):
     """sum_j vals[:, j] * W_dec[idx[:, j]] + b_dec; backward touches only the rows that fired.
 
@@ -178,6 +197,88 @@ class SparseDecode(torch.autograd.Function):
         return grad_vals, None, grad_W, grad_b, None, None, None
 
 
+class NestedDecode(torch.autograd.Function):
+    """The G nested reconstructions of one selection: ``out[i] = b_dec + sum over slots of level <= i
+    of vals[t, j] * W_dec[idx[t, j]]`` (Matryoshka prefixes; the last one is the whole decode).
+
+    Forward: one gather_rows per level over that level's slots (the others masked to zero), summed
+    in fp32 as a running prefix. Backward: each slot's gradient vector is the sum of the output
+    gradients of every level that contains it, ``ghat[g] = sum_{i >= g} grad_out[i]`` (a reverse
+    prefix sum), so per level: grad_vals from row_dots(ghat[g], idx, W_dec) on its slots and the rows
+    of W_dec from segment_rows(vals of its slots, groups, ghat[g]), all on the selection's one
+    grouping (shared with the encoder through a `SharedGrouping`).
+    """
+
+    @staticmethod
+    def forward(ctx, vals, idx, level, n_levels: int, W_dec, b_dec, backend: Backend, sparse_grad: bool, grouping):
+        out = torch.empty(n_levels, idx.shape[0], W_dec.shape[1], dtype=W_dec.dtype, device=W_dec.device)
+        acc = b_dec.to(math_dtype(W_dec)).expand(idx.shape[0], -1)
+        with _autocast_off(W_dec.device):
+            for g in range(n_levels):
+                acc = acc + backend.gather_rows(torch.where(level == g, vals, 0).contiguous(), idx, W_dec)
+                out[g] = acc
+        ctx.save_for_backward(vals, idx, level, W_dec)
+        if grouping is None:
+            grouping = SharedGrouping()
+            grouping.bind(vals, idx, W_dec.shape[0])
+        ctx.n_levels, ctx.backend, ctx.sparse_grad, ctx.grouping = n_levels, backend, sparse_grad, grouping
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        with _autocast_off(grad_out.device):
+            return NestedDecode._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
+        vals, idx, level, W_dec = ctx.saved_tensors
+        backend, need = ctx.backend, ctx.needs_input_grad
+        math = math_dtype(W_dec)
+        ghat = grad_out.to(math).flip(0).cumsum(0).flip(0)  # [G, B, d]: sum over the levels >= g
+        grad_vals = torch.zeros(vals.shape, dtype=math, device=vals.device) if need[0] else None
+        grad_rows = None
+        groups = ctx.grouping.groups() if need[4] else None
+        for g in range(ctx.n_levels):
+            mine = level == g
+            ghat_g = ghat[g].contiguous()
+            if need[0]:
+                grad_vals += torch.where(mine, backend.row_dots(ghat_g, idx, W_dec), 0.0)
+            if need[4]:
+                rows_g, _ = backend.segment_rows(torch.where(mine, vals, 0).contiguous(), groups, ghat_g)
+                grad_rows = rows_g if grad_rows is None else grad_rows + rows_g
+        grad_W = _row_gradient(W_dec, groups, grad_rows, ctx.sparse_grad) if need[4] else None
+        grad_b = grad_out.sum((0, 1), dtype=math).to(W_dec.dtype) if need[5] else None
+        return (grad_vals.to(vals.dtype) if need[0] else None, None, None, None, grad_W, grad_b, None, None, None)
+
+
+def nested_levels(idx: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
+    """The Matryoshka level of each slot: the first i with ``idx < widths[i]`` ([B, k] int64; widths
+    [G] int64 ascending, the last > every idx)."""
+    return torch.searchsorted(widths, idx, right=True)
+
+
+def _check_encoder(
+    x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_pre: torch.Tensor | None
+) -> torch.Tensor | None:
+    """Check an encoder's inputs (x [B, d], W_enc [F, d], b_enc [F], b_pre [d] or None: one float dtype and
+    device); returns b_pre contiguous."""
+    require_float_tensor("x", x, 2, OP_DTYPES)
+    require_float_tensor("W_enc", W_enc, 2, OP_DTYPES)
+    require_like("W_enc", W_enc, "x", x)
+    n_features, d = W_enc.shape
+    if x.shape[1] != d:
+        raise ValueError(f"x has {x.shape[1]} columns but W_enc [F, d] has d={d}")
+    require_float_tensor("b_enc", b_enc, 1, OP_DTYPES)
+    require_like("b_enc", b_enc, "x", x)
+    require_shape("b_enc", b_enc, (n_features,))
+    if b_pre is not None:
+        require_float_tensor("b_pre", b_pre, 1, OP_DTYPES)
+        require_like("b_pre", b_pre, "x", x)
+        require_shape("b_pre", b_pre, (d,))
+        b_pre = b_pre.contiguous()
+    return b_pre
+
+
 def topk_encode(
     x: torch.Tensor,
     W_enc: torch.Tensor,
@@ -209,20 +310,8 @@ def topk_encode(
     raises a ValueError naming the first bad row; that check reads x on the host (a device sync
     on a GPU), so callers with a deferred check of their own pass ``check_finite=False``.
     """
-    require_float_tensor("x", x, 2, OP_DTYPES)
-    require_float_tensor("W_enc", W_enc, 2, OP_DTYPES)
-    require_like("W_enc", W_enc, "x", x)
-    n_features, d = W_enc.shape
-    if x.shape[1] != d:
-        raise ValueError(f"x has {x.shape[1]} columns but W_enc [F, d] has d={d}")
-    require_float_tensor("b_enc", b_enc, 1, OP_DTYPES)
-    require_like("b_enc", b_enc, "x", x)
-    require_shape("b_enc", b_enc, (n_features,))
-    if b_pre is not None:
-        require_float_tensor("b_pre", b_pre, 1, OP_DTYPES)
-        require_like("b_pre", b_pre, "x", x)
-        require_shape("b_pre", b_pre, (d,))
-        b_pre = b_pre.contiguous()
+    b_pre = _check_encoder(x, W_enc, b_enc, b_pre)
+    n_features = W_enc.shape[0]
     require_k(k, n_features)
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
@@ -236,6 +325,80 @@ def topk_encode(
     return TopKEncode.apply(
         x.contiguous(), W_enc.contiguous(), b_enc.contiguous(), b_pre, k, kernels, sparse_grad, mask, grouping
     )
+
+
+def batch_topk_encode(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    k: int,
+    *,
+    b_pre: torch.Tensor | None = None,
+    backend: str = "auto",
+    sparse_grad: bool = False,
+    grouping: SharedGrouping | None = None,
+    check_finite: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BatchTopK: the B * k largest entries of ``relu((x - b_pre) @ W_enc.T + b_enc)`` over the whole batch,
+    never forming the [B, F] matrix (`flashsae.kernels.batch_select.batch_topk`).
+
+    Inputs as `topk_encode`. Only positive entries are chosen (all of them when fewer than B * k
+    are positive); ties at the (B k)-th value go to the lower (row, feature) index, rows first.
+    Returns zero-padded rows: vals [B, k_max] in x's dtype (each row descending) and idx [B, k_max]
+    int64, k_max the largest row's count this batch (rows short of it end in zeros at their lowest
+    unchosen features). Differentiable as `topk_encode` (the chosen entries' gradients only); reads
+    the device for its data-dependent sizes. NaN policy and ``check_finite`` as `topk_encode`.
+    """
+    b_pre = _check_encoder(x, W_enc, b_enc, b_pre)
+    require_k(k, W_enc.shape[0])
+    candidates = candidate_count(k, W_enc.shape[0])
+
+    def select(encode, x, W, b, pre):
+        return batch_topk(encode, x, W, b, k, pre, candidates=candidates)
+
+    return _batch_encode(x, W_enc, b_enc, b_pre, select, backend, sparse_grad, grouping, check_finite)
+
+
+def threshold_encode(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    threshold: float | torch.Tensor,
+    *,
+    b_pre: torch.Tensor | None = None,
+    k_hint: int = 32,
+    backend: str = "auto",
+    sparse_grad: bool = False,
+    grouping: SharedGrouping | None = None,
+    check_finite: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """JumpReLU: every entry of ``(x - b_pre) @ W_enc.T + b_enc`` strictly above ``threshold`` (a number
+    >= 0, or a 0-d tensor), never forming the [B, F] matrix (`flashsae.kernels.batch_select.above_threshold`).
+
+    Inputs as `topk_encode`; ``k_hint``: about how many fire per row (the per-row candidates are a few
+    times it; any value is exact, a close one is fastest). Returns zero-padded rows as
+    `batch_topk_encode`. Differentiable as `topk_encode`; NaN policy and ``check_finite`` as `topk_encode`.
+    """
+    b_pre = _check_encoder(x, W_enc, b_enc, b_pre)
+    value = float(threshold)
+    require_number("threshold", value, 0.0)
+    require_int("k_hint", k_hint)
+    candidates = candidate_count(min(k_hint, W_enc.shape[0]), W_enc.shape[0])
+
+    def select(encode, x, W, b, pre):
+        return above_threshold(encode, x, W, b, value, pre, candidates=candidates)
+
+    return _batch_encode(x, W_enc, b_enc, b_pre, select, backend, sparse_grad, grouping, check_finite)
+
+
+def _batch_encode(x, W_enc, b_enc, b_pre, select, backend: str, sparse_grad: bool, grouping, check_finite: bool):
+    """`BatchEncode` of checked inputs (contiguous) with ``select`` on the ``backend`` of x's device."""
+    kernels = get_backend(backend, x.device)
+    _require_backend_dtype("x", x, kernels)
+    if check_finite:
+        require_finite_rows("x", x)
+    return BatchEncode.apply(x.contiguous(), W_enc.contiguous(), b_enc.contiguous(), b_pre, select,
+                             kernels, sparse_grad, None, grouping)
 
 
 def require_finite_rows(name: str, x: torch.Tensor) -> None:
@@ -295,3 +458,50 @@ def sparse_decode(
     return SparseDecode.apply(
         vals.contiguous(), idx.contiguous(), W_dec.contiguous(), b_dec.contiguous(), kernels, sparse_grad, grouping
     )
+
+
+def sparse_decode_nested(
+    vals: torch.Tensor,
+    idx: torch.Tensor,
+    level: torch.Tensor,
+    n_levels: int,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    *,
+    backend: str = "auto",
+    sparse_grad: bool = False,
+    grouping: SharedGrouping | None = None,
+    check_indices: bool = True,
+) -> torch.Tensor:
+    """The nested (Matryoshka) decodes of one selection: [G, B, d] with
+    ``out[i] = b_dec + sum_{j: level[:, j] <= i} vals[:, j, None] * W_dec[idx[:, j]]``.
+
+    vals, idx: as `sparse_decode`; level [B, k] int64 in [0, n_levels): the first prefix each slot
+    belongs to (`nested_levels` of idx and the prefix widths). The last level is `sparse_decode`'s
+    x_hat (up to the summation order). Never forms a [B, F] matrix; costs G decodes forward and G
+    row_dots / segment_rows backward, on one grouping of the fired pairs. Differentiable w.r.t.
+    vals, W_dec, b_dec; gradients as in `sparse_decode` (``sparse_grad``: a `RowGrad` for W_dec).
+    """
+    require_float_tensor("vals", vals, 2, OP_DTYPES)
+    require_float_tensor("W_dec", W_dec, 2, OP_DTYPES)
+    require_like("W_dec", W_dec, "vals", vals)
+    require_float_tensor("b_dec", b_dec, 1, OP_DTYPES)
+    require_like("b_dec", b_dec, "vals", vals)
+    require_shape("b_dec", b_dec, (W_dec.shape[1],))
+    for name, t in (("idx", idx), ("level", level)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int64:
+            raise TypeError(f"{name} must be an int64 tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+        require_shape(name, t, tuple(vals.shape))
+        require_like(name, t, "vals", vals, dtype=False)
+    require_int("n_levels", n_levels)
+    if check_indices and idx.device.type == "cpu" and idx.numel():
+        if idx.min() < 0 or idx.max() >= W_dec.shape[0]:
+            raise ValueError(f"idx entries must lie in [0, {W_dec.shape[0]}), got [{idx.min()}, {idx.max()}]")
+        if level.min() < 0 or level.max() >= n_levels:
+            raise ValueError(f"level entries must lie in [0, {n_levels}), got [{level.min()}, {level.max()}]")
+    if grouping is not None and not grouping.matches(vals, idx):
+        raise ValueError("grouping is bound to another selection: give the encoder's own (vals, idx)")
+    kernels = get_backend(backend, vals.device)
+    _require_backend_dtype("vals", vals, kernels)
+    return NestedDecode.apply(vals.contiguous(), idx.contiguous(), level.contiguous(), n_levels, W_dec.contiguous(),
+                              b_dec.contiguous(), kernels, sparse_grad, grouping)

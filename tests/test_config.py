@@ -22,6 +22,8 @@ BAD_VALUES = {
     "aux_coef": ["-0.5"], "dead_window": ["0"], "normalize": ["layer-norm"], "optimizer": ["sgd"],
     "log_every": ["0"], "checkpoint_every": ["-1"], "log": ["jsonl", "csv"], "parallel": ["pipeline"],
     "k_start": ["5000"], "k_anneal_steps": ["-1"], "init_scale": ["huge"],
+    "lr_warmup_steps": ["-1"], "lr_decay": ["step"], "lr_decay_steps": ["0"], "lr_final_fraction": ["1.5"],
+    "target_site": ["mlp_hidden"], "activation": ["jumprelu"], "threshold_lr": ["1.5"], "matryoshka": ["0"],
     "overwrite": ["--resume", "runs/elsewhere"],
 }
 
@@ -34,6 +36,9 @@ CHANGED = {
     "dead_window": 5000, "normalize": "none", "optimizer": "adam", "log_every": 10, "checkpoint_every": 0,
     "resume": "runs/demo", "log": ["jsonl", "wandb"], "parallel": "data", "progress": False,
     "k_start": 64, "k_anneal_steps": 100, "init_scale": "calibrate", "track_subspace": True, "overwrite": True,
+    "lr_warmup_steps": 100, "lr_decay": "cosine", "lr_decay_steps": 500, "lr_final_fraction": 0.0,
+    "target_site": "mlp_out", "target_hook": "h.1.mlp", "activation": "batchtopk", "threshold_lr": 0.1,
+    "matryoshka": [256, 1024], "skip_connection": True,
 }
 
 

@@ -7,6 +7,7 @@ import torch
 
 from flashsae import ops
 from flashsae.kernels.keys import EMPTY_KEY, pack_keys
+from flashsae.sae.architecture import Architecture
 from flashsae.sae.losses import add_aux_k_grads_
 from flashsae.sae.model import TopKSAE
 from flashsae.sae.parallel import process_group
@@ -107,6 +108,28 @@ def aux_case() -> tuple[TopKSAE, torch.Tensor, torch.Tensor, torch.Tensor]:
     return sae, x, residual, dead
 
 
+def variant_case() -> tuple[TopKSAE, torch.Tensor, torch.Tensor]:
+    """A Matryoshka skip transcoder (levels split across the ranks' slices) on exact arithmetic: inputs
+    x and targets y on grids, so every level's sum is exact in any order."""
+    gen = torch.Generator().manual_seed(21)
+    arch = Architecture(matryoshka_widths=(20, 60, F_FP), transcoder=True, skip_connection=True, d_out=D_MODEL - 4)
+    sae = TopKSAE(D_MODEL, F_FP, K, backend="torch", arch=arch, sparse_grad=True)
+    with torch.no_grad():
+        sae.W_enc.copy_(exact_grid(gen, (F_FP, D_MODEL), 0.25))
+        sae.b_enc.copy_(exact_grid(gen, (F_FP,), 0.125))
+        sae.W_dec.copy_(exact_grid(gen, (F_FP, D_MODEL - 4), 0.25))
+        sae.b_dec.copy_(exact_grid(gen, (D_MODEL - 4,), 0.25))
+        sae.W_skip.copy_(exact_grid(gen, (D_MODEL - 4, D_MODEL), 0.125))
+    return sae, exact_grid(gen, (10, D_MODEL), 0.5), exact_grid(gen, (10, D_MODEL - 4), 0.5)
+
+
+def variant_step(model: TopKSAE, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """The levels, and the gradients of their summed squared error against y."""
+    out = model(x)
+    (out.levels.float() - y).pow(2).sum().backward()
+    return {"levels": out.levels.detach(), "grads": grads(model)}
+
+
 def sparse_rows(model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """(rows, values) of every parameter's `RowGrad`, ascending by row."""
     return {name: row_values(getattr(model, name).grad) for name in ("W_enc", "b_enc", "W_dec")}
@@ -132,6 +155,8 @@ def _rank_body(info: process_group.DistInfo) -> dict:
     sae, x, residual, dead = aux_case()
     fp = FeatureParallelSAE.from_full(sae)
     result["fp_aux"] = {"loss": add_aux_k_grads_(fp, x, residual, dead, AUX_K, 1.0), "grads": sparse_rows(fp)}
+    sae, x, y = variant_case()
+    result["fp_variant"] = variant_step(FeatureParallelSAE.from_full(sae), x, y)
     return result
 
 
@@ -208,6 +233,19 @@ def test_feature_parallel_forward_picks_the_single_process_topk_with_ties_and_ze
         got = res["fp_forward"]
         assert torch.equal(got.idx, ref.idx) and torch.equal(got.vals, ref.vals)
         torch.testing.assert_close(got.x_hat, ref.x_hat, **TOL)
+
+
+def test_feature_parallel_matryoshka_skip_transcoder_equals_the_single_process(ranks):
+    """Levels, and gradients: each rank's rows are the single process's slice; b_dec and W_skip whole."""
+    sae, x, y = variant_case()
+    ref = variant_step(sae, x, y)
+    for r, res in enumerate(ranks):
+        got = res["fp_variant"]
+        assert torch.equal(got["levels"], ref["levels"])
+        offset, n = feature_split(F_FP, WORLD)[r]
+        for name, grad in ref["grads"].items():
+            want = grad[offset : offset + n] if name in ("W_enc", "b_enc", "W_dec") else grad
+            torch.testing.assert_close(got["grads"][name], want, **TOL, msg=f"rank {r} {name}")
 
 
 # In-process checks of the pieces (no process group).

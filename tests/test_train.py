@@ -305,6 +305,13 @@ def test_nan_in_activations_stops_with_the_step_and_keeps_the_last_checkpoint(tm
         (["--n-features", "-3"], "--n-features"),
         (["--k", "three"], "--k"),
         (["--optimizer", "sgd"], "--optimizer"),
+        (["--target-site", "mlp_out", "--target-hook", "h.1.mlp"], "give one of them"),
+        (["--skip-connection"], "--skip-connection is for transcoders: give --target-site"),
+        (["--matryoshka", "64", "32"], "--matryoshka widths must rise strictly"),
+        (["--matryoshka", "0"], "--matryoshka"),
+        (["--activation", "jumprelu"], "--activation"),
+        (["--threshold-lr", "0"], "--threshold-lr"),
+        (["--target-site", "mlp_hidden"], "--target-site"),
     ],
 )
 def test_cli_argument_errors_are_one_line_and_exit_2(argv, named, capsys, tmp_path):

@@ -10,7 +10,11 @@ Downstream, three or four forward passes per batch with a hook on the site (a mo
   - clean: unchanged;
   - spliced: the activation replaced by ``sae(norm_scale * out).x_hat / norm_scale``;
   - zero-ablated: replaced by zeros; mean-ablated: replaced by its mean over the eval tokens.
-Replacement happens at the positions the SAE was trained on: real, non-special tokens. Special
+A transcoder is spliced in place of the computation it learned: its target activation (the MLP's
+output for mlp_in -> mlp_out) is replaced by ``transcoder(norm_scale * input) / target_norm_scale``,
+its input read in the same forward pass; the reconstruction metrics and the ablations are those of
+the target. A BatchTopK SAE is evaluated in eval mode: its JumpReLU threshold encodes each token
+alone. Replacement happens at the positions the SAE was trained on: real, non-special tokens. Special
 tokens ([CLS]/[SEP], BOS) keep their clean output unless ``splice_special_tokens``; padding is never
 touched (it cannot reach real positions: masked keys in encoders, later positions in causal LMs).
 Causal LMs report the next-token cross-entropy over all real positions (clean, spliced, ablated) and
@@ -51,15 +55,15 @@ class _ReconstructionStats:
 
     def __init__(self, sae: TopKSAE, device: torch.device) -> None:
         self.n = 0
-        self.d = sae.d_model
+        self.d = sae.d_out
         self.sq_err = torch.zeros((), dtype=torch.float64, device=device)
-        self.sum_x = torch.zeros(sae.d_model, dtype=torch.float64, device=device)
+        self.sum_x = torch.zeros(sae.d_out, dtype=torch.float64, device=device)
         self.sum_sq = torch.zeros((), dtype=torch.float64, device=device)
         self.active = torch.zeros((), dtype=torch.float64, device=device)
         self.tracker = FiringTracker(sae.n_features, window=1 << 62, device=device)
 
     def update(self, x: Tensor, x_hat: Tensor, vals: Tensor, idx: Tensor) -> None:
-        """x, x_hat: [n, d]; vals, idx: [n, k]."""
+        """x (the target: the input itself for an autoencoder), x_hat: [n, d_out]; vals, idx: [n, k]."""
         x64 = x.double()
         self.n += x.shape[0]
         self.sq_err += (x_hat.double() - x64).square().sum()
@@ -110,9 +114,12 @@ def evaluate(
     splice_special_tokens: bool = False,
     mean_ablation: bool = True,
     progress: bool = True,
+    target: hf.HookPoint | None = None,
+    target_norm_scale: float = 1.0,
 ) -> dict[str, Any]:
     """Evaluate ``sae`` on the output of ``module`` (a submodule of ``model``, or a `hf.HookPoint`: a module's
-    output or input) over about ``n_tokens`` tokens.
+    output or input) over about ``n_tokens`` tokens; a transcoder's on its ``target`` `hf.HookPoint`
+    (required for a transcoder), predicted from ``module``'s activation, with ``target_norm_scale``.
 
     Whole batches of ``batch_size`` windows of <= ``seq_len`` tokens are read until at least
     ``n_tokens`` real tokens were seen (the count is reported). ``norm_scale``: the SAE sees
@@ -124,45 +131,78 @@ def evaluate(
     """
     for name, value in (("n_tokens", n_tokens), ("seq_len", seq_len), ("batch_size", batch_size)):
         require_int(name, value)
-    if not norm_scale > 0:
-        raise ValueError(f"norm_scale must be > 0, got {norm_scale!r}")
-    point = module if isinstance(module, hf.HookPoint) else hf.HookPoint("", module)
+    for name, value in (("norm_scale", norm_scale), ("target_norm_scale", target_norm_scale)):
+        if not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value!r}")
+    if sae.arch.transcoder != (target is not None):
+        raise ValueError("a transcoder is evaluated at its target: give target=HookPoint" if target is None else
+                         "target is a transcoder's; this SAE reconstructs its own input")
+    was_training = sae.training
+    sae.eval()
+    try:
+        return _evaluate(sae, model, tokenizer, module, texts, n_tokens=n_tokens, norm_scale=norm_scale,
+                         seq_len=seq_len, batch_size=batch_size, splice_special_tokens=splice_special_tokens,
+                         mean_ablation=mean_ablation, progress=progress, target=target,
+                         target_norm_scale=target_norm_scale)
+    finally:
+        sae.train(was_training)
+
+
+def _evaluate(
+    sae: TopKSAE, model: nn.Module, tokenizer: Any, module: nn.Module | hf.HookPoint, texts: Iterable[str], *,
+    n_tokens: int, norm_scale: float, seq_len: int, batch_size: int, splice_special_tokens: bool,
+    mean_ablation: bool, progress: bool, target: hf.HookPoint | None, target_norm_scale: float,
+) -> dict[str, Any]:
+    """`evaluate` with checked arguments and the SAE in eval mode."""
+    source = module if isinstance(module, hf.HookPoint) else hf.HookPoint("", module)
+    point = source if target is None else target  # where the activation is replaced
     batches = text_batches(tokenizer, texts, seq_len, batch_size)
     causal = is_causal_lm(model)
     device = next(model.parameters()).device
     sae_device = sae.W_dec.device
     scale = float(norm_scale)
+    out_scale = scale if target is None else float(target_norm_scale)
     stats = _ReconstructionStats(sae, sae_device)
     extra = forward_kwargs(model)
     where: dict[str, Tensor] = {}  # the current batch's splice mask [B, T] on the model's device
 
-    def check(out: Tensor) -> None:
+    def check(out: Tensor, width: int, what: str) -> None:
         if out.dim() != 3 or tuple(out.shape[:2]) != tuple(where["mask"].shape):
             raise ValueError(f"the hooked module returned {tuple(out.shape)}; expected [batch, seq, d]")
-        if out.shape[-1] != sae.d_model:
-            raise ValueError(f"the SAE has d_model={sae.d_model} but the hooked module outputs d={out.shape[-1]}")
+        if out.shape[-1] != width:
+            raise ValueError(f"the SAE has {what}={width} but the hooked module outputs d={out.shape[-1]}")
+
+    def remember_source(activation: Tensor) -> None:
+        check(activation, sae.d_model, "d_model")
+        where["source"] = activation
 
     def splice(out: Tensor) -> Tensor:
-        check(out)
+        check(out, sae.d_out, "d_out" if target is not None else "d_model")
         mask = where["mask"]
-        x = out[mask].to(sae_device, sae.dtype) * scale
+        if target is not None and "source" not in where:
+            raise ValueError(f"the transcoder's input {source.path} did not run before its target {target.path}")
+        x = (out if target is None else where.pop("source"))[mask].to(sae_device, sae.dtype) * scale
+        y = x if target is None else out[mask].to(sae_device, sae.dtype) * out_scale
         rec = sae(x)
-        stats.update(x, rec.x_hat, rec.vals, rec.idx)
+        stats.update(y, rec.x_hat, rec.vals, rec.idx)
         new = out.clone()
-        new[mask] = (rec.x_hat / scale).to(out.device, out.dtype)
+        new[mask] = (rec.x_hat / out_scale).to(out.device, out.dtype)
         return new
 
     def ablate(value: Tensor | None) -> Callable[[Tensor], Tensor]:
         def replace(out: Tensor) -> Tensor:
-            check(out)
+            check(out, sae.d_out, "d_out" if target is not None else "d_model")
             new = out.clone()
             new[where["mask"]] = 0 if value is None else value.to(out.device, out.dtype)
             return new
         return replace
 
     def run(inputs: dict[str, Tensor], replace: Callable[[Tensor], Tensor] | None):
-        ctx = contextlib.nullcontext() if replace is None else point.replace(replace)
-        with ctx:
+        with contextlib.ExitStack() as stack:
+            if replace is splice and target is not None:
+                stack.enter_context(source.capture(remember_source))
+            if replace is not None:
+                stack.enter_context(point.replace(replace))
             out = model(**inputs, **extra)
         return out.logits if causal else (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])
 
@@ -209,13 +249,14 @@ def evaluate(
         raise InputError("the texts yielded no tokens to evaluate on")
 
     if mean_ablation:
-        mean = (stats.sum_x / stats.n / scale).float()
+        mean = (stats.sum_x / stats.n / out_scale).float()
         for inputs, mask, clean_ref in kept:
             where["mask"] = mask
             sums["mean"] += score(run(inputs, ablate(mean)), inputs, clean_ref)[0]
 
     result: dict[str, Any] = {"n_tokens": stats.n, "n_sequences": sum(i["input_ids"].shape[0] for i, _, _ in kept),
                               "n_features": sae.n_features, "k": sae.k, "norm_scale": scale,
+                              **({"target_norm_scale": out_scale} if target is not None else {}),
                               "splice_special_tokens": splice_special_tokens, **stats.result()}
     if causal:
         ce = {key: value / max(count, 1) for key, value in sums.items()}
@@ -263,6 +304,9 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--site", choices=hf.SITES, default=None, help="site (default: from the checkpoint)")
     p.add_argument("--layer", type=int, default=None, help="layer (default: from the checkpoint)")
     p.add_argument("--hook", default=None, help="dotted module path to hook instead of --site/--layer")
+    p.add_argument("--target-hook", default=None,
+                   help="a transcoder's target: the dotted module path whose activation it replaces (default: from "
+                   "the checkpoint)")
     p.add_argument("--norm-scale", type=float, default=None,
                    help="the SAE sees norm_scale * activation (default: from the checkpoint, else 1)")
     p.add_argument("--text", default=None, help="text source (default: from the checkpoint, else pydoc topics)")
@@ -301,6 +345,17 @@ def _resolve_module(args: argparse.Namespace, meta: dict[str, Any],
     raise ConfigError("the checkpoint's metadata names no hook or site/layer: pass --hook or --site and --layer")
 
 
+def _resolve_target(args: argparse.Namespace, meta: dict[str, Any], model: nn.Module, layer: Any) -> hf.HookPoint:
+    """A transcoder's target hook point: --target-hook, else the checkpoint's target hook or target site."""
+    if args.target_hook:
+        return hf.hook_point(model, args.target_hook)
+    if meta.get("target_hook"):
+        return hf.hook_point(model, meta["target_hook"])
+    if meta.get("target_site") in hf.SITES and isinstance(layer, int):
+        return hf.resolve_site(model, meta["target_site"], layer)
+    raise ConfigError("the transcoder's metadata names no target hook or site: pass --target-hook")
+
+
 def run_eval(args: argparse.Namespace) -> int:
     for name in ("n_tokens", "batch_size", "seq_len"):
         value = getattr(args, name)
@@ -329,12 +384,15 @@ def run_eval(args: argparse.Namespace) -> int:
     model, tokenizer = hf.load_model(model_name, device=device, revision=revision)
     with reraise_as(ConfigError, ValueError):  # a site, layer or hook path this model lacks
         point, site, layer = _resolve_module(args, meta, model)
+        target = _resolve_target(args, meta, model, layer) if sae.arch.transcoder else None
     result = evaluate(sae, model, tokenizer, point, texts, n_tokens=args.n_tokens,
                       norm_scale=norm_scale, seq_len=seq_len, batch_size=args.batch_size,
-                      splice_special_tokens=args.splice_special_tokens, mean_ablation=args.mean_ablation)
+                      splice_special_tokens=args.splice_special_tokens, mean_ablation=args.mean_ablation,
+                      target=target, target_norm_scale=float(meta.get("target_norm_scale") or 1.0))
     density = result.pop("firing_density")
     report = {"checkpoint": str(args.checkpoint), "model": model_name, "revision": revision, "site": site,
               "layer": layer, "hook": point.path, "text": text or hf.DEFAULT_TEXT, "documents": args.documents,
+              **({"target_hook": target.path} if target is not None else {}),
               "held_out_from_training": held_out, "seq_len": seq_len, **result}
     atomic_write(out / EVAL_FILE, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
     plot_firing_density(density, out / DENSITY_PLOT,
@@ -379,7 +437,8 @@ def _nonempty(texts: Iterator[str], source: str | None, documents: str) -> Itera
 def format_summary(report: dict[str, Any]) -> str:
     """A few human-readable lines of an eval report."""
     lines = [
-        f"{report.get('hook')} of {report.get('model')}: F = {report['n_features']}, k = {report['k']}, "
+        f"{report.get('hook')}{' -> ' + report['target_hook'] if report.get('target_hook') else ''} of "
+        f"{report.get('model')}: F = {report['n_features']}, k = {report['k']}, "
         f"{report['n_tokens']} tokens",
         f"  FVU {report['fvu']:.4f}   MSE {report['mse']:.4g}   L0 {report['l0']:.2f}   "
         f"dead {100 * report['dead_fraction']:.2f}% ({report['n_dead']} never fired)",

@@ -35,11 +35,12 @@ def aux_k_loss(
 ) -> torch.Tensor:
     """The AuxK loss over the dead features, differentiable w.r.t. W_enc, b_enc and W_dec (not b_dec).
 
-    x: [B, d] the SAE input, residual: [B, d] its reconstruction error ``x - x_hat`` (both
-    detached); dead: bool [F] over all features (the same on every rank). With ``z`` the top-aux_k
-    of ``relu((x - b_dec) W_enc^T + b_enc)`` among the dead features, ``e_hat = z W_dec`` and the
-    loss is ``sum ||residual - e_hat||^2 / denominator`` (default ``sum ||residual||^2``); 0 when
-    no feature is dead. Only dead rows that won a slot with a positive value get gradient.
+    x: [B, d] the SAE input, residual: [B, d_out] its reconstruction error ``target - x_hat`` (both
+    detached; the target is x for an autoencoder); dead: bool [F] over all features (the same on
+    every rank). With ``z`` the top-aux_k per token (whatever the model's activation) of
+    ``relu((x - b_dec) W_enc^T + b_enc)`` (a transcoder's: ``relu(x W_enc^T + b_enc)``) among the
+    dead features, ``e_hat = z W_dec`` and the loss is ``sum ||residual - e_hat||^2 / denominator``
+    (default ``sum ||residual||^2``); 0 when no feature is dead. Only dead rows that won a slot with a positive value get gradient.
     """
     if not isinstance(dead, torch.Tensor) or dead.dtype != torch.bool or tuple(dead.shape) != (sae.n_features,):
         raise TypeError(f"dead must be a bool tensor of shape ({sae.n_features},), got "
@@ -47,10 +48,11 @@ def aux_k_loss(
     aux_k = min(aux_k, sae.n_features)
     held = dead[sae.feature_offset : sae.feature_offset + sae.n_held]
     x, residual = x.detach(), residual.detach()
-    b_pre = sae.b_dec.detach()
+    shift = sae.encoder_shift
+    b_pre = None if shift is None else shift.detach()
     # x was the main forward's input: checked there, or by the caller's own deferred check.
     selection = sae._select(x, sae.W_enc, sae.b_enc, b_pre, aux_k, held, check_finite=False)
-    e_hat = sae._decode_rows(selection.vals, selection.idx, sae.W_dec, torch.zeros_like(b_pre),
+    e_hat = sae._decode_rows(selection.vals, selection.idx, sae.W_dec, torch.zeros_like(sae.b_dec),
                              sae._held_ids(x.device), selection.grouping)
     return unexplained_fraction(e_hat, residual, denominator) * dead.any()
 

@@ -2,7 +2,10 @@
 
 On disk a store is a directory of shards (``shard-00000.safetensors``, one tensor ``activations``
 [n, d] each, written atomically) and a ``manifest.json`` written last, so a directory without a
-manifest is a collection that did not finish. The manifest records what the activations are
+manifest is a collection that did not finish. A paired store (a transcoder's: the activations at
+one site and, for the same tokens, at another) keeps each token's pair in one row, the input's
+columns then the target's (``target_width`` of them, recorded in the manifest), so every batch,
+shuffle and shard split keeps the pairs aligned by construction; `split_pairs` separates them. The manifest records what the activations are
 (model, revision, site, layer, text-source hash, normalization) and each shard's token count and
 sha256; every shard is verified against its hash when it is read.
 
@@ -47,11 +50,19 @@ DEFAULT_SHARD_TOKENS = 1 << 16
 DEFAULT_SHUFFLE_BUFFER = 1 << 18
 REQUIRED_FIELDS = ("model", "site", "layer")
 # Fields the writer fills in itself; a caller may not set them.
-_WRITER_FIELDS = ("format_version", "dtype", "d_model", "n_tokens", "shard_tokens", "shards")
+_WRITER_FIELDS = ("format_version", "dtype", "d_model", "n_tokens", "shard_tokens", "shards", "target_width")
 def _seed_of(*parts: int | str) -> int:
     """A 63-bit generator seed from ``parts``, stable across processes and platforms."""
     digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def split_pairs(rows: torch.Tensor, target_width: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A paired store's rows [n, d_in + d_out] -> (inputs [n, d_in], targets [n, d_out]); (rows, None)
+    for a store without targets (``target_width`` 0). Views, no copies."""
+    if not target_width:
+        return rows, None
+    return rows[:, : rows.shape[1] - target_width], rows[:, rows.shape[1] - target_width :]
 
 
 def _permutation(n: int, *parts: int | str) -> torch.Tensor:
@@ -67,9 +78,11 @@ class ActivationStoreWriter:
     """Write activations [n, d] into shards of ``shard_tokens`` tokens, then a manifest.
 
     ``manifest_fields`` must hold ``model``, ``site`` and ``layer``; ``revision``,
-    ``text_source_hash`` and ``normalization`` (and any other JSON value) are recorded as given.
-    ``dtype`` is the stored dtype (default: the first chunk's). Use as a context manager, or call
-    `close`; leaving the ``with`` block on an exception writes no manifest.
+    ``text_source_hash`` and ``normalization`` (and any other JSON value, such as a paired store's
+    ``target_site``) are recorded as given. ``dtype`` is the stored dtype (default: the first
+    chunk's). ``target_width`` > 0 makes a paired store: each added row is an input then its
+    target, the last ``target_width`` columns. Use as a context manager, or call `close`; leaving
+    the ``with`` block on an exception writes no manifest.
     """
 
     def __init__(
@@ -80,6 +93,7 @@ class ActivationStoreWriter:
         shard_tokens: int = DEFAULT_SHARD_TOKENS,
         dtype: torch.dtype | None = None,
         overwrite: bool = False,
+        target_width: int = 0,
     ) -> None:
         missing = [f for f in REQUIRED_FIELDS if manifest_fields.get(f) is None]
         if missing:
@@ -88,6 +102,8 @@ class ActivationStoreWriter:
         if reserved:
             raise ValueError(f"manifest_fields may not set {reserved}: the writer records them")
         require_int("shard_tokens", shard_tokens)
+        require_int("target_width", target_width, 0)
+        self.target_width = target_width
         if dtype is not None:
             require_dtype("dtype", dtype, tuple(DTYPES.values()))
         self.directory = Path(directory)
@@ -121,6 +137,9 @@ class ActivationStoreWriter:
                 raise TypeError(f"activations must be float32, bfloat16 or float16, got {self.dtype}")
         if chunk.shape[1] != self.d_model:
             raise ValueError(f"chunk has d={chunk.shape[1]} but earlier chunks had d={self.d_model}")
+        if self.target_width >= chunk.shape[1]:
+            raise ValueError(f"chunk has d={chunk.shape[1]} columns, not more than target_width={self.target_width}: "
+                             "a paired row holds its input's columns before its target's")
         self._pending.append(chunk.detach().to("cpu", self.dtype))
         self._n_pending += chunk.shape[0]
         self.n_tokens += chunk.shape[0]
@@ -159,6 +178,8 @@ class ActivationStoreWriter:
             "shard_tokens": self.shard_tokens,
             "shards": self.shards,
         }
+        if self.target_width:
+            manifest["target_width"] = self.target_width
         path = self.directory / MANIFEST_FILE
         atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2)))
         self._closed = True
@@ -173,11 +194,21 @@ class ActivationStoreWriter:
 
 
 class _ShardedSource(abc.ABC):
-    """Batching shared by the disk store and the in-memory source: subclasses give shard sizes and loads."""
+    """Batching shared by the disk store and the in-memory source: subclasses give shard sizes and loads.
+
+    ``d_model`` is a row's width; a paired source's rows hold ``input_width`` input columns, then
+    ``target_width`` target columns.
+    """
 
     shard_sizes: list[int]
     d_model: int
+    target_width: int = 0
     default_shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER
+
+    @property
+    def input_width(self) -> int:
+        """The width of the inputs (a row's, without a paired store's target columns)."""
+        return self.d_model - self.target_width
 
     @abc.abstractmethod
     def _load_shard(self, i: int) -> torch.Tensor:
@@ -339,6 +370,10 @@ def _check_manifest(path: Path, manifest: Any) -> None:
         value = manifest[field]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{path}: {field} must be a positive integer, found {value!r}")
+    width = manifest.get("target_width", 0)
+    if isinstance(width, bool) or not isinstance(width, int) or not 0 <= width < manifest["d_model"]:
+        raise ValueError(f"{path}: target_width must be an integer in [0, d_model={manifest['d_model']}), "
+                         f"found {width!r}")
     if not isinstance(manifest["shards"], list):
         raise ValueError(f"{path}: shards must be a list, found {manifest['shards']!r}")
     for number, shard in enumerate(manifest["shards"]):
@@ -378,6 +413,7 @@ class ActivationStore(_ShardedSource):
                 )
         self.dtype = DTYPES[self.manifest["dtype"]]
         self.d_model = int(self.manifest["d_model"])
+        self.target_width = int(self.manifest.get("target_width", 0))
         self.shards: list[dict[str, Any]] = self.manifest["shards"]
         self.shard_sizes = [int(s["n_tokens"]) for s in self.shards]
         if sum(self.shard_sizes) != self.manifest["n_tokens"]:
@@ -440,15 +476,18 @@ class InMemorySource(_ShardedSource):
     """Activations already in memory [N, d], batched exactly like a store with the same shard size.
 
     With the default ``shard_tokens=None`` (one shard) and ``shuffle_buffer=None`` (the whole
-    tensor) each epoch is a full permutation of the rows.
+    tensor) each epoch is a full permutation of the rows. ``target_width``: the last columns of
+    each row are a paired target (as in a paired store).
     """
 
-    def __init__(self, activations: torch.Tensor, *, shard_tokens: int | None = None) -> None:
+    def __init__(self, activations: torch.Tensor, *, shard_tokens: int | None = None, target_width: int = 0) -> None:
         if not isinstance(activations, torch.Tensor) or activations.dim() != 2 or not activations.is_floating_point():
             got = getattr(activations, "shape", type(activations))
             raise ValueError(f"activations must be a 2-D float tensor [N, d], got {got}")
         self.activations = activations.detach().cpu()
         self.d_model = activations.shape[1]
+        require_int("target_width", target_width, 0, self.d_model - 1)
+        self.target_width = target_width
         n = activations.shape[0]
         step = shard_tokens or max(n, 1)
         self._starts = list(range(0, n, step))

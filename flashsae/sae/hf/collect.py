@@ -3,12 +3,14 @@
 Texts become windows of <= ``seq_len`` tokens (`token_windows`), padded batches of them
 (`token_batches`), then one forward pass per batch with a hook on each module (attached for that
 pass only). `collect_activations` yields the hooked outputs at the real tokens; `collect_to_store`
-writes one module's outputs into an activation store.
+writes one module's outputs into an activation store, or, with a ``target``, each token's pair of
+activations (a transcoder's input and target, read in the same forward pass) into a paired store.
 """
 from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -264,14 +266,19 @@ def collect_to_store(
     overwrite: bool = False,
     skip_special_tokens: bool = True,
     progress: bool = True,
+    target: HookPoint | None = None,
+    target_site: str | None = None,
 ) -> ActivationStore:
     """Collect ``module``'s output (its input when ``module_path`` ends with ``:input``) for ``n_tokens``
     tokens (None: all texts) into an activation store.
 
     The manifest records ``model``, ``revision``, ``site`` (``module_path`` when None), ``layer``
     (when None, the first integer in ``module_path``), ``hook`` (= ``module_path``),
-    ``text_source``, ``text_source_hash``, ``seq_len`` and ``skip_special_tokens``. Returns the
-    opened `ActivationStore`; warns when the texts run out before ``n_tokens``.
+    ``text_source``, ``text_source_hash``, ``seq_len`` and ``skip_special_tokens``. With a
+    ``target`` `HookPoint` the store is paired (`flashsae.sae.store`): each row holds the token's
+    activation at ``module_path`` then at the target, read in the same forward pass; the manifest
+    adds ``target_hook`` and ``target_site`` (the target's path when None). Returns the opened
+    `ActivationStore`; warns when the texts run out before ``n_tokens``.
     """
     if layer is None:
         layer = layer_from_path(module_path)
@@ -288,19 +295,29 @@ def collect_to_store(
         "seq_len": seq_len,
         "skip_special_tokens": skip_special_tokens,
     }
+    points = {module_path: HookPoint(module_path, module)}
+    if target is not None:
+        if target.path == module_path:
+            raise ValueError(f"target must be another activation than the input's {module_path!r}")
+        fields.update(target_hook=target.path, target_site=target_site if target_site is not None else target.path)
+        points[target.path] = target
+    batches = collect_activations(
+        model, tokenizer, points, texts, seq_len=seq_len, batch_size=batch_size, max_tokens=n_tokens, dtype=dtype,
+        skip_special_tokens=skip_special_tokens, progress=progress,
+    )
+    first = next(iter(batches), None)
+    if first is None:
+        raise ValueError("the texts yielded no tokens to collect")
     writer = ActivationStoreWriter(
-        out_dir, fields, shard_tokens=shard_tokens or DEFAULT_SHARD_TOKENS, dtype=dtype, overwrite=overwrite
+        out_dir, fields, shard_tokens=shard_tokens or DEFAULT_SHARD_TOKENS, dtype=dtype, overwrite=overwrite,
+        target_width=first[target.path].shape[1] if target is not None else 0,
     )
     collected = 0
     with writer:
-        batches = collect_activations(
-            model, tokenizer, {module_path: HookPoint(module_path, module)}, texts,
-            seq_len=seq_len, batch_size=batch_size, max_tokens=n_tokens, dtype=dtype,
-            skip_special_tokens=skip_special_tokens, progress=progress,
-        )
-        for batch in batches:
-            writer.add(batch[module_path])
-            collected += batch[module_path].shape[0]
+        for batch in itertools.chain([first], batches):
+            rows = batch[module_path] if target is None else torch.cat([batch[module_path], batch[target.path]], 1)
+            writer.add(rows)
+            collected += rows.shape[0]
     if n_tokens is not None and collected < n_tokens:
         warnings.warn(
             f"the texts ran out after {collected} tokens of the {n_tokens} requested; the store holds {collected}",

@@ -23,9 +23,10 @@ def add_interop_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add ``export`` and ``import`` to ``subparsers`` (from ``ArgumentParser.add_subparsers()``)."""
     export = subparsers.add_parser(
         "export", help="write a flashsae checkpoint in SAELens or sparsify format",
-        description="Write a flashsae checkpoint (cfg.json + model.safetensors) as a SAELens 'topk' SAE "
-        "(cfg.json + sae_weights.safetensors) or a sparsify SparseCoder (cfg.json + sae.safetensors). "
-        "A norm_scale in the metadata is folded into the weights.",
+        description="Write a flashsae checkpoint (cfg.json + model.safetensors) as a SAELens SAE "
+        "(cfg.json + sae_weights.safetensors: 'topk', or for BatchTopK 'jumprelu' and 'jumprelu_transcoder' / "
+        "'jumprelu_skip_transcoder') or a sparsify SparseCoder (cfg.json + sae.safetensors; TopK SAEs and "
+        "transcoders). A norm_scale in the metadata is folded into the weights.",
     )
     export.add_argument("--format", required=True, choices=FORMATS, help="target format")
     export.add_argument("checkpoint", type=Path, help="flashsae checkpoint directory")
@@ -45,6 +46,7 @@ def add_interop_commands(subparsers: argparse._SubParsersAction) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     sae = TopKSAE.load(args.checkpoint, backend="torch")
+    # A variant the format cannot express is a ConfigError of the exporter's own: one line, exit code 2.
     out = _EXPORTERS[args.format](sae, make_output_dir(args.out, "the output directory"))
     print(f"wrote {args.format} SAE (d={sae.d_model}, F={sae.n_features}, k={sae.k}) to {out}")
     return 0

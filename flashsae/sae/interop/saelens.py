@@ -8,6 +8,13 @@ SAELens ``topk`` SAE on disk: ``cfg.json`` + ``sae_weights.safetensors`` holding
 ``rescale_acts_by_decoder_norm``). Ours is the same map with ``W_enc`` stored transposed,
 ``apply_b_dec_to_input=True`` and ``rescale_acts_by_decoder_norm=False``; other settings are folded
 into the weights on import. This module does not import ``sae_lens``.
+
+The variants export as the SAELens inference architectures that compute their maps (`saelens_architecture`):
+a BatchTopK SAE (Matryoshka or not) as ``jumprelu`` (SAELens saves its own BatchTopK and Matryoshka
+BatchTopK SAEs so: ``z = relu(pre) * (pre > threshold)``, here with every feature's threshold the
+model's one), a Matryoshka TopK SAE as ``topk``, and a BatchTopK transcoder as ``jumprelu_transcoder``
+or ``jumprelu_skip_transcoder`` (W_dec [d_sae, d_out], W_skip [d_out, d_in], no b_dec on the input).
+SAELens has no TopK transcoder; sparsify has (`flashsae.sae.interop.sparsify`).
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ...checks import dtype_name, parse_dtype
+from ...errors import ConfigError, InputError
 from ..atomic import atomic_write
 from ..model import TopKSAE
 from ._common import FLASHSAE_METADATA_KEY, build_sae, raw_space_weights
@@ -48,15 +56,31 @@ def saelens_version() -> str:
         return TESTED_SAELENS_VERSION
 
 
+def saelens_architecture(sae: TopKSAE) -> str:
+    """The SAELens inference architecture computing ``sae``'s map (see the module docstring); ConfigError
+    (a ValueError) for a TopK transcoder, which SAELens cannot express."""
+    arch = sae.arch
+    if arch.transcoder:
+        if not arch.batch_topk:
+            raise ConfigError("SAELens has no TopK transcoder: export a TopK transcoder with --format sparsify, or "
+                             "train a BatchTopK one (--activation batchtopk), which exports as jumprelu_transcoder")
+        return "jumprelu_skip_transcoder" if arch.skip_connection else "jumprelu_transcoder"
+    return "jumprelu" if arch.batch_topk else "topk"
+
+
 def export_saelens(sae: TopKSAE, out_dir: str | os.PathLike) -> Path:
-    """Write ``sae`` as a SAELens ``topk`` SAE (``cfg.json`` + ``sae_weights.safetensors``) into ``out_dir``.
+    """Write ``sae`` as a SAELens SAE (``cfg.json`` + ``sae_weights.safetensors``) into ``out_dir``, in the
+    architecture `saelens_architecture` names.
 
     A ``norm_scale`` in the metadata is folded into the weights (SAELens' own
-    ``fold_activation_norm_scaling_factor``), so the exported SAE takes raw activations and
-    ``normalize_activations`` is ``"none"``. Weights keep the SAE's dtype. SAELens' ``model_name``,
-    ``hook_name``, ``context_size`` and ``dataset_path`` come from a trained SAE's model, hook,
-    seq_len and text; ``sae_lens_version`` is `saelens_version`.
+    ``fold_activation_norm_scaling_factor``; a transcoder's target scale likewise), so the exported
+    SAE takes raw activations and ``normalize_activations`` is ``"none"``. Weights keep the SAE's
+    dtype. SAELens' ``model_name``, ``hook_name``, ``context_size`` and ``dataset_path`` come from a
+    trained SAE's model, hook, seq_len and text (a transcoder's target hook rides along as
+    ``hook_name_out``); ``sae_lens_version`` is `saelens_version`. A BatchTopK SAE needs its threshold
+    (ValueError before any training batch has set it).
     """
+    architecture = saelens_architecture(sae)
     weights, metadata = raw_space_weights(sae)
     dtype = sae.dtype
     tensors = {
@@ -65,23 +89,35 @@ def export_saelens(sae: TopKSAE, out_dir: str | os.PathLike) -> Path:
         "W_dec": weights["W_dec"].to(dtype),
         "b_dec": weights["b_dec"].to(dtype),
     }
+    if "W_skip" in weights:
+        tensors["W_skip"] = weights["W_skip"].to(dtype)
+    if sae.arch.batch_topk:
+        if not sae.threshold >= 0:
+            raise InputError("this BatchTopK SAE has no JumpReLU threshold yet: train it before exporting")
+        tensors["threshold"] = torch.full((sae.n_features,), float(sae.threshold), dtype=dtype)
     their_metadata: dict[str, Any] = {"sae_lens_version": saelens_version(), FLASHSAE_METADATA_KEY: metadata}
     their_metadata.update({theirs: metadata[ours] for theirs, ours in _FROM_TRAINING.items()
                            if metadata.get(ours) is not None})
     their_metadata.update({key: metadata[key] for key in _SHARED_METADATA if key in metadata})
+    if sae.arch.batch_topk:
+        their_metadata["training_architecture"] = "matryoshka_batchtopk" if sae.arch.matryoshka_widths else "batchtopk"
+    if metadata.get("target_hook") is not None:
+        their_metadata["hook_name_out"] = metadata["target_hook"]
     cfg = {
-        "architecture": "topk",
+        "architecture": architecture,
         "d_in": sae.d_model,
         "d_sae": sae.n_features,
-        "k": sae.k,
         "dtype": dtype_name(dtype),
         "device": "cpu",
-        "apply_b_dec_to_input": True,
+        "apply_b_dec_to_input": not sae.arch.transcoder,
         "normalize_activations": "none",
         "reshape_activations": "none",
-        "rescale_acts_by_decoder_norm": False,
         "metadata": their_metadata,
     }
+    if architecture == "topk":
+        cfg.update(k=sae.k, rescale_acts_by_decoder_norm=False)
+    if sae.arch.transcoder:
+        cfg["d_out"] = sae.d_out
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp))

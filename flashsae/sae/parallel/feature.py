@@ -75,16 +75,18 @@ class _ReplicatedInput(torch.autograd.Function):
         return grad
 
 
-def _replicated(t: torch.Tensor) -> torch.Tensor:
-    return _ReplicatedInput.apply(t) if t.requires_grad else t
+def _replicated(t: torch.Tensor | None) -> torch.Tensor | None:
+    return _ReplicatedInput.apply(t) if t is not None and t.requires_grad else t
 
 
 class FeatureParallelSAE(TopKSAE):
     """A `TopKSAE` holding rows [offset, offset + n_local) of W_enc [F, d], b_enc [F] and W_dec [F, d].
 
-    b_dec [d] is replicated (its gradient comes out identical on every rank). Every rank must call
-    it with the same batch x [B, d]; every rank gets the same x_hat [B, d] and global (vals, idx).
-    Build it with `from_full` from a whole SAE, or directly (each rank then draws its own rows).
+    b_dec [d] (and a skip transcoder's W_skip) is replicated (its gradient comes out identical on every
+    rank). Every rank must call it with the same batch x [B, d]; every rank gets the same x_hat [B, d]
+    and global (vals, idx). Build it with `from_full` from a whole SAE, or directly (each rank then
+    draws its own rows). Matryoshka levels and transcoders split as the plain SAE does; BatchTopK's
+    selection across the batch does not split over features (ValueError).
     """
 
     def __init__(
@@ -95,6 +97,10 @@ class FeatureParallelSAE(TopKSAE):
         self.world_size = get_world_size() if world_size is None else world_size
         self.split = feature_split(n_features, self.world_size)
         self.seed = seed
+        arch = options.get("arch")
+        if arch is not None and arch.batch_topk:
+            raise ValueError("a BatchTopK SAE cannot be split over features: its selection spans the whole batch "
+                             "and dictionary; train it in one process or data parallel")
         super().__init__(d_model, n_features, k, **options)
 
     @classmethod
@@ -105,7 +111,7 @@ class FeatureParallelSAE(TopKSAE):
         unless given in ``kwargs``."""
         options = {
             "dtype": sae.dtype, "device": sae.W_dec.device, "backend": sae.backend,
-            "sparse_grad": sae.sparse_grad, "metadata": sae.metadata, **kwargs,
+            "sparse_grad": sae.sparse_grad, "metadata": sae.metadata, "arch": sae.arch, **kwargs,
         }
         fp = cls(sae.d_model, sae.n_features, sae.k, rank=rank, world_size=world_size, **options)
         rows = slice(fp.offset, fp.offset + fp.n_local)
@@ -113,6 +119,8 @@ class FeatureParallelSAE(TopKSAE):
             for name in ("W_enc", "b_enc", "W_dec"):
                 getattr(fp, name).copy_(getattr(sae, name)[rows])
             fp.b_dec.copy_(sae.b_dec)
+            if fp.W_skip is not None:
+                fp.W_skip.copy_(sae.W_skip)
         return fp
 
     @torch.no_grad()
@@ -156,9 +164,11 @@ class FeatureParallelSAE(TopKSAE):
         if self.rank == dst:
             full = TopKSAE(
                 self.d_model, self.n_features, self.k, dtype=self.dtype, device=self.W_dec.device,
-                backend=self.backend, sparse_grad=self.sparse_grad, metadata=self.metadata,
+                backend=self.backend, sparse_grad=self.sparse_grad, metadata=self.metadata, arch=self.arch,
             )
             full.b_dec.copy_(self.b_dec)
+            if full.W_skip is not None:
+                full.W_skip.copy_(self.W_skip)
         width = max(n for _, n in self.split)
         for name in ("W_enc", "b_enc", "W_dec"):
             local = getattr(self, name).detach()
@@ -175,7 +185,7 @@ class FeatureParallelSAE(TopKSAE):
         x: torch.Tensor,
         W_enc: torch.Tensor,
         b_enc: torch.Tensor,
-        b_pre: torch.Tensor,
+        b_pre: torch.Tensor | None,
         k: int,
         mask: torch.Tensor | None = None,
         *,
@@ -227,6 +237,20 @@ class FeatureParallelSAE(TopKSAE):
         zero = torch.zeros_like(b_dec)
         held = self._held_ids(idx.device) if row_ids is None else row_ids
         partial = super()._decode_rows(vals, idx, W_dec, zero, held)
+        return _SumAcrossRanks.apply(partial) + b_dec
+
+    def _decode_levels(
+        self,
+        vals: torch.Tensor,
+        idx: torch.Tensor,
+        W_dec: torch.Tensor,
+        b_dec: torch.Tensor,
+        row_ids: torch.Tensor | None = None,
+        grouping: ops.SharedGrouping | None = None,
+    ) -> torch.Tensor:
+        """The Matryoshka levels as `_decode_rows`: each rank decodes its slots at every level; a collective."""
+        held = self._held_ids(idx.device) if row_ids is None else row_ids
+        partial = super()._decode_levels(vals, idx, W_dec, torch.zeros_like(b_dec), held)
         return _SumAcrossRanks.apply(partial) + b_dec
 
 

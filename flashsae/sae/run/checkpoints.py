@@ -50,6 +50,7 @@ class TrainerState:
     """Where the run stands: ``step`` steps done; the next batch is batch ``batch`` of epoch ``epoch``.
 
     ``run_id``: the run's identity (`flashsae.sae.run.rundir`); None in checkpoints written before runs had one.
+    ``target_norm_scale``: a transcoder's normalization of its targets (None for an autoencoder).
     """
 
     step: int
@@ -60,6 +61,7 @@ class TrainerState:
     firing: dict[str, Any]
     rng: dict[str, Any]
     run_id: str | None = None
+    target_norm_scale: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

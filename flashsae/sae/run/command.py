@@ -106,8 +106,10 @@ def check_inputs(cfg: TrainConfig) -> None:
     with reraise_as(ConfigError, ValueError):
         check_log_backends(cfg.log)
     if cfg.store is not None:
-        open_store(cfg.store, "--store")
+        store = open_store(cfg.store, "--store")
+        _check_transcoding(cfg, bool(store.target_width))
         return
+    _check_transcoding(cfg, cfg.transcodes)
     hf.check_text_source(cfg.text)
     cache = Path(cfg.cache) if cfg.cache else Path(cfg.out) / rundir.CACHE_DIR
     if not (cache / "manifest.json").is_file():
@@ -116,6 +118,18 @@ def check_inputs(cfg: TrainConfig) -> None:
             hf.hook_point(skeleton, cfg.hook)
         else:
             hf.resolve_site(skeleton, cfg.site, cfg.layer)
+        if cfg.target_hook:
+            hf.hook_point(skeleton, cfg.target_hook)
+        elif cfg.target_site:
+            hf.resolve_site(skeleton, cfg.target_site, cfg.layer)
+
+
+def _check_transcoding(cfg: TrainConfig, transcodes: bool) -> None:
+    """ConfigError when --skip-connection asks for a transcoder the options (or the --store) do not train."""
+    if cfg.skip_connection and not transcodes:
+        where = f"--store {cfg.store} holds no targets" if cfg.store is not None else (
+            "give --target-site or --target-hook")
+        raise ConfigError(f"--skip-connection is for transcoders: {where}")
 
 
 def run_train_command(args: argparse.Namespace) -> int:

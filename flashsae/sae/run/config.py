@@ -28,6 +28,9 @@ from ...errors import ConfigError
 from ...kernels.registry import backend_names
 from ..hf import DEFAULT_TEXT, EMBEDDED_MODEL, SITES
 from ..hf.texts import STDLIB_TEXT
+from ..architecture import ACTIVATIONS as ACTIVATION_CHOICES
+from ..architecture import DEFAULT_THRESHOLD_LR, Architecture
+from ..schedules import LR_DECAYS
 from ..trainer import DEFAULT_DEAD_WINDOW
 
 # --dtype: "auto" (see `resolve_dtype`) or a parameter dtype.
@@ -36,9 +39,10 @@ DTYPE_CHOICES = ("auto", *DTYPES)
 # The argparse groups of `flashsae train --help`, in the order it lists them.
 ACTIVATIONS = "activations"
 SAE = "SAE and optimization"
+VARIANTS = "SAE variants"
 INIT = "initialization and dead features"
 RUNS = "output and runs"
-GROUPS = (ACTIVATIONS, SAE, INIT, RUNS)
+GROUPS = (ACTIVATIONS, SAE, VARIANTS, INIT, RUNS)
 
 _OPTION = "flashsae.option"  # the dataclass field metadata key of an `Option`
 
@@ -116,6 +120,22 @@ def _number(low: float = 0.0, *, strict: bool = False) -> Check:
     return lambda name, value, cfg: require_number(name, value, low, strict=strict)
 
 
+def _fraction(name: str, value: Any, cfg: TrainConfig) -> None:
+    require_number(name, value, 0.0)
+    if value > 1:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+
+
+def _rate(name: str, value: Any, cfg: TrainConfig) -> None:
+    require_number(name, value, 0.0, strict=True)
+    if value > 1:
+        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+
+
+def _width(name: str, value: Any, cfg: TrainConfig) -> None:
+    require_int(name, value, 1, cfg.n_features)
+
+
 def _k(name: str, value: Any, cfg: TrainConfig) -> None:
     require_k(value, cfg.n_features, name=name, features_name=flag("n_features"))
 
@@ -159,6 +179,12 @@ class TrainConfig:
     n_tokens: int | None = option(None, ACTIVATIONS, "tokens to collect", metavar="N", check=_integer(1),
                                   default_text="the whole text")
     seq_len: int = option(128, ACTIVATIONS, "tokens per sequence", check=_integer(1))
+    target_site: str | None = option(None, ACTIVATIONS, "train a transcoder: encode --site (or --hook), reconstruct "
+                                     "this site of --layer (e.g. --site mlp_in --target-site mlp_out: the MLP)",
+                                     choices=SITES, default_text="none (an autoencoder)")
+    target_hook: str | None = option(None, ACTIVATIONS, "train a transcoder whose target is this module path's output "
+                                     "(its input with the suffix :input)", metavar="MODULE.PATH",
+                                     default_text="none")
     store: str | None = option(None, ACTIVATIONS, "train on this existing activation store without loading a model",
                                metavar="DIR", default_text="none")
     cache: str | None = option(None, ACTIVATIONS, "activation store to reuse or fill; rejected when it holds another "
@@ -169,6 +195,15 @@ class TrainConfig:
     epochs: int = option(8, SAE, "passes over the stored activations", check=_integer(1))
     lr: float | None = option(None, SAE, "learning rate", check=_number(strict=True),
                               default_text="2e-4 / sqrt(n_features / 2^14), Gao et al. 2024")
+    lr_warmup_steps: int = option(0, SAE, "warm the learning rate up linearly over the first STEPS steps "
+                                  "(step s runs at (s + 1) / STEPS of it)", metavar="STEPS", check=_integer(0))
+    lr_decay: str = option("none", SAE, "decay the learning rate over the last --lr-decay-steps steps to "
+                           "--lr-final-fraction of it, linearly or along a half cosine", choices=LR_DECAYS)
+    lr_decay_steps: int | None = option(None, SAE, "steps the decay takes, ending at the last step",
+                                        metavar="STEPS", check=_integer(1),
+                                        default_text="every step after the warm-up")
+    lr_final_fraction: float = option(0.1, SAE, "the decayed learning rate's fraction of --lr at the last step",
+                                      metavar="FRACTION", check=_fraction)
     dtype: str = option("auto", SAE, "SAE parameter dtype; auto is bfloat16 mixed precision on CUDA with sparse-adam "
                         "(bf16 weights and tensor-core GEMMs, fp32 accumulation and gradients, exact fp32 master "
                         "weights in the optimizer) and float32 otherwise", choices=DTYPE_CHOICES)
@@ -181,6 +216,16 @@ class TrainConfig:
                                  default_text="--k (no annealing)")
     k_anneal_steps: int = option(0, SAE, "steps over which k falls from --k-start to --k", metavar="STEPS",
                                  check=_integer(0))
+    activation: str = option("topk", VARIANTS, "topk: k features per token; batchtopk: the batch's batch-size * k "
+                             "largest pre-activations in training (k per token on average), saved with a JumpReLU "
+                             "threshold that encodes without a batch (Bussmann et al. 2024)", choices=ACTIVATION_CHOICES)
+    threshold_lr: float = option(DEFAULT_THRESHOLD_LR, VARIANTS, "batchtopk: the rate of the threshold's moving "
+                                 "average of each batch's smallest selected activation", check=_rate)
+    matryoshka: list[int] | None = option(None, VARIANTS, "nested dictionaries: the reconstructions from the first "
+                                          "M_1 < M_2 < ... features each add their loss; --n-features is the last "
+                                          "level", metavar="M", check=_width, default_text="none")
+    skip_connection: bool = option(False, VARIANTS, "a transcoder also learns a linear skip map of its input "
+                                   "(a skip transcoder)")
     init: str = option("random", INIT, "asi is Active Subspace Initialization: the decoder starts in the top "
                        "--d-init singular directions of the run's activations", choices=("random", "asi"))
     init_scale: str = option("unit", INIT, "unit: encoder rows start equal to the unit-norm decoder rows; calibrate: "
@@ -226,6 +271,25 @@ class TrainConfig:
             _check_value(f, getattr(self, f.name), self)
         if self.k_start is not None and self.k_start < self.k:
             raise ConfigError(f"{flag('k_start')} must be >= {flag('k')}={self.k}, got {self.k_start}")
+        widths = self.matryoshka or []
+        if widths != sorted(set(widths)):
+            raise ConfigError(f"{flag('matryoshka')} widths must rise strictly, got {' '.join(map(str, widths))}")
+        if self.target_site is not None and self.target_hook is not None:
+            raise ConfigError(f"{flag('target_site')} and {flag('target_hook')} both name the transcoder's target: "
+                              "give one of them")
+
+    @property
+    def transcodes(self) -> bool:
+        """Whether the options ask for a transcoder (a --store may also hold a transcoder's pairs)."""
+        return self.target_site is not None or self.target_hook is not None
+
+    def architecture(self, transcoder: bool, d_out: int | None) -> Architecture:
+        """The SAE variant these options train; ``transcoder`` and ``d_out`` come from the activations."""
+        widths = list(self.matryoshka or [])
+        if widths and widths[-1] != self.n_features:
+            widths.append(self.n_features)
+        return Architecture(activation=self.activation, matryoshka_widths=tuple(widths), transcoder=transcoder,
+                            d_out=d_out, skip_connection=self.skip_connection, threshold_lr=self.threshold_lr)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -240,6 +304,8 @@ def value_type(f: dataclasses.Field) -> tuple[type, bool]:
     """(the type of one value, whether the option takes a list of them), from ``f``'s annotation."""
     hint = _HINTS[f.name]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if len(args) == 1 and typing.get_origin(args[0]) is list:  # an optional list
+        hint, args = args[0], list(typing.get_args(args[0]))
     if typing.get_origin(hint) is list:
         return args[0], True
     return (args[0] if args else hint), False

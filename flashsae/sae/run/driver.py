@@ -25,14 +25,15 @@ from tqdm.auto import tqdm
 from ...checks import parse_dtype
 from ...errors import ConfigError
 from ...optim import SparseAdam
+from ..architecture import Architecture
 from ..asi import active_subspace, init_active_subspace, resolve_d_init
 from ..atomic import atomic_write
 from ..diagnostics import FiringTracker, plot_firing_density, subspace_energy_sums
 from ..model import CONFIG_FILE, TopKSAE, read_saved_config
 from ..parallel import process_group
 from ..parallel.strategy import SingleProcess, make_strategy
-from ..schedules import linear_k
-from ..store import ActivationStore
+from ..schedules import linear_k, lr_factor
+from ..store import ActivationStore, split_pairs
 from ..trainer import DEFAULT_DEAD_WINDOW, NonFiniteError, Trainer, reconstruction_metrics
 from . import checkpoints, rundir
 from .config import TrainConfig, default_aux_k, default_lr, merge_resumed_config, resolve_dtype
@@ -68,6 +69,7 @@ class Run:
     n_batches: int
     dtype: torch.dtype
     norm_scale: float
+    target_scale: float | None  # a transcoder's normalization of its targets; None for an autoencoder
     model: TopKSAE
     trainer: Trainer
     position: Position
@@ -78,9 +80,12 @@ class Run:
     def total_steps(self) -> int:
         return self.n_batches * self.cfg.epochs
 
-    def batch(self, x: torch.Tensor) -> torch.Tensor:
-        """A stored batch as the SAE trains on it: on the device, normalized, in the SAE's dtype."""
-        return (x.to(self.device) * self.norm_scale).to(self.dtype)
+    def batch(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A stored batch as the SAE trains on it: (inputs, a transcoder's targets or None), on the device,
+        normalized, in the SAE's dtype."""
+        x, y = split_pairs(rows.to(self.device), self.source.target_width)
+        x = (x * self.norm_scale).to(self.dtype)
+        return x, None if y is None else (y * self.target_scale).to(self.dtype)
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -107,23 +112,21 @@ def _set_up(cfg: TrainConfig, resumed: dict[str, Any] | None) -> Run:
     cfg, identity, recollect = _take_out_dir(cfg, info, resumed)
     source, origin = open_activation_source(cfg, info, recollect=recollect)
     n_batches = _check_batch_size(cfg, source, strategy)
-    _check_d_init(cfg, source.d_model)
+    _check_variant(cfg, source, strategy)
     dtype = _resolve_dtype(cfg, device, resumed)
     state: checkpoints.TrainerState | None = resumed["trainer"] if resumed is not None else None
-    if state is not None:
-        norm_scale = state.norm_scale
-    elif cfg.normalize == "mean-sq-norm":
-        norm_scale = mean_sq_norm_scale(leading_tokens(source, NORM_TOKENS, cfg.seed))
-    else:
-        norm_scale = 1.0
-    x0 = leading_tokens(source, cfg.asi_tokens, cfg.seed) * norm_scale
-    if not torch.isfinite(x0).all():
+    norm_scale, target_scale = _scales(cfg, source, state)
+    x0, y0 = split_pairs(leading_tokens(source, cfg.asi_tokens, cfg.seed), source.target_width)
+    x0, y0 = x0 * norm_scale, None if y0 is None else y0 * target_scale
+    if not torch.isfinite(x0).all() or (y0 is not None and not torch.isfinite(y0).all()):
         raise NonFiniteError(f"the run's first {x0.shape[0]} tokens (--asi-tokens) contain NaN or Inf; nothing was trained")
-    subspace = _active_subspace(cfg, x0) if cfg.init == "asi" or cfg.track_subspace else None
-    sae = _build_sae(cfg, source, {**origin, "run_id": identity.run_id}, norm_scale, dtype, resumed, x0, subspace)
+    # The decoder's space: a transcoder's targets.
+    subspace = _active_subspace(cfg, x0 if y0 is None else y0) if cfg.init == "asi" or cfg.track_subspace else None
+    origin = {**origin, "run_id": identity.run_id}
+    sae = _build_sae(cfg, source, origin, (norm_scale, target_scale), dtype, resumed, (x0, y0), subspace)
     model = strategy.wrap(sae.to(device))
     dead_window = cfg.dead_window or min(DEFAULT_DEAD_WINDOW, n_batches * cfg.batch_size)
-    trainer = _build_trainer(cfg, model, strategy, dead_window, source.d_model, device)
+    trainer = _build_trainer(cfg, model, strategy, dead_window, source.input_width, device, n_batches * cfg.epochs)
     position = Position()
     if resumed is not None:
         trainer.optimizer.load_state_dict(resumed["optimizer"])
@@ -131,8 +134,39 @@ def _set_up(cfg: TrainConfig, resumed: dict[str, Any] | None) -> Run:
         checkpoints.restore_rng(state.rng)
         position = Position(state.step, state.epoch, state.batch, state.step * cfg.batch_size)
     trainer.step_count = position.step
-    return Run(cfg, identity, info, strategy, device, Path(cfg.out), source, n_batches, dtype, norm_scale, model,
-               trainer, position, resumed["path"] if resumed is not None else None, subspace)
+    return Run(cfg, identity, info, strategy, device, Path(cfg.out), source, n_batches, dtype, norm_scale,
+               target_scale, model, trainer, position, resumed["path"] if resumed is not None else None, subspace)
+
+
+def _scales(
+    cfg: TrainConfig, source: ActivationStore, state: checkpoints.TrainerState | None
+) -> tuple[float, float | None]:
+    """(the inputs' normalization scale, a transcoder's targets' or None): a resumed run's own, else
+    estimated from the run's first tokens (--normalize mean-sq-norm) or 1."""
+    paired = source.target_width > 0
+    if state is not None:
+        return state.norm_scale, (state.target_norm_scale if paired else None)
+    if cfg.normalize != "mean-sq-norm":
+        return 1.0, (1.0 if paired else None)
+    x, y = split_pairs(leading_tokens(source, NORM_TOKENS, cfg.seed), source.target_width)
+    return mean_sq_norm_scale(x), (mean_sq_norm_scale(y) if y is not None else None)
+
+
+def _check_variant(cfg: TrainConfig, source: ActivationStore, strategy: SingleProcess) -> None:
+    """ConfigError when the options ask for a variant these activations or this parallel strategy cannot train."""
+    if cfg.transcodes and not source.target_width:
+        raise ConfigError(f"--store {cfg.store} holds no transcoder targets (it was collected without "
+                          "--target-site / --target-hook); collect a paired store, or drop those options")
+    if cfg.init == "asi" and source.target_width:
+        raise ConfigError("--init asi ties the encoder to the decoder in one space; a transcoder's encoder reads "
+                          "another site: use --init random")
+    if cfg.skip_connection and not source.target_width:
+        raise ConfigError("--skip-connection is for transcoders: these activations hold no targets (give "
+                          "--target-site or --target-hook, or a paired --store)")
+    if cfg.activation == "batchtopk" and strategy.name != "none":
+        raise ConfigError(f"--activation batchtopk selects across the whole batch and trains in one process; "
+                          f"got --parallel {strategy.name}")
+    _check_d_init(cfg, source.target_width or source.input_width)
 
 
 def _take_out_dir(
@@ -204,36 +238,45 @@ def _active_subspace(cfg: TrainConfig, x0: torch.Tensor) -> torch.Tensor:
 
 
 def _build_sae(
-    cfg: TrainConfig, source: ActivationStore, origin: dict[str, Any], norm_scale: float, dtype: torch.dtype,
-    resumed: dict[str, Any] | None, x0: torch.Tensor, subspace: torch.Tensor | None,
+    cfg: TrainConfig, source: ActivationStore, origin: dict[str, Any], scales: tuple[float, float | None],
+    dtype: torch.dtype, resumed: dict[str, Any] | None, first: tuple[torch.Tensor, torch.Tensor | None],
+    subspace: torch.Tensor | None,
 ) -> TopKSAE:
-    """The whole SAE on the CPU: the checkpoint's weights, or b_dec at the mean of the run's first tokens
-    ``x0`` [n, d], a random or ASI decoder (``subspace``), and the encoder's scale (--init-scale)."""
+    """The whole SAE on the CPU: the checkpoint's weights, or b_dec at the mean of the run's first targets
+    (``first``: inputs x0 [n, d] and a transcoder's targets y0 [n, d_out], else None), a random or ASI
+    decoder (``subspace``), and the encoder's scale (--init-scale)."""
     d_init = subspace.shape[1] if cfg.init == "asi" else None
+    norm_scale, target_scale = scales
     metadata = {
         **origin, "norm_scale": norm_scale, "init": cfg.init, "d_init": d_init,
         "n_tokens": source.n_tokens, "epochs": cfg.epochs, "seed": cfg.seed, "normalize": cfg.normalize,
     }
+    if target_scale is not None:
+        metadata["target_norm_scale"] = target_scale
+    arch = cfg.architecture(source.target_width > 0, source.target_width or None)
     torch.manual_seed(cfg.seed)
-    sae = TopKSAE(source.d_model, cfg.n_features, cfg.k, dtype=dtype, backend=cfg.backend,
-                  sparse_grad=cfg.optimizer == "sparse-adam", metadata=metadata)
+    sae = TopKSAE(source.input_width, cfg.n_features, cfg.k, dtype=dtype, backend=cfg.backend,
+                  sparse_grad=cfg.optimizer == "sparse-adam", metadata=metadata, arch=arch)
     if resumed is not None:
         sae.load_state_dict(TopKSAE.load(resumed["path"], dtype=dtype).state_dict())
         return sae
-    with torch.no_grad():  # b_dec starts at the mean activation, so the features model the variation
-        sae.b_dec.copy_(x0.double().mean(0).to(sae.b_dec.dtype))
+    x0, y0 = first
+    target = x0 if y0 is None else y0
+    with torch.no_grad():  # b_dec starts at the mean target, so the features model the variation
+        sae.b_dec.copy_(target.double().mean(0).to(sae.b_dec.dtype))
     if cfg.init == "asi":
         init_active_subspace(sae, subspace)
-    x0 = x0.to(dtype)
-    sae.metadata["init_optimal_encoder_scale"] = sae.optimal_encoder_scale(x0)
+    x0, target = x0.to(dtype), target.to(dtype)
+    sae.metadata["init_optimal_encoder_scale"] = sae.optimal_encoder_scale(x0, target)
     if cfg.init_scale == "calibrate":
-        sae.metadata["init_encoder_scale"] = sae.calibrate_encoder_scale_(x0)
-    sae.metadata["init_fvu"] = reconstruction_metrics(sae, x0)["fvu"]
+        sae.metadata["init_encoder_scale"] = sae.calibrate_encoder_scale_(x0, target)
+    sae.metadata["init_fvu"] = reconstruction_metrics(sae, x0, target=target)["fvu"]
     return sae
 
 
 def _build_trainer(
-    cfg: TrainConfig, model: TopKSAE, strategy: SingleProcess, dead_window: int, d_model: int, device: torch.device
+    cfg: TrainConfig, model: TopKSAE, strategy: SingleProcess, dead_window: int, d_model: int, device: torch.device,
+    total_steps: int,
 ) -> Trainer:
     lr = cfg.lr if cfg.lr is not None else default_lr(cfg.n_features)
     if cfg.optimizer == "sparse-adam":
@@ -244,8 +287,12 @@ def _build_trainer(
     aux_k = cfg.aux_k if cfg.aux_k is not None else default_aux_k(d_model)
     tracker = FiringTracker(cfg.n_features, dead_window, device=device)
     k_schedule = linear_k(cfg.k_start, cfg.k, cfg.k_anneal_steps) if cfg.k_start is not None else None
+    lr_schedule = None
+    if cfg.lr_warmup_steps or cfg.lr_decay != "none":
+        lr_schedule = lr_factor(total_steps, warmup_steps=cfg.lr_warmup_steps, decay=cfg.lr_decay,
+                                decay_steps=cfg.lr_decay_steps, final_fraction=cfg.lr_final_fraction)
     return Trainer(model, optimizer, strategy=strategy, tracker=tracker, aux_k=aux_k, aux_coef=cfg.aux_coef,
-                   k_schedule=k_schedule)
+                   k_schedule=k_schedule, lr_schedule=lr_schedule)
 
 
 # ----------------------------------------------------------------------------------------------- loop
@@ -262,7 +309,7 @@ def _loop(run: Run) -> None:
         while pos.epoch < cfg.epochs:
             for x in run.source.batches(cfg.batch_size // shards, seed=cfg.seed, epoch=pos.epoch, rank=shard,
                                         world_size=shards, start_batch=pos.batch):
-                trainer.step(run.batch(x))
+                trainer.step(*run.batch(x))
                 pos.step, pos.batch, pos.tokens = pos.step + 1, pos.batch + 1, pos.tokens + cfg.batch_size
                 bar.update(1)
                 if pos.step % cfg.log_every == 0 or pos.step == run.total_steps:
@@ -294,10 +341,13 @@ def _extra_metrics(run: Run) -> dict[str, float]:
 def _announce(run: Run) -> None:
     if not run.info.is_main:
         return
-    cfg, trainer = run.cfg, run.trainer
+    cfg, trainer, model = run.cfg, run.trainer, run.model
     where = f" resumed from {run.resumed_from} at step {run.position.step}" if run.resumed_from else ""
+    width = f"d={model.d_model}" + ("" if model.d_out == model.d_model and not model.arch.transcoder else
+                                     f" -> {model.d_out}")
+    kind = "" if model.arch == Architecture() else f" ({model.arch.describe()})"
     print(
-        f"training {cfg.n_features} features, k={cfg.k}, d={run.source.d_model} on {run.source.n_tokens} tokens x "
+        f"training {cfg.n_features} features{kind}, k={cfg.k}, {width} on {run.source.n_tokens} tokens x "
         f"{cfg.epochs} epochs ({run.total_steps} steps of {cfg.batch_size}), "
         f"lr {trainer.optimizer.param_groups[0]['lr']:.3g}, {cfg.optimizer}, init {cfg.init}, "
         f"parallel {run.strategy.name}, device {run.device}{where}",
@@ -311,6 +361,7 @@ def _save_checkpoint(run: Run) -> None:
     state = checkpoints.TrainerState(
         step=pos.step, epoch=pos.epoch, batch=pos.batch, norm_scale=run.norm_scale, tokens=pos.tokens,
         firing=run.trainer.tracker.state_dict(), rng=checkpoints.capture_rng(), run_id=run.identity.run_id,
+        target_norm_scale=run.target_scale,
     )
     run.strategy.save_checkpoint(run.out / checkpoints.CHECKPOINTS_DIR, run.model, run.trainer.optimizer, state,
                                  run.cfg.to_dict())
@@ -325,8 +376,8 @@ def _finish(run: Run, start_time: float) -> dict[str, Any]:
         print(f"trained {run.position.step} steps; measuring the final SAE on its first {n_eval:,} training tokens "
               f"and writing {FINAL_DIR}/, {SUMMARY_FILE} and {DENSITY_PLOT} to {run.out}", file=sys.stderr)
     final_sae = run.strategy.full_model(run.model)
-    eval_x = run.batch(leading_tokens(run.source, EVAL_TOKENS, cfg.seed))
-    final_metrics = reconstruction_metrics(run.model, eval_x)
+    eval_x, eval_y = run.batch(leading_tokens(run.source, EVAL_TOKENS, cfg.seed))
+    final_metrics = reconstruction_metrics(run.model, eval_x, target=eval_y)
     dead_frac = tracker.dead_fraction()
     summary: dict[str, Any] = {}
     if run.info.is_main:
@@ -337,8 +388,9 @@ def _finish(run: Run, start_time: float) -> dict[str, Any]:
             **final_metrics, "dead_frac": dead_frac, "dead_window": tracker.window,
             "never_fired_frac": float((tracker.fire_count == 0).float().mean()),
             "tokens": run.position.tokens, "steps": run.position.step, "epochs": cfg.epochs,
-            "n_features": cfg.n_features, "k": cfg.k, "lr": trainer.optimizer.param_groups[0]["lr"],
-            "aux_k": trainer.aux_k, "norm_scale": run.norm_scale, "init": cfg.init,
+            "n_features": cfg.n_features, "k": cfg.k, "lr": trainer.base_lrs[0],
+            "aux_k": trainer.aux_k, "norm_scale": run.norm_scale, "target_norm_scale": run.target_scale,
+            "architecture": final_sae.arch.to_dict(), "init": cfg.init,
             "d_init": final_sae.metadata.get("d_init"), "time_s": time.perf_counter() - start_time,
             "checkpoint": str(final_path), "eval_tokens": eval_x.shape[0], "parallel": run.strategy.name,
             "world_size": run.info.world_size, "run_id": run.identity.run_id,

@@ -27,18 +27,21 @@ from .config import TrainConfig
 COLLECTION_FILE = "collection.json"  # beside the cache's manifest: the token count requested, the documents read
 TRAIN_DOCUMENTS = "train"  # training collects every document but the held-out ones (`flashsae.sae.hf.texts`)
 # Fields a reused cache must match, and the option that sets each.
-_CACHE_FLAGS = {"text_source_hash": "text", "documents": "text", "requested_tokens": "n-tokens", "seq_len": "seq-len"}
+_CACHE_FLAGS = {"text_source_hash": "text", "documents": "text", "requested_tokens": "n-tokens", "seq_len": "seq-len",
+                "target_site": "target-site"}
 
 
 def open_activation_source(
     cfg: TrainConfig, info: process_group.DistInfo, *, recollect: bool = False
 ) -> tuple[ActivationStore, dict[str, Any]]:
-    """The run's activation store and what it holds (model, revision, site, layer, hook, text, documents, seq_len).
+    """The run's activation store and what it holds (model, revision, site, layer, hook, text, documents, seq_len;
+    a transcoder's target_site and target_hook).
 
     ``cfg.store``: an existing store, used as it is. Otherwise the cache (``cfg.cache`` or
     ``OUT/activations``) is reused when its manifest matches the run and filled (by rank 0) when
     it is empty; a cache for other activations is an error, except that ``recollect`` (--overwrite)
-    collects the run's own ``OUT/activations`` again.
+    collects the run's own ``OUT/activations`` again. A transcoder's cache is a paired store of
+    --site (or --hook) and its target.
     """
     if cfg.store is not None:
         store = open_store(cfg.store, "--store")
@@ -47,6 +50,7 @@ def open_activation_source(
             "model": m.get("model"), "revision": m.get("revision"), "site": m.get("site"), "layer": m.get("layer"),
             "hook": m.get("hook", m.get("module_path")), "text": m.get("text", m.get("text_source")),
             "documents": m.get("documents"), "seq_len": m.get("seq_len"),
+            **({"target_site": m.get("target_site"), "target_hook": m.get("target_hook")} if store.target_width else {}),
         }
     own = not cfg.cache
     cache = Path(cfg.cache) if cfg.cache else Path(cfg.out) / rundir.CACHE_DIR
@@ -54,7 +58,7 @@ def open_activation_source(
     expect = {
         "model": cfg.model, "revision": cfg.revision, "site": site, "layer": layer,
         "text_source_hash": hf.text_source_hash(cfg.text), "documents": TRAIN_DOCUMENTS, "seq_len": cfg.seq_len,
-        "requested_tokens": cfg.n_tokens,
+        "requested_tokens": cfg.n_tokens, "target_site": _target_site(cfg),
     }
     if info.is_main and (not (cache / "manifest.json").is_file()
                          or (own and recollect and _mismatch(cache, expect) is not None)):
@@ -69,11 +73,14 @@ def open_activation_source(
             f"{'--cache ' if cfg.cache else 'the activation cache '}{cache} holds other activations: its {name} is "
             f"{found!r} but this run's --{_CACHE_FLAGS.get(name, name)} needs {expect[name]!r} ({remedy})"
         )
-    return store, {
+    origin = {
         "model": cfg.model, "revision": cfg.revision, "site": None if cfg.hook else cfg.site,
         "layer": None if cfg.hook else cfg.layer, "hook": store.manifest.get("hook", cfg.hook),
         "text": cfg.text or hf.DEFAULT_TEXT, "documents": TRAIN_DOCUMENTS, "seq_len": cfg.seq_len,
     }
+    if cfg.transcodes:
+        origin.update(target_site=cfg.target_site, target_hook=store.manifest.get("target_hook"))
+    return store, origin
 
 
 def open_store(directory: str | Path, culprit: str) -> ActivationStore:
@@ -108,11 +115,22 @@ def _store_site(cfg: TrainConfig) -> tuple[str, int]:
     return cfg.hook, -1 if layer is None else layer
 
 
+def _target_site(cfg: TrainConfig) -> str | None:
+    """What a transcoder's cache records as its target: --target-site, or the --target-hook path; None otherwise."""
+    return cfg.target_site if cfg.target_site is not None else cfg.target_hook
+
+
 def _collect(cfg: TrainConfig, cache: Path, site: str, layer: int) -> None:
-    """Run the model over the text once and write its activations at the run's site into ``cache``."""
+    """Run the model over the text once and write its activations at the run's site (and a transcoder's
+    target) into ``cache``."""
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = hf.load_model(cfg.model, device=device, revision=cfg.revision)
     module_path, module = hf.hook_point(model, cfg.hook) if cfg.hook else hf.resolve_site(model, cfg.site, cfg.layer)
+    target = None
+    if cfg.target_hook is not None:
+        target = hf.hook_point(model, cfg.target_hook)
+    elif cfg.target_site is not None:
+        target = hf.resolve_site(model, cfg.target_site, cfg.layer)
     print(f"collecting activations of {cfg.model} {module_path} into {cache} (all documents but the held-out "
           f"one in {hf.HELDOUT_EVERY}, which flashsae eval reads)", file=sys.stderr)
     with warnings.catch_warnings(record=True) as notes:
@@ -121,6 +139,7 @@ def _collect(cfg: TrainConfig, cache: Path, site: str, layer: int) -> None:
             cache, model, tokenizer, module_path, module, hf.iter_texts(cfg.text, documents=TRAIN_DOCUMENTS),
             model_name=cfg.model, site=site, layer=layer, text_source=cfg.text, n_tokens=cfg.n_tokens,
             seq_len=cfg.seq_len, revision=cfg.revision, progress=cfg.progress, overwrite=True,
+            target=target, target_site=_target_site(cfg),
         )
     for note in notes:  # such as the texts running out before --n-tokens: one line each, not a warning's two
         print(f"note: {note.message}", file=sys.stderr)
