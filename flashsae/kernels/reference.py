@@ -231,6 +231,10 @@ def sparse_adam_step_(
         grad, valid, rows = (_rows_to_dense(grad, rows, param.shape[0], acc_dtype), _touched(rows, valid, param.shape[0]),
                              None)
     step_size, bc2_sqrt = adam_row_scalars(step, rows, valid, lr, beta1, beta2, acc_dtype)
+    if rows is None and low is None and param.dtype == exp_avg.dtype == exp_avg_sq.dtype == acc_dtype:
+        _adam_all_rows_in_place_(param, grad.to(acc_dtype), valid, exp_avg, exp_avg_sq, step_size, bc2_sqrt,
+                                 beta1=beta1, beta2=beta2, eps=eps, unit_norm=unit_norm)
+        return
     pick = (lambda t: t) if rows is None else (lambda t: take_rows(t, rows))
     w = join_master(pick(param), pick(low)) if low is not None else pick(param).to(acc_dtype)
     g = grad.to(acc_dtype)
@@ -264,3 +268,47 @@ def sparse_adam_step_(
     write_rows_(exp_avg_sq, rows, v, valid)
     if low is not None:
         write_rows_(low, rows, new_low, valid)
+
+
+def _adam_all_rows_in_place_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    valid: torch.Tensor | None,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step_size: torch.Tensor,
+    bc2_sqrt: torch.Tensor,
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    unit_norm: bool,
+) -> None:
+    """`sparse_adam_step_` over every row when param and moments are in the math dtype, in place: two
+    [n, m] temporaries instead of a dozen, no masked copies. Rows that are not ``valid`` keep their values."""
+    # The same operations in the same order as the general path (so the two agree bit for bit), each
+    # written into a buffer; the factors of rows that are not valid are 1 (decay) and 0 (increments).
+    keep = None if valid is None else valid[:, None]
+    g = grad if keep is None else torch.where(keep, grad, 0.0)
+    if unit_norm:
+        w = param
+        along = (g * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+        g = g - along * w
+    if keep is not None:
+        step_size = torch.where(valid, step_size, 0.0)
+    buffer = torch.sub(g, exp_avg)
+    buffer.mul_((1 - beta1) if keep is None else _row_factor(valid, 1 - beta1, 0.0, step_size))
+    exp_avg.add_(buffer)
+    torch.mul(g, 1 - beta2, out=buffer).mul_(g)
+    exp_avg_sq.mul_(beta2 if keep is None else _row_factor(valid, beta2, 1.0, step_size)).add_(buffer)
+    denom = exp_avg_sq.sqrt().div_(bc2_sqrt[:, None]).add_(eps)
+    torch.mul(step_size[:, None], exp_avg, out=buffer).div_(denom)
+    param.sub_(buffer)
+    if unit_norm:
+        norm = param.norm(dim=1, keepdim=True).clamp_min(torch.finfo(param.dtype).tiny)
+        param.div_(norm if keep is None else torch.where(keep, norm, 1.0))
+
+
+def _row_factor(valid: torch.Tensor, value: float, otherwise: float, like: torch.Tensor) -> torch.Tensor:
+    """[n, 1] in ``like``'s dtype: ``value`` in the valid rows, ``otherwise`` in the others."""
+    return torch.full_like(like, value).masked_fill_(~valid, otherwise)[:, None]
