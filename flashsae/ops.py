@@ -32,7 +32,7 @@ from .kernels import batch_select
 from .kernels.pairs import PairGroups, group_pairs
 from .kernels.reference import math_dtype
 from .kernels.registry import Backend, backend_names, get_backend
-from .rowgrad import RowGrad
+from .rowgrad import RowGrad, value_dtype
 
 # The names a ``backend`` argument accepts.
 BACKENDS = backend_names()
@@ -90,8 +90,8 @@ class SharedGrouping:
 
 def _row_gradient(like: torch.Tensor, groups: PairGroups, grad_rows: torch.Tensor, sparse: bool) -> torch.Tensor:
     """The gradient of ``like`` (W or b) from its per-slot rows: a float32 `RowGrad`, or a dense tensor."""
-    if sparse:
-        return RowGrad.of(like, groups.rows, grad_rows, groups.valid)
+    if sparse:  # float64 values for a float64 parameter even when the incoming gradient was fp32
+        return RowGrad.of(like, groups.rows, grad_rows.to(value_dtype(like)), groups.valid)
     dense = torch.zeros_like(like)
     # Padding slots add zeros to row 0; the fired rows are distinct, so each is rounded once.
     return dense.index_put_((groups.rows,), grad_rows.to(like.dtype), accumulate=True)

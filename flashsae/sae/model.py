@@ -581,8 +581,9 @@ def _local_slots(vals: torch.Tensor, idx: torch.Tensor, row_ids: torch.Tensor) -
 
 
 def _orthogonal(g: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-    """``g - <g, w> w`` per row, in fp32 (w unit rows): [n, d], [n, d] -> [n, d] fp32."""
-    g, W = g.float(), W.float()
+    """``g - <g, w> w`` per row, in fp32 (float64 for float64 rows; w unit rows): [n, d], [n, d] -> [n, d]."""
+    math = torch.float64 if torch.float64 in (g.dtype, W.dtype) else torch.float32
+    g, W = g.to(math), W.to(math)
     return g - (g * W).sum(1, keepdim=True) * W
 
 
