@@ -391,12 +391,14 @@ class TopKSAE(nn.Module):
             if self.W_skip is not None:
                 levels = levels + self._skip(x)
             x_hat = levels[-1]
-            levels = levels.reshape(levels.shape[0], *lead, -1)
+            levels = levels.reshape(levels.shape[0], *lead, levels.shape[-1])
         else:
             x_hat = self.decode(vals, idx, selection.grouping)
             if self.W_skip is not None:
                 x_hat = x_hat + self._skip(x)
-        return SAEOutput(x_hat.reshape(*lead, -1), vals.reshape(*lead, -1), idx.reshape(*lead, -1), levels)
+        # Explicit widths: with no tokens (lead holding a 0) a -1 would be ambiguous.
+        return SAEOutput(x_hat.reshape(*lead, x_hat.shape[-1]), vals.reshape(*lead, vals.shape[-1]),
+                         idx.reshape(*lead, idx.shape[-1]), levels)
 
     @torch.no_grad()
     def update_threshold_(self, vals: torch.Tensor) -> None:
