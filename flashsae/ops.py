@@ -13,6 +13,9 @@ sync), which `flashsae.optim.SparseAdam` reads as they are (other optimizers see
 tensors); with ``sparse_grad=False`` they are dense tensors of the parameters' dtype. Both
 backward passes of one selection share one grouping of its fired pairs (`SharedGrouping`).
 
+`topk_encode_with_aux` adds AuxK's top-aux_k among the dead features to a selection from the same
+encoder pass (one GEMM over W_enc where the backend folds it, `Backend.folds_aux`).
+
 Dtypes: one float dtype per call, the inputs' own; math accumulates in fp32 (float64 for float64
 inputs, which only the torch backend takes; their `RowGrad` values are float64 too). Under
 ``torch.autocast`` the ops run with autocast disabled, in their inputs' dtypes, so they select the
