@@ -262,5 +262,5 @@ def test_transcoder_encoder_scale_fits_the_target_after_the_skip_path():
     out = sae(x)
     rest = sae.b_dec.double() + x.double() @ sae.W_skip.double().T
     D = out.x_hat.double() - rest
-    expected = float(((y.double() - rest) * D).sum() / D.pow(2).sum())
+    expected = float((((y.double() - rest) * D).sum() / D.pow(2).sum()).detach())
     assert sae.optimal_encoder_scale(x, y) == pytest.approx(expected, rel=1e-6)

@@ -396,9 +396,9 @@ class TopKSAE(nn.Module):
             x_hat = self.decode(vals, idx, selection.grouping)
             if self.W_skip is not None:
                 x_hat = x_hat + self._skip(x)
-        # Explicit widths: with no tokens (lead holding a 0) a -1 would be ambiguous.
-        return SAEOutput(x_hat.reshape(*lead, x_hat.shape[-1]), vals.reshape(*lead, vals.shape[-1]),
-                         idx.reshape(*lead, idx.shape[-1]), levels)
+        width = vals.shape[-1]  # k, or a BatchTopK batch's k_max
+        return SAEOutput(x_hat.reshape(*lead, x_hat.shape[-1]), vals.reshape(*lead, width), idx.reshape(*lead, width),
+                         levels)
 
     @torch.no_grad()
     def update_threshold_(self, vals: torch.Tensor) -> None:

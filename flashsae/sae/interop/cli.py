@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ...errors import ConfigError, InputError, reraise_as
+from ...errors import InputError, reraise_as
 from ..atomic import make_output_dir
 from ..model import TopKSAE
 from .saelens import export_saelens, import_saelens
@@ -46,8 +46,8 @@ def add_interop_commands(subparsers: argparse._SubParsersAction) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     sae = TopKSAE.load(args.checkpoint, backend="torch")
-    with reraise_as(ConfigError, ValueError):  # a variant the format cannot express
-        out = _EXPORTERS[args.format](sae, make_output_dir(args.out, "the output directory"))
+    # A variant the format cannot express is a ConfigError of the exporter's own: one line, exit code 2.
+    out = _EXPORTERS[args.format](sae, make_output_dir(args.out, "the output directory"))
     print(f"wrote {args.format} SAE (d={sae.d_model}, F={sae.n_features}, k={sae.k}) to {out}")
     return 0
 

@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ...checks import dtype_name, parse_dtype
+from ...errors import ConfigError, InputError
 from ..atomic import atomic_write
 from ..model import TopKSAE
 from ._common import FLASHSAE_METADATA_KEY, build_sae, raw_space_weights
@@ -56,12 +57,12 @@ def saelens_version() -> str:
 
 
 def saelens_architecture(sae: TopKSAE) -> str:
-    """The SAELens inference architecture computing ``sae``'s map (see the module docstring); ValueError
-    for a TopK transcoder, which SAELens cannot express."""
+    """The SAELens inference architecture computing ``sae``'s map (see the module docstring); ConfigError
+    (a ValueError) for a TopK transcoder, which SAELens cannot express."""
     arch = sae.arch
     if arch.transcoder:
         if not arch.batch_topk:
-            raise ValueError("SAELens has no TopK transcoder: export a TopK transcoder with --format sparsify, or "
+            raise ConfigError("SAELens has no TopK transcoder: export a TopK transcoder with --format sparsify, or "
                              "train a BatchTopK one (--activation batchtopk), which exports as jumprelu_transcoder")
         return "jumprelu_skip_transcoder" if arch.skip_connection else "jumprelu_transcoder"
     return "jumprelu" if arch.batch_topk else "topk"
@@ -92,7 +93,7 @@ def export_saelens(sae: TopKSAE, out_dir: str | os.PathLike) -> Path:
         tensors["W_skip"] = weights["W_skip"].to(dtype)
     if sae.arch.batch_topk:
         if not sae.threshold >= 0:
-            raise ValueError("this BatchTopK SAE has no JumpReLU threshold yet: train it before exporting")
+            raise InputError("this BatchTopK SAE has no JumpReLU threshold yet: train it before exporting")
         tensors["threshold"] = torch.full((sae.n_features,), float(sae.threshold), dtype=dtype)
     their_metadata: dict[str, Any] = {"sae_lens_version": saelens_version(), FLASHSAE_METADATA_KEY: metadata}
     their_metadata.update({theirs: metadata[ours] for theirs, ours in _FROM_TRAINING.items()

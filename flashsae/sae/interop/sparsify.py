@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ...errors import ConfigError
 from ..atomic import atomic_write
 from ..architecture import Architecture
 from ..model import TopKSAE
@@ -38,13 +39,13 @@ def export_sparsify(sae: TopKSAE, out_dir: str | os.PathLike) -> Path:
     A TopK transcoder exports as ``transcode=True`` (its input is not centered by b_dec) with its
     ``W_skip`` when it has one (``skip_connection``); sparsify's coders keep one width, so d_out must
     equal d. A Matryoshka TopK SAE is a TopK coder at inference. BatchTopK has no sparsify form
-    (ValueError: export it to SAELens, as jumprelu).
+    (ConfigError, a ValueError: export it to SAELens, as jumprelu).
     """
     arch = sae.arch
     if arch.batch_topk:
-        raise ValueError("sparsify has no JumpReLU coder for a BatchTopK SAE: export it with --format saelens")
+        raise ConfigError("sparsify has no JumpReLU coder for a BatchTopK SAE: export it with --format saelens")
     if sae.d_out != sae.d_model:
-        raise ValueError(f"sparsify's coders reconstruct their input's width, d={sae.d_model}; this transcoder's "
+        raise ConfigError(f"sparsify's coders reconstruct their input's width, d={sae.d_model}; this transcoder's "
                          f"target has d_out={sae.d_out}")
     weights, metadata = raw_space_weights(sae)
     dtype = sae.dtype
