@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 RESULTS_ROOT = Path(__file__).parent / "results"
-PACKAGES = ("torch", "triton", "flashsae", "sae-lens", "eai-sparsify", "pytest-benchmark", "matplotlib")
+PACKAGES = ("torch", "triton", "transformers", "flashsae", "sae-lens", "eai-sparsify", "pytest-benchmark", "matplotlib")
 
 
 def cpu_name() -> str:

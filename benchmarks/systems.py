@@ -200,6 +200,50 @@ def saelens(shape: Shape, device: str) -> System:
                   notes="TopKTrainingSAE(TopKTrainingSAEConfig defaults: rescale_acts_by_decoder_norm=True)")
 
 
+class SAELensTopKAlgorithm(torch.nn.Module):
+    """SAELens 6.54.12's TopKTrainingSAE step written out in plain torch, for a machine without the
+    package: W_enc [d, F] (SAELens's layout), W_dec [F, d] kaiming-uniform with W_enc = W_dec.T,
+    zero biases; with its config defaults (apply_b_dec_to_input, rescale_acts_by_decoder_norm, no
+    sparse activations, no hooks doing anything): hidden_pre = ((x - b_dec) @ W_enc + b_enc) *
+    |W_dec rows|, top-k (unsorted) then ReLU scattered into a dense [B, F] tensor, decode
+    (acts / |W_dec rows|) @ W_dec + b_dec, loss = squared error summed over d, averaged over tokens.
+    """
+
+    def __init__(self, shape: Shape, device: str) -> None:
+        super().__init__()
+        W_dec = torch.empty(shape.F, shape.d, device=device, dtype=shape.torch_dtype)
+        torch.nn.init.kaiming_uniform_(W_dec)
+        self.W_dec = torch.nn.Parameter(W_dec)
+        self.W_enc = torch.nn.Parameter(W_dec.T.clone().contiguous())
+        self.b_enc = torch.nn.Parameter(torch.zeros(shape.F, device=device, dtype=shape.torch_dtype))
+        self.b_dec = torch.nn.Parameter(torch.zeros(shape.d, device=device, dtype=shape.torch_dtype))
+        self.k = shape.k
+
+    def loss(self, x: torch.Tensor) -> torch.Tensor:
+        norms = self.W_dec.norm(dim=-1)
+        hidden_pre = ((x - self.b_dec) @ self.W_enc + self.b_enc) * norms
+        values, indices = torch.topk(hidden_pre, k=self.k, dim=-1, sorted=False)
+        acts = torch.zeros_like(hidden_pre).scatter(-1, indices, values.relu())
+        x_hat = (acts * (1 / norms)) @ self.W_dec + self.b_dec
+        return torch.nn.functional.mse_loss(x_hat, x, reduction="none").sum(dim=-1).mean()
+
+
+def saelens_algorithm(shape: Shape, device: str) -> System:
+    """`SAELensTopKAlgorithm` stepped as SAETrainer._train_step does: loss.backward ->
+    clip_grad_norm_(1.0) -> torch.optim.Adam.step -> zero_grad. A re-implementation, timed only
+    where the sae-lens package cannot be imported; labelled as such in every report."""
+    sae, xs = SAELensTopKAlgorithm(shape, device), input_pool(shape, device)
+    opt = torch.optim.Adam(sae.parameters(), lr=LR, betas=(0.9, 0.999))
+
+    def step(x: torch.Tensor) -> None:
+        sae.loss(x).backward()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        opt.step()
+
+    return System({"step": Op(step, _zeroing(opt, xs))}, [sae, opt],
+                  notes="SAELens 6.54.12's TopKTrainingSAE step re-implemented in plain torch (package not importable)")
+
+
 def sparsify(shape: Shape, device: str) -> System:
     """sparsify's SparseCoder (activation="topk", normalize_decoder=True) stepped as its Trainer
     does with optimizer="adam": set_decoder_norm_to_unit_norm -> forward -> fvu.backward ->
@@ -226,22 +270,26 @@ def sparsify(shape: Shape, device: str) -> System:
 
 # --- flashsae ----------------------------------------------------------------------------------
 
-def flashsae(shape: Shape, device: str) -> System:
-    """flashsae.TopKSAE(sparse_grad=True) + flashsae.optim.SparseAdam(unit_norm=[W_dec]), backend
-    "auto"; ops ``encode`` (ops.topk_encode, without the host-side NaN check the training step skips
-    too), ``decode`` (ops.sparse_decode), ``backward``, ``optimizer`` (SparseAdam.step) and the full
-    ``step``: `flashsae.sae.trainer.Trainer.step`, the step `flashsae train` runs (AuxK off: no
-    feature is dead in a benchmark), and the same step with AuxK on, one pass and two (`aux_k_steps`).
-    On CUDA also ``encode-fused``: the opt-in fused encoder
-    ("triton-fused") on the same inputs, so one run compares the two Triton encoders."""
+def flashsae(shape: Shape, device: str, backend: str = "auto") -> System:
+    """flashsae.TopKSAE(sparse_grad=True) + flashsae.optim.SparseAdam(unit_norm=[W_dec]) on kernel
+    ``backend``; ops ``encode`` (ops.topk_encode, without the host-side NaN check the training step
+    skips too), ``decode`` (ops.sparse_decode), ``backward``, ``optimizer`` (SparseAdam.step) and the
+    full ``step``: `flashsae.sae.trainer.Trainer.step`, the step `flashsae train` runs (AuxK off: no
+    feature is dead in a benchmark), and the same step with AuxK on, one pass and two (`aux_k_steps`). On
+    CUDA, when the trainer module offers ``CapturedStep``, also
+    ``step_graph``: the same step replayed from a CUDA graph (recorded at its first call, a warm-up
+    round); and ``encode-fused``: the opt-in fused encoder ("triton-fused") on the same inputs, so one
+    run compares the two Triton encoders."""
     from flashsae import TopKSAE, ops
     from flashsae.kernels.registry import resolve_backend
     from flashsae.optim import SparseAdam
+    from flashsae.sae import trainer as trainer_module
     from flashsae.sae.trainer import Trainer
 
     dtype = shape.torch_dtype
-    sae = TopKSAE(shape.d, shape.F, shape.k, dtype=dtype, device=device, backend="auto", sparse_grad=True)
-    opt = SparseAdam(sae.parameters(), lr=LR, moment_dtype=_moment_dtype(shape), unit_norm=[sae.W_dec])
+    sae = TopKSAE(shape.d, shape.F, shape.k, dtype=dtype, device=device, backend=backend, sparse_grad=True)
+    opt = SparseAdam(sae.parameters(), lr=LR, moment_dtype=_moment_dtype(shape), unit_norm=[sae.W_dec],
+                     backend=backend)
     xs = input_pool(shape, device)
     touched = fired_features(sae, xs.items[:4])
     item, moment_item = torch.finfo(dtype).bits // 8, torch.finfo(_moment_dtype(shape)).bits // 8
@@ -276,6 +324,9 @@ def flashsae(shape: Shape, device: str) -> System:
         "step": Op(trainer.step, _zeroing(opt, xs)),
         **{name: Op(step, _zeroing(opt, xs)) for name, step in aux_steps.items()},
     }
+    captured_step = getattr(trainer_module, "CapturedStep", None)
+    if captured_step is not None and device == "cuda":
+        ops_["step_graph"] = Op(_replayed(captured_step, trainer), lambda: (xs(),))
     notes = (f"backend={resolve_backend(sae.backend, torch.device(device))}; {touched} distinct features fire per "
              f"step (mean over 4 batches); master weights={'bf16 + int16 low bits' if master else 'none needed'}")
     if device == "cuda":
@@ -314,11 +365,11 @@ def aux_k_steps(sae: Any, opt: Any, shape: Shape, device: str, xs: Rotation) -> 
     opt.zero_grad(set_to_none=True)
 
     def two_pass(x: torch.Tensor) -> None:
-        sae.backend = TWO_PASS_BACKEND
+        own, sae.backend = sae.backend, TWO_PASS_BACKEND
         try:
             trainer.step(x)
         finally:
-            sae.backend = "auto"
+            sae.backend = own
 
     return {"step-auxk": trainer.step, "step-auxk-2pass": two_pass}
 
@@ -344,6 +395,19 @@ def fired_features(sae: Any, batches: list[torch.Tensor]) -> int:
         vals, idx = sae.encode(x)
         counts.append(torch.unique(idx[vals > 0]).numel())
     return round(sum(counts) / len(counts))
+
+
+def _replayed(captured_step: Callable[..., Any], trainer: Any) -> Callable[[torch.Tensor], None]:
+    """A step function that records ``captured_step(trainer, x)`` at its first call and replays it after."""
+    graph: list[Any] = []
+
+    def step(x: torch.Tensor) -> None:
+        if graph:
+            graph[0](x)
+        else:
+            graph.append(captured_step(trainer, x))
+
+    return step
 
 
 BUILDERS: dict[str, Callable[[Shape, str], System]] = {

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import statistics
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -71,3 +72,32 @@ def peak_extra_bytes(device: str, setup: Callable[[], Any], target: Callable[...
     peak = torch.cuda.max_memory_allocated() - before
     del out, args
     return peak
+
+
+def time_rounds(target: Callable[..., Any], setup: Callable[[], Any], *, device: str, rounds: int,
+                warmup: int) -> dict[str, Any]:
+    """`summarize` of ``rounds`` timed calls ``target(*setup())`` after ``warmup`` untimed ones.
+
+    ``setup`` (drawing the next input from a rotating pool, running what must precede the timed
+    part) is never timed. CUDA: a pair of events around each call, so a round is GPU time; CPU:
+    ``time.perf_counter`` around the call.
+    """
+    for _ in range(warmup):
+        target(*(setup() or ()))
+    synchronize(device)
+    seconds = []
+    for _ in range(rounds):
+        args = setup() or ()
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            target(*args)
+            end.record()
+            end.synchronize()
+            seconds.append(start.elapsed_time(end) / 1e3)
+        else:
+            begin = time.perf_counter()
+            target(*args)
+            seconds.append(time.perf_counter() - begin)
+        del args
+    return summarize(seconds)

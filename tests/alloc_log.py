@@ -28,7 +28,7 @@ class AllocationLog(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         inputs, _ = tree_flatten((args, kwargs or {}))
         for t in inputs:
-            if isinstance(t, torch.Tensor) and not t.is_sparse:
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided:
                 ptr = t.untyped_storage().data_ptr()
                 if ptr not in self._holders:
                     self._known_before.add(ptr)
@@ -41,7 +41,7 @@ class AllocationLog(TorchDispatchMode):
 
     def _record(self, t: torch.Tensor) -> None:
         self.largest_numel = max(self.largest_numel, t.numel())
-        if t.is_sparse:
+        if t.layout != torch.strided:
             return
         storage = t.untyped_storage()
         ptr = storage.data_ptr()

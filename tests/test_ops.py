@@ -5,15 +5,14 @@ import pytest
 import torch
 
 from flashsae import ops
-from flashsae.kernels import torch_encode
+from flashsae.kernels import reference, torch_encode
 from flashsae.kernels.registry import resolve_backend
 from flashsae.rowgrad import RowGrad
 from tests.alloc_log import AllocationLog
 from tests.grads import touched_rows
+from tests.tolerance import assert_topk_selection, assert_within, rounding_bound
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# Tolerance on values / gradients, relative to the reference's scale, per input dtype.
-TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
 
 
 def make_encoder(B, d, F, dtype, seed, with_b_pre=True):
@@ -32,6 +31,12 @@ def dense_pre(x, W, b, b_pre):
     return torch.relu(xc @ W.double().T + b.double())
 
 
+def dense_pre_magnitude(x, W, b, b_pre):
+    """float64 (|x| + |b_pre|) @ |W|.T + |b|: the size of each pre-activation's terms (tests/tolerance.py)."""
+    xc = x.double().abs() + (0 if b_pre is None else b_pre.double().abs())
+    return xc @ W.double().abs().T + b.double().abs()
+
+
 def stable_topk(pre, k):
     """Top-k with ties to the lower index: a stable descending sort."""
     order = torch.sort(pre, dim=1, descending=True, stable=True)
@@ -44,20 +49,17 @@ def stable_topk(pre, k):
     [(1, 16, 100, 1, True), (7, 40, 1000, 5, False), (64, 96, 4099, 32, True), (33, 40, 100, 64, True)],
 )
 def test_topk_encode_matches_float64_reference(B, d, F, k, with_b_pre, dtype):
+    """The selection is the float64 one of the same (rounded) inputs up to fp32 accumulation, exactly
+    on every row clear of near-ties; each value is its feature's pre-activation rounded once to the dtype."""
     x, W, b, b_pre = make_encoder(B, d, F, dtype, seed=B * 1000 + F)
     vals, idx = ops.topk_encode(x, W, b, k, b_pre=b_pre, backend="torch")
-    pre = dense_pre(x, W, b, b_pre)
-    ref_vals, ref_idx = stable_topk(pre, k)
+    pre, magnitude = dense_pre(x, W, b, b_pre), dense_pre_magnitude(x, W, b, b_pre)
     assert vals.dtype == dtype and idx.dtype == torch.int64 and vals.shape == idx.shape == (B, k)
-    scale = ref_vals.abs().max().clamp_min(1.0)
-    torch.testing.assert_close(vals.double(), ref_vals.to(dtype).double(), atol=TOL[dtype] * scale, rtol=0)
-    # Each chosen index really has the reported value, is at least the k-th best, and is distinct.
-    picked = pre.gather(1, idx)
-    assert (picked - ref_vals).abs().max() <= 2 * TOL[dtype] * scale
-    assert (idx.sort(1).values.diff(dim=1) > 0).all()
+    accumulation = rounding_bound(magnitude, torch.float32, roundings=1, terms=d + 2)
+    assert_topk_selection(vals, idx, pre, accumulation, k)
+    value_bound = rounding_bound(magnitude.gather(1, idx), dtype, roundings=1, terms=d + 2)
+    assert_within(vals, pre.gather(1, idx), value_bound, "vals")
     assert (vals[:, :-1] >= vals[:, 1:]).all()
-    if dtype == torch.float32:
-        assert torch.equal(idx, ref_idx)
 
 
 def test_topk_encode_chunked_sweep_equals_one_chunk():
@@ -136,8 +138,13 @@ def test_encode_decode_gradients_match_dense_autograd(B, d, F, k, dtype, sparse_
     ref_hat = dense_sae_loss(*refs[:4], refs[4], refs[5], idx)
     ref_hat.backward(grad_out.double())
 
-    torch.testing.assert_close(x_hat.double(), ref_hat.detach(), **_tol(dtype, ref_hat))
-    for name, leaf, ref in zip(("x", "W_enc", "b_enc", "b_pre", "W_dec", "b_dec"), leaves, refs):
+    # Two roundings to the dtype on every path (vals or grad_vals, then the output), fp32 sums over
+    # d (the encoder, row dots), k (decode, grad_x) and B * k (the row sums) terms.
+    magnitudes = dense_sae_magnitudes(x, W_enc, b_enc, b_pre, W_dec, b_dec, idx, vals > 0, grad_out)
+    bound = lambda m: rounding_bound(m, dtype, roundings=2, terms=2 * d + k + B * k)  # noqa: E731
+    assert_within(x_hat, ref_hat.detach(), bound(magnitudes[0]), "x_hat")
+    names = ("x", "W_enc", "b_enc", "b_pre", "W_dec", "b_dec")
+    for name, leaf, ref, magnitude in zip(names, leaves, refs, magnitudes[1:]):
         grad = leaf.grad
         if name in ("W_enc", "b_enc", "W_dec"):
             assert isinstance(grad, RowGrad) == sparse_grad, name
@@ -146,12 +153,19 @@ def test_encode_decode_gradients_match_dense_autograd(B, d, F, k, dtype, sparse_
                 assert torch.equal(touched_rows(grad), fired), f"{name}: sparse rows are the features that fired"
                 grad = grad.to_dense()
         assert grad.dtype == leaf.dtype, name
-        torch.testing.assert_close(grad.double(), ref.grad, **_tol(dtype, ref.grad), msg=lambda m: f"{name}: {m}")
+        assert_within(grad, ref.grad, bound(magnitude), f"grad {name}")
 
 
-def _tol(dtype, ref):
-    scale = ref.detach().abs().max().clamp_min(1.0).item()
-    return {"atol": 4 * TOL[dtype] * scale, "rtol": 4 * TOL[dtype]}
+def dense_sae_magnitudes(x, W_enc, b_enc, b_pre, W_dec, b_dec, idx, fired, grad_out):
+    """x_hat and the gradients of (x, W_enc, b_enc, b_pre, W_dec, b_dec) computed on absolute values with
+    the selection ``idx`` and its ReLU gate ``fired`` fixed: the size of every element's terms."""
+    leaves = [t.detach().double().abs().requires_grad_() for t in (x, W_enc, b_enc, b_pre, W_dec, b_dec)]
+    ax, aWe, abe, abp, aWd, abd = leaves
+    pre = (ax + abp) @ aWe.T + abe
+    z = torch.zeros_like(pre).scatter(1, idx, pre.gather(1, idx) * fired)
+    x_hat = z @ aWd + abd
+    x_hat.backward(grad_out.double().abs())
+    return [x_hat.detach(), *(t.grad for t in leaves)]
 
 
 def test_sparse_decode_matches_float64_reference():
@@ -164,8 +178,9 @@ def test_sparse_decode_matches_float64_reference():
         b = torch.randn(24, generator=g).to(dtype)
         x_hat = ops.sparse_decode(vals, idx, W, b, backend="torch")
         ref = torch.einsum("tk,tkd->td", vals.double(), W.double()[idx]) + b.double()
+        magnitude = torch.einsum("tk,tkd->td", vals.double().abs(), W.double().abs()[idx]) + b.double().abs()
         assert x_hat.dtype == dtype
-        torch.testing.assert_close(x_hat.double(), ref, atol=2 * TOL[dtype] * ref.abs().max().item(), rtol=0)
+        assert_within(x_hat, ref, rounding_bound(magnitude, dtype, roundings=1, terms=9), f"x_hat {dtype}")
 
 
 def test_torch_encoder_memory_stays_far_below_dense_preactivations():
@@ -225,6 +240,35 @@ def test_non_contiguous_inputs_give_the_same_result():
     a = ops.topk_encode(x, W, b, 5, b_pre=b_pre, backend="torch")
     c = ops.topk_encode(x_t, W_t, b, 5, b_pre=b_pre, backend="torch")
     assert torch.equal(a[0], c[0]) and torch.equal(a[1], c[1])
+
+
+@pytest.mark.parametrize("sparse_grad", [False, True])
+def test_every_chunked_loop_of_the_torch_backend_matches_float64(monkeypatch, sparse_grad):
+    """CHUNK_ELEMENTS shrunk so each loop of the torch backend runs several chunks with a ragged last one:
+    the encoder's feature sweep (`torch_encode.feature_chunk_size`), gather_rows' and row_dots' token
+    chunks and segment_rows' pair chunks (`reference`); forward and every gradient still match float64
+    autograd."""
+    B, d, F, k = 23, 384, 300, 7
+    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", 2 * k * d + 5)
+    monkeypatch.setattr(torch_encode, "CHUNK_ELEMENTS", 2 * k * d + 5)
+    assert torch_encode.feature_chunk_size(B, F) == (2 * k * d + 5) // B == 233  # 2 chunks: 233 + 67 features
+    assert reference._chunk_step(k * d) == 2 and reference._chunk_step(d) == 2 * k
+    x, W_enc, b_enc, b_pre = make_encoder(B, d, F, torch.float32, seed=31)
+    g = torch.Generator().manual_seed(32)
+    W_dec, b_dec = torch.randn(F, d, generator=g) / d**0.5, torch.randn(d, generator=g)
+    grad_out = torch.randn(B, d, generator=g)
+    leaves = [t.clone().requires_grad_() for t in (x, W_enc, b_enc, b_pre, W_dec, b_dec)]
+    vals, idx = ops.topk_encode(*leaves[:3], k, b_pre=leaves[3], backend="torch", sparse_grad=sparse_grad)
+    x_hat = ops.sparse_decode(vals, idx, leaves[4], leaves[5], backend="torch", sparse_grad=sparse_grad)
+    x_hat.backward(grad_out)
+    refs = [t.detach().double().requires_grad_() for t in leaves]
+    assert torch.equal(idx, stable_topk(dense_pre(*(r.detach() for r in refs[:4])), k)[1])
+    ref_hat = dense_sae_loss(*refs[:4], refs[4], refs[5], idx)
+    ref_hat.backward(grad_out.double())
+    torch.testing.assert_close(x_hat.double(), ref_hat.detach(), rtol=1e-5, atol=1e-5)
+    for name, leaf, ref in zip(("x", "W_enc", "b_enc", "b_pre", "W_dec", "b_dec"), leaves, refs):
+        grad = leaf.grad.to_dense() if isinstance(leaf.grad, RowGrad) else leaf.grad
+        torch.testing.assert_close(grad.double(), ref.grad, rtol=1e-5, atol=1e-5, msg=name)
 
 
 # ---------------------------------------------------------------------------------------------

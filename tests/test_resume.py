@@ -5,6 +5,7 @@ Every run is a real ``python -m flashsae train`` subprocess on a small synthetic
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -147,18 +148,27 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
             "-m", "flashsae", "train"]
 
 
-def test_feature_parallel_run_resumes_from_a_mid_run_checkpoint_to_identical_weights(store, tmp_path):
-    """Each rank writes its own optimizer shard; resuming the older of the two kept checkpoints
+@pytest.mark.parametrize("parallel", ["feature", "data"])
+def test_parallel_run_resumes_from_a_mid_run_checkpoint_to_identical_weights(store, tmp_path, parallel):
+    """SparseAdam's state in a checkpoint of two ranks (feature parallel: each rank's own shard; data
+    parallel: rank 0's copy of the replicated state): resuming the older of the two kept checkpoints
     (the newer one and the final SAE removed, as if the run had died after that checkpoint) under
-    torchrun ends with the uninterrupted run's weights."""
+    torchrun ends with the uninterrupted run's weights. AuxK is on in the data-parallel run."""
     args = ["--store", str(store), "--n-features", "96", "--k", "4", "--batch-size", "128", "--epochs", "1",
             "--log-every", "1000", "--no-progress", "--backend", "torch", "--checkpoint-every", "10",
-            "--aux-k", "0", "--parallel", "feature"]
+            "--aux-k", "0" if parallel == "feature" else "8", "--dead-window", "1000", "--parallel", parallel]
     full = tmp_path / "full"
     run([*TORCHRUN, "--out", str(full), *args])
     kept = checkpoints.list_checkpoints(full / checkpoints.CHECKPOINTS_DIR)
     assert [p.name for p in kept] == [checkpoints.checkpoint_name(30), checkpoints.checkpoint_name(20)]
-    assert {checkpoints.optimizer_shard_file(0), checkpoints.optimizer_shard_file(1)} <= {p.name for p in kept[1].iterdir()}
+    files = {p.name for p in kept[1].iterdir()}
+    if parallel == "feature":
+        assert {checkpoints.optimizer_shard_file(0), checkpoints.optimizer_shard_file(1)} <= files
+    else:
+        assert checkpoints.OPTIMIZER_FILE in files
+        state = checkpoints.load_checkpoint(kept[1])["optimizer"]["state"]
+        steps = [s["step"] for s in state.values() if s["step"].numel() == 96]
+        assert steps and all(0 < int(t.max()) <= 20 and int(t.min()) < 20 for t in steps), "lazy per-row counts"
 
     cut = tmp_path / "cut"
     shutil.copytree(full, cut)
@@ -168,8 +178,9 @@ def test_feature_parallel_run_resumes_from_a_mid_run_checkpoint_to_identical_wei
     assert f"resumed from {cut / checkpoints.CHECKPOINTS_DIR / checkpoints.checkpoint_name(20)}" in resumed.stderr
     assert_same_weights(final_weights(cut), final_weights(full))
 
-    single = run(flashsae_train("--resume", str(cut)), check=False)
-    assert single.returncode == 2 and "feature-parallel checkpoint" in single.stderr
+    if parallel == "feature":
+        single = run(flashsae_train("--resume", str(cut)), check=False)
+        assert single.returncode == 2 and "feature-parallel checkpoint" in single.stderr
 
 
 @pytest.mark.parametrize("parallel", ["data", "feature"])
@@ -222,3 +233,43 @@ def test_bf16_mixed_precision_run_resumes_to_identical_weights_and_master_bits(s
     weights = final_weights(full)
     assert all(t.dtype == torch.bfloat16 for t in weights.values())
     assert_same_weights(final_weights(cut), weights)
+
+
+def test_a_run_resumed_where_auto_means_triton_continues_with_the_triton_kernels(tmp_path, monkeypatch):
+    """--backend auto is Triton on a GPU and torch on the CPU, so a run checkpointed on one machine may
+    resume on the other. Here the first steps run on the torch backend and the rest, resumed from the
+    checkpoint with "auto" meaning Triton (the interpreter), continue from the saved SparseAdam state
+    and firing counts with the Triton kernels; the weights end where the all-torch run's do, up to the
+    kernels' different fp32 rounding."""
+    from flashsae.kernels import registry
+    from flashsae.sae.cli import main
+
+    store = write_store(tmp_path / "store", synthetic_activations(640, 16, rank=6, seed=3, offset=1.0, density=0.4),
+                        layer=0, shard_tokens=320)
+    args = ["--store", str(store), "--n-features", "64", "--k", "4", "--batch-size", "64", "--epochs", "1",
+            "--checkpoint-every", "4", "--log-every", "1000", "--no-progress", "--aux-k", "4", "--dead-window", "128",
+            "--backend", "auto"]
+    assert main(["train", "--out", str(tmp_path / "torch"), *args]) == 0
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "torch", cut)
+    shutil.rmtree(cut / "final")
+    shutil.rmtree(cut / checkpoints.CHECKPOINTS_DIR / checkpoints.checkpoint_name(8))
+
+    calls = {"topk_encode": 0, "sparse_adam_step_": 0}
+    triton = registry.get_backend("triton", "cpu")
+
+    def counted(name):
+        def call(*a, **kw):
+            calls[name] += 1
+            return getattr(triton, name)(*a, **kw)
+        return call
+
+    counting = dataclasses.replace(triton, **{name: counted(name) for name in calls})
+    monkeypatch.setitem(registry.AUTO_BY_DEVICE_TYPE, "cpu", "triton")
+    with registry.override_backend("triton", counting):
+        assert main(["train", "--resume", str(cut)]) == 0
+    # Steps 5-10 on Triton: an encoder call per forward and per AuxK pass, four parameters per Adam step.
+    assert calls["topk_encode"] >= 6 and calls["sparse_adam_step_"] == 6 * 4
+    expected = final_weights(tmp_path / "torch")
+    for name, weights in final_weights(cut).items():
+        torch.testing.assert_close(weights, expected[name], rtol=1e-4, atol=1e-5, msg=name)

@@ -12,19 +12,12 @@ from flashsae import TopKSAE
 from flashsae.optim import SparseAdam
 from flashsae.rowgrad import RowGrad
 from tests.grads import touched_rows
+from tests.oracles import (
+    BETAS, EPS, LR, bits, check_bf16_moments, check_bf16_params, check_lazy_adam, lazy_adam_reference, skipping_steps,
+    sparse_rows_grad,
+)
 
 BACKENDS = ["torch", "triton"]
-LR, BETAS, EPS = 1e-2, (0.9, 0.999), 1e-8
-
-
-
-def sparse_rows_grad(rows: torch.Tensor, values: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    return torch.sparse_coo_tensor(rows[None], values, shape, is_coalesced=True, check_invariants=True)
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """The raw bit pattern, so NaN == NaN and -0.0 != 0.0."""
-    return t.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -50,100 +43,20 @@ def test_matches_torch_adam_when_every_row_is_touched(backend):
     assert torch.equal(opt.state[ours[0]]["step"], torch.full((37,), 6))
 
 
-def lazy_adam_reference(w0, steps, unit_norm):
-    """Plain-Python float64 lazy Adam, one row at a time: per-row step counts, untouched rows frozen."""
-    w = w0.double().clone()
-    m, v = torch.zeros_like(w), torch.zeros_like(w)
-    t = [0] * w.shape[0]
-    b1, b2 = BETAS
-    for rows, grads in steps:
-        for r, gr in zip(rows.tolist(), grads.double()):
-            if unit_norm:
-                gr = gr - (gr @ w[r]) / (w[r] @ w[r]) * w[r]
-            t[r] += 1
-            m[r] = b1 * m[r] + (1 - b1) * gr
-            v[r] = b2 * v[r] + (1 - b2) * gr * gr
-            m_hat, v_hat = m[r] / (1 - b1 ** t[r]), v[r] / (1 - b2 ** t[r])
-            w[r] = w[r] - LR * m_hat / (v_hat.sqrt() + EPS)
-            if unit_norm:
-                w[r] = w[r] / w[r].norm()
-    return w, m, v, torch.tensor(t)
-
-
-def skipping_steps(n_rows, width, n_steps, seed):
-    """Random row subsets per step; rows 0..2 are never touched, row 3 every step."""
-    g = torch.Generator().manual_seed(seed)
-    steps = []
-    for _ in range(n_steps):
-        chosen = torch.randperm(n_rows - 4, generator=g)[: (n_rows - 4) // 3] + 4
-        rows = torch.cat([torch.tensor([3]), chosen]).sort().values
-        steps.append((rows, torch.randn(rows.numel(), width, generator=g)))
-    return steps
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("unit_norm", [False, True])
 def test_lazy_semantics_match_plain_python_reference(backend, unit_norm):
-    n_rows, width = 41, 19
-    g = torch.Generator().manual_seed(1)
-    w0 = torch.randn(n_rows, width, generator=g)
-    if unit_norm:
-        w0 = w0 / w0.norm(dim=1, keepdim=True)
-    w0[:3] = float("nan")  # never touched: must come out bit-identical, NaN and all
-    steps = skipping_steps(n_rows, width, 5, seed=2)
-    param = torch.nn.Parameter(w0.clone())
-    opt = SparseAdam([param], lr=LR, betas=BETAS, eps=EPS, backend=backend, unit_norm=[param] if unit_norm else [])
-    for i, (rows, grads) in enumerate(steps):
-        param.grad = sparse_rows_grad(rows, grads, (n_rows, width))
-        before = {k: v.clone() for k, v in opt.state[param].items()}
-        w_before = param.detach().clone()
-        opt.step()
-        untouched = torch.ones(n_rows, dtype=torch.bool)
-        untouched[rows] = False
-        assert torch.equal(bits(param.detach()[untouched]), bits(w_before[untouched]))
-        for key, value in before.items():
-            assert torch.equal(bits(opt.state[param][key][untouched]), bits(value[untouched])), key
-    w_ref, m_ref, v_ref, t_ref = lazy_adam_reference(w0, steps, unit_norm)
-    live = slice(3, None)
-    torch.testing.assert_close(param.detach()[live].double(), w_ref[live], atol=2e-6, rtol=1e-5)
-    torch.testing.assert_close(opt.state[param]["exp_avg"][live].double(), m_ref[live], atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(opt.state[param]["exp_avg_sq"][live].double(), v_ref[live], atol=1e-6, rtol=1e-5)
-    assert torch.equal(opt.state[param]["step"], t_ref)
-    if unit_norm:
-        norms = param.detach()[live].double().norm(dim=1)
-        torch.testing.assert_close(norms, torch.ones_like(norms), atol=1e-6, rtol=0)
+    check_lazy_adam(backend, unit_norm)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16_moments_stay_close_to_fp32_lazy_adam(backend):
-    n_rows, width, n_steps = 41, 19, 5
-    w0 = torch.randn(n_rows, width, generator=torch.Generator().manual_seed(3))
-    steps = skipping_steps(n_rows, width, n_steps, seed=4)
-    param = torch.nn.Parameter(w0.clone())
-    opt = SparseAdam([param], lr=LR, moment_dtype=torch.bfloat16, backend=backend)
-    for rows, grads in steps:
-        param.grad = sparse_rows_grad(rows, grads, (n_rows, width))
-        opt.step()
-    assert opt.state[param]["exp_avg"].dtype == opt.state[param]["exp_avg_sq"].dtype == torch.bfloat16
-    w_ref = lazy_adam_reference(w0, steps, unit_norm=False)[0]
-    # bf16 moments carry ~2^-8 relative error; each update is at most ~lr per element.
-    err = (param.detach().double() - w_ref).abs().max().item()
-    assert err <= 2e-2 * LR * n_steps, err
+    check_bf16_moments(backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16_params_follow_fp32_lazy_adam(backend):
-    n_rows, width = 41, 19
-    w0 = torch.randn(n_rows, width, generator=torch.Generator().manual_seed(5)).bfloat16()
-    steps = skipping_steps(n_rows, width, 3, seed=6)
-    param = torch.nn.Parameter(w0.clone())
-    opt = SparseAdam([param], lr=LR, backend=backend)
-    for rows, grads in steps:
-        param.grad = sparse_rows_grad(rows, grads.bfloat16(), (n_rows, width))
-        opt.step()
-    w_ref = lazy_adam_reference(w0, [(r, gr.bfloat16()) for r, gr in steps], unit_norm=False)[0]
-    assert param.dtype == torch.bfloat16
-    torch.testing.assert_close(param.detach().double(), w_ref, atol=2e-2, rtol=1e-2)
+    check_bf16_params(backend)
 
 
 @pytest.mark.parametrize("moment_dtype,param_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
@@ -249,3 +162,75 @@ def test_sae_sparse_training_reduces_loss_and_keeps_dead_rows_frozen(backend):
     norms = sae.W_dec.detach()[ever].norm(dim=1)
     torch.testing.assert_close(norms, torch.ones_like(norms), atol=1e-6, rtol=0)
     assert math.isfinite(losses[-1])
+
+
+def padded_rows_grad(like: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, pad: int) -> RowGrad:
+    """A RowGrad as the backward makes them: ``pad`` padding slots (row 0, zeros) after the rows."""
+    valid = torch.cat([torch.ones(rows.shape[0], dtype=torch.bool), torch.zeros(pad, dtype=torch.bool)])
+    return RowGrad.of(like, torch.cat([rows, torch.zeros(pad, dtype=torch.int64)]),
+                      torch.cat([values, torch.zeros(pad, *values.shape[1:])]), valid)
+
+
+GRAD_KINDS = ["row-grad", "sparse-coo", "dense"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("unit_norm", [False, True])
+@pytest.mark.parametrize("kind", GRAD_KINDS)
+def test_many_touched_rows_of_a_wide_parameter_match_float64_lazy_adam(backend, unit_norm, kind):
+    """Touched rows spanning several of the Triton kernel's row blocks (2048 elements a tile: 8 rows of
+    256 columns) and each row several column blocks, so every loop over rows and columns runs more than once."""
+    n_rows, width, n_steps = 40, 768, 3
+    g = torch.Generator().manual_seed(21)
+    w0 = torch.randn(n_rows, width, generator=g)
+    w0 = w0 / w0.norm(dim=1, keepdim=True)
+    steps = []
+    for _ in range(n_steps):
+        rows = torch.arange(n_rows) if kind == "dense" else torch.randperm(n_rows, generator=g)[:25].sort().values
+        steps.append((rows, torch.randn(rows.numel(), width, generator=g)))
+    param = torch.nn.Parameter(w0.clone())
+    opt = SparseAdam([param], lr=LR, betas=BETAS, eps=EPS, backend=backend, unit_norm=[param] if unit_norm else [])
+    for rows, grads in steps:
+        if kind == "row-grad":
+            param.grad = padded_rows_grad(param, rows, grads, pad=7)
+        elif kind == "sparse-coo":
+            param.grad = sparse_rows_grad(rows, grads, (n_rows, width))
+        else:
+            param.grad = grads.clone()
+        opt.step()
+    w_ref, m_ref, v_ref, t_ref = lazy_adam_reference(w0, steps, unit_norm)
+    assert torch.equal(opt.state[param]["step"], t_ref) and t_ref.max() == n_steps and (t_ref < n_steps).any() == (kind != "dense")
+    torch.testing.assert_close(param.detach().double(), w_ref, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(opt.state[param]["exp_avg"].double(), m_ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(opt.state[param]["exp_avg_sq"].double(), v_ref, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["sparse-coo", "row-grad"])
+def test_uncoalesced_accumulated_sparse_gradients_are_summed_per_row(backend, kind):
+    """Two gradients of one parameter added up (two uses of it; AuxK plus the main loss) name some rows
+    twice: an uncoalesced COO tensor, or a RowGrad of two parts. Each row steps once, on the sum."""
+    n_rows, width = 30, 300
+    g = torch.Generator().manual_seed(22)
+    w0 = torch.randn(n_rows, width, generator=g)
+    w0 = w0 / w0.norm(dim=1, keepdim=True)
+    first_rows, second_rows = torch.tensor([2, 5, 9, 17, 29]), torch.tensor([0, 5, 17, 20])
+    first, second = torch.randn(5, width, generator=g), torch.randn(4, width, generator=g)
+    param = torch.nn.Parameter(w0.clone())
+    opt = SparseAdam([param], lr=LR, betas=BETAS, eps=EPS, backend=backend, unit_norm=[param])
+    if kind == "sparse-coo":
+        # As autograd accumulates sparse gradients: the entries of both, concatenated, not summed.
+        param.grad = torch.sparse_coo_tensor(torch.cat([second_rows, first_rows])[None], torch.cat([second, first]),
+                                             (n_rows, width), check_invariants=True)
+        assert not param.grad.is_coalesced() and param.grad._nnz() == 9
+    else:
+        param.grad = padded_rows_grad(param, first_rows, first, pad=2) + padded_rows_grad(param, second_rows, second, pad=3)
+        assert len(param.grad.parts) == 2
+    opt.step()
+    dense = torch.zeros(n_rows, width)
+    dense.index_add_(0, first_rows, first).index_add_(0, second_rows, second)
+    rows = torch.tensor([0, 2, 5, 9, 17, 20, 29])
+    w_ref, m_ref, _, t_ref = lazy_adam_reference(w0, [(rows, dense[rows])], unit_norm=True)
+    assert torch.equal(opt.state[param]["step"], t_ref) and t_ref.sum() == 7
+    torch.testing.assert_close(param.detach().double(), w_ref, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(opt.state[param]["exp_avg"].double(), m_ref, atol=1e-6, rtol=1e-5)

@@ -22,7 +22,7 @@ class AllocationRecorder(TorchDispatchMode):
     """Records, for every op run inside the block, how many elements its outputs newly allocated.
 
     An output whose storage is one of the op's inputs' (a view, an in-place or out= op, ``set_``
-    onto a given storage) allocated nothing; a sparse COO output counts its indices and values, a
+    onto a given storage) allocated nothing; a sparse COO or CSR output counts its indices and values, a
     `RowGrad` the new tensors of its parts. ``largest`` is (elements, op name).
     """
 
@@ -33,7 +33,7 @@ class AllocationRecorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         inputs = _plain_tensors(tree_flatten((args, kwargs))[0])
-        known = {_storage_ptr(t) for t in inputs if isinstance(t, torch.Tensor) and not t.is_sparse}
+        known = {_storage_ptr(t) for t in inputs if isinstance(t, torch.Tensor) and t.layout == torch.strided}
         known |= {t.data_ptr() for t in inputs if isinstance(t, (torch.UntypedStorage, torch.TypedStorage))}
         out = func(*args, **kwargs)
         for t in tree_flatten(out)[0]:
@@ -41,6 +41,8 @@ class AllocationRecorder(TorchDispatchMode):
                 continue
             if t.is_sparse:
                 n = t._indices().numel() + t._values().numel()
+            elif t.layout == torch.sparse_csr:
+                n = t.crow_indices().numel() + t.col_indices().numel() + t.values().numel()
             elif isinstance(t, RowGrad):
                 n = sum(p.numel() for p in _plain_tensors([t]) if _storage_ptr(p) not in known)
             elif _storage_ptr(t) in known:

@@ -1,6 +1,7 @@
 """The training driver: the loop on synthetic data, AuxK, normalization, NaN stops, CLI errors, MiniLM end to end."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -174,8 +175,9 @@ def test_aux_k_with_no_dead_features_is_zero_and_adds_nothing(sparse_grad):
         if sparse_grad:
             assert touched_rows(grad).numel() == 0, name
         assert not grad.to_dense().any(), name
-    with pytest.raises(TypeError, match=r"dead must be a bool tensor of shape \(16,\)"):
-        add_aux_k_grads_(sae, x, x.clone(), torch.tensor([1, 2]), 4, 1.0)
+    for bad in (torch.tensor([1, 2]), torch.zeros(16), torch.zeros(15, dtype=torch.bool)):
+        with pytest.raises(TypeError, match=r"dead must be a bool tensor of shape \(16,\)"):
+            add_aux_k_grads_(sae, x, x.clone(), bad, 4, 1.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,7 +262,14 @@ def test_asi_init_starts_decoder_in_the_active_subspace_and_b_dec_at_the_mean(tm
     assert outside["asi"] < 0.05 and outside["random"] > 0.5, outside
 
 
-def test_nan_in_activations_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):
+@pytest.mark.parametrize("deferred", [False, True], ids=["checked-every-step", "checked-at-log-and-checkpoint"])
+def test_nan_in_activations_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, deferred):
+    """On the CPU every step is checked; on a GPU (``check_every_step=False``) the bad step is found at the
+    next log or checkpoint step (here step 25, both) and still named, and no checkpoint holds its weights."""
+    if deferred:
+        import flashsae.sae.run.driver as driver
+
+        monkeypatch.setattr(driver, "Trainer", functools.partial(Trainer, check_every_step=False))
     x = synthetic_activations(2000, 12, rank=4, seed=5)
     # Where the order of a 700-token-shard store puts its tokens: find a row of batch 20 of epoch 0.
     write_store(tmp_path / "probe", x)
@@ -272,6 +281,8 @@ def test_nan_in_activations_stops_with_the_step_and_keeps_the_last_checkpoint(tm
                      asi_tokens=200)
     with pytest.raises(NonFiniteError, match=r"step 21\b.*NaN or Inf"):
         train(cfg)
+    logged = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [5, 10, 15, 20]
     newest = checkpoints.latest_checkpoint(tmp_path / "run")
     assert newest.name == checkpoints.checkpoint_name(20)
     loaded = checkpoints.load_checkpoint(newest)
@@ -399,3 +410,29 @@ def test_a_resumed_trainer_names_the_step_of_a_bad_batch_by_the_run_count():
     trainer.step(x)
     with pytest.raises(NonFiniteError, match=r"step 22: the loss is NaN"):
         trainer.check_finite()
+
+
+def test_deferred_checks_name_the_first_bad_step_at_the_next_read_and_not_before():
+    """``check_every_step=False`` (the GPU default): a step never waits for the host, so NaN or Inf is
+    only flagged on the device; the next `check_finite` or `read_metrics` names the first bad step,
+    however many bad or good steps came after it."""
+    sae = TopKSAE(8, 16, 2, backend="torch", sparse_grad=True)
+    trainer = Trainer(sae, SparseAdam(sae.parameters(), backend="torch"), check_every_step=False)
+    gen = torch.Generator().manual_seed(4)
+    xs = [torch.randn(4, 8, generator=gen) for _ in range(6)]
+    xs[2][1, 3] = float("nan")  # step 3
+    xs[4][0, 0] = float("inf")  # step 5: a later bad step does not replace the first
+    for x in xs[:2]:
+        trainer.step(x)
+    assert trainer.read_metrics()["mse"] > 0
+    for x in xs[2:]:
+        trainer.step(x)  # nothing raised while stepping
+    with pytest.raises(NonFiniteError, match=r"^step 3: the loss is NaN or Inf"):
+        trainer.check_finite()
+    with pytest.raises(NonFiniteError, match=r"^step 3: the loss is NaN or Inf"):
+        trainer.read_metrics()
+    fresh = TopKSAE(8, 16, 2, backend="torch", sparse_grad=True)
+    checked = Trainer(fresh, SparseAdam(fresh.parameters(), backend="torch"), check_every_step=True)
+    checked.step(xs[0])
+    with pytest.raises(NonFiniteError, match=r"^step 2: the batch of activations contains NaN or Inf"):
+        checked.step(xs[2])

@@ -27,17 +27,17 @@ class PaperPlan:
     layer: int = 3
     seq_len: int = 128
     rank_tokens: int = 50_000
-    train_tokens: int = 262_144
+    train_tokens: int = 131_072
     eval_tokens: int = 16_384
     k: int = 32
-    batch_size: int = 1024
+    batch_size: int = 512
     lr_scale: float = 4.0
     aux_k: int = 0
-    dead_window: int = 131_072
-    expansions: tuple[int, ...] = (8, 16, 32, 64, 128)
+    dead_window: int = 65_536
+    expansions: tuple[int, ...] = (8, 32, 128)
     d_init: float = 0.5
     d_init_sweep: tuple[float, ...] = (0.3, 0.5, 0.7, 0.9)
-    sweep_expansion: int = 64
+    sweep_expansion: int = 32
     anneal_expansion: int = 32
     anneal_factor: int = 4
     anneal_fraction: float = 0.5
@@ -51,6 +51,8 @@ class PaperPlan:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
+# About an hour on a 2-core CPU (the cost grows with train_tokens x the sum of the runs' F): the
+# size sweep spans 8x-128x; the d_init and anneal sweeps share the 32x runs.
 FULL = PaperPlan()
 # A few minutes on a 2-core CPU: every part of the report, at toy sizes.
 QUICK = PaperPlan(

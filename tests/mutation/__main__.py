@@ -1,0 +1,193 @@
+"""``python -m tests.mutation``: mutation testing of the kernels, the optimizer and the trainer's loss code.
+
+mutmut 2 (pinned by `make mutate`) writes each mutant into the source file and runs the group's
+tests (`tests.mutation.groups`); it never rewrites functions into trampolines, so the source that
+Triton parses for a ``@triton.jit`` kernel is the mutated source itself. The tree is copied into
+one scratch directory per worker (the checkout is never mutated, and workers run side by side);
+each worker has a fork server (`tests.mutation.forkserver`) so a test run costs pytest, not the
+import of torch. A mutant's tests time out at ten times their unmutated run (mutmut's rule).
+
+The report (`tests.mutation.report`) goes to ``--out``: every survivor with its diff and, from
+``tests/mutation/explained.toml``, why it cannot or need not be killed. The exit status is 1
+when a survivor is not explained there.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import queue
+import shlex
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from tests.mutation.groups import GROUPS, Group
+from tests.mutation.report import MutantResult, load_explanations, mutated_line, write_report
+
+REPO = Path(__file__).resolve().parents[2]
+# Messages and other string literals are not mutated: their wording is the API tests' business.
+DISABLED_TYPES = "string,fstring"
+STATUS = {"ok_killed": "killed", "ok_suspicious": "killed", "bad_survived": "survived", "bad_timeout": "timeout",
+          "skipped": "skipped", "untested": "untested"}
+
+
+def copy_tree(dest: Path) -> None:
+    """The package, the tests and the project config, without caches."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".mutmut-cache*")
+    for name in ("flashsae", "tests"):
+        shutil.copytree(REPO / name, dest / name, ignore=ignore)
+    shutil.copy2(REPO / "pyproject.toml", dest / "pyproject.toml")
+
+
+def function_lines(path: Path, names: tuple[str, ...]) -> list[tuple[int, int]]:
+    """0-based [first, last] line ranges of the functions ``names`` (``Class.method`` or ``name``) in ``path``."""
+    tree = ast.parse(path.read_text())
+    found = {}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            found[node.name] = node
+        elif isinstance(node, ast.ClassDef):
+            for item in node.body:
+                if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    found[f"{node.name}.{item.name}"] = item
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise SystemExit(f"{path}: no function {', '.join(missing)} (tests/mutation/groups.py is out of date)")
+    return [(found[n].lineno - 1, found[n].end_lineno - 1) for n in names]
+
+
+MUTMUT_CONFIG = '''"""mutmut's hook (written by tests.mutation): skip mutants outside the selected lines."""
+import json
+
+_RANGES = json.loads({ranges!r})
+
+
+def pre_mutation(context):
+    ranges = _RANGES.get(context.filename)
+    if ranges is not None and not any(a <= context.current_line_index <= b for a, b in ranges):
+        context.skip = True
+'''
+
+
+class Worker:
+    """A scratch copy of the tree with its own fork server."""
+
+    def __init__(self, root: Path, python: str) -> None:
+        self.root, self.python = root, python
+        copy_tree(root)
+        self.socket = str(root / "forkserver.sock")
+        env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+        self.server = subprocess.Popen([python, "-m", "tests.mutation.forkserver", "serve", self.socket], cwd=root,
+                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        if self.server.stdout.readline().strip() != "ready":
+            raise SystemExit(f"the fork server in {root} did not start")
+
+    def close(self) -> None:
+        self.server.kill()
+        self.server.wait()
+
+    def run(self, group: Group, mutmut: list[str], log: Path) -> list[MutantResult]:
+        """Every mutant of ``group.module``, tested by ``group.tests``; mutmut's output to ``log``."""
+        cache = self.root / ".mutmut-cache"
+        cache.unlink(missing_ok=True)
+        ranges = {group.module: function_lines(self.root / group.module, group.functions)} if group.functions else {}
+        (self.root / "mutmut_config.py").write_text(MUTMUT_CONFIG.format(ranges=json.dumps(ranges)))
+        runner = shlex.join([self.python, "-m", "tests.mutation.forkserver", "client", self.socket, "--",
+                           "-x", "-q", "-p", "no:cacheprovider", *group.pytest_args()])
+        command = [*mutmut, "run", "--paths-to-mutate", group.module, "--runner", runner, "--tests-dir", "tests",
+                   "--disable-mutation-types", DISABLED_TYPES, "--no-progress", "--simple-output"]
+        env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(self.root)}
+        with open(log, "w") as out:
+            done = subprocess.run(command, cwd=self.root, env=env, stdout=out, stderr=subprocess.STDOUT)
+        if not cache.exists() or done.returncode & 1:  # 1: mutmut's fatal error (the unmutated tests failed)
+            raise RuntimeError(f"mutmut failed on {group.module} (exit {done.returncode}); see {log}")
+        return read_results(self.root, cache, group.module)
+
+
+def read_results(root: Path, cache: Path, module: str) -> list[MutantResult]:
+    """The statuses mutmut recorded for ``module``, with each mutant's changed line."""
+    with sqlite3.connect(cache) as db:
+        rows = db.execute(
+            "SELECT l.line, l.line_number, m.'index', m.status FROM Mutant m JOIN Line l ON m.line = l.id "
+            "JOIN SourceFile f ON l.sourcefile = f.id WHERE f.filename = ? ORDER BY l.line_number, m.'index'",
+            (module,),
+        ).fetchall()
+    return [MutantResult(module, number + 1, line, index, STATUS[status],
+                         mutated_line(root / module, module, line, number, index))
+            for line, number, index, status in rows]
+
+
+def run_all(groups: list[Group], workers: list[Worker], mutmut: list[str], logs: Path) -> list[MutantResult]:
+    """The groups, biggest first, on the workers side by side."""
+    todo: queue.Queue[Group] = queue.Queue()
+    for group in groups:
+        todo.put(group)
+    results: list[MutantResult] = []
+    failures: list[str] = []
+    lock = threading.Lock()
+
+    def work(worker: Worker) -> None:
+        while True:
+            try:
+                group = todo.get_nowait()
+            except queue.Empty:
+                return
+            start = time.monotonic()
+            try:
+                found = worker.run(group, mutmut, logs / (group.module.replace("/", "_") + ".log"))
+            except RuntimeError as err:
+                with lock:
+                    failures.append(str(err))
+                continue
+            with lock:
+                results.extend(found)
+                counts = {s: sum(r.status == s for r in found) for s in ("killed", "survived", "timeout")}
+                print(f"{group.module}: {len(found)} mutants, {counts} in {time.monotonic() - start:.0f} s",
+                      flush=True)
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in workers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if failures:
+        raise SystemExit("\n".join(failures))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.mutation", description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, default=2, help="groups tested side by side (default 2)")
+    parser.add_argument("--only", nargs="*", default=[], help="only the groups whose module contains one of these")
+    parser.add_argument("--out", default=str(REPO / "reports" / "mutation"), help="report directory")
+    parser.add_argument("--logs", default=str(REPO / "runs" / "mutation-logs"), help="mutmut's output, per module")
+    parser.add_argument("--python", default=sys.executable, help="the Python that runs the tests (with torch)")
+    parser.add_argument("--mutmut", default=str(Path(sys.executable).with_name("mutmut")), help="mutmut 2's script")
+    args = parser.parse_args(argv)
+    groups = [g for g in GROUPS if not args.only or any(o in g.module for o in args.only)]
+    out, logs = Path(args.out), Path(args.logs)
+    logs.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="flashsae-mutation-") as scratch:
+        workers = [Worker(Path(scratch) / f"worker-{i}", args.python) for i in range(max(1, args.workers))]
+        try:
+            results = run_all(groups, workers, [args.mutmut], logs)
+        finally:
+            for w in workers:
+                w.close()
+    command = "make mutate" if not args.only else "python -m tests.mutation --only " + " ".join(args.only)
+    unexplained = write_report(results, groups, load_explanations(), out, time.monotonic() - start, len(workers),
+                               command)
+    print(f"report: {out / 'README.md'}; {unexplained} unexplained survivors")
+    return 1 if unexplained else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

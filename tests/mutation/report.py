@@ -1,0 +1,96 @@
+"""The mutation report: per-module counts and every survivor, explained or not.
+
+``tests/mutation/explained.toml`` holds the survivors that are not killed on purpose, each as
+``[[survivor]]`` with ``module``, ``line`` (the source line, stripped), ``mutant`` (the mutated
+line, stripped) and ``reason`` (why no test can or should kill it: an equivalent mutant, a tile
+size that changes only speed, code that runs only on a GPU, ...). A survivor matches an entry by
+those three texts, so line numbers may move; identical lines share one entry.
+"""
+from __future__ import annotations
+
+import json
+import tomllib
+from collections import Counter
+from dataclasses import asdict, dataclass
+from datetime import date
+from pathlib import Path
+
+EXPLAINED = Path(__file__).with_name("explained.toml")
+
+
+@dataclass(frozen=True)
+class MutantResult:
+    """One mutant: its module, 1-based line number, source line, mutmut's index on that line, status
+    (killed | survived | timeout | skipped | untested) and the mutated line."""
+
+    module: str
+    line_number: int
+    line: str
+    index: int
+    status: str
+    mutant: str
+
+
+def mutated_line(path: Path, module: str, line: str, line_number: int, index: int) -> str:
+    """The text of ``line`` (0-based ``line_number`` of ``path``) under mutmut's mutant ``index``."""
+    from mutmut import Context, RelativeMutationID, mutate
+
+    mutation = RelativeMutationID(line=line, index=index, line_number=line_number, filename=module)
+    context = Context(mutation_id=mutation, filename=str(path), dict_synonyms=[])
+    source, _ = mutate(context)
+    mutated = source.split("\n")
+    original = context.source.split("\n")
+    if len(mutated) == len(original):
+        return mutated[line_number]
+    # A mutation that removed lines (a decorator): show what is left of the neighbourhood.
+    return "\n".join(mutated[max(0, line_number - 1): line_number + 1]) + "  (line removed)"
+
+
+def load_explanations(path: Path = EXPLAINED) -> dict[tuple[str, str, str], str]:
+    """(module, stripped line, stripped mutant) -> reason."""
+    entries = tomllib.loads(path.read_text()).get("survivor", []) if path.exists() else []
+    return {(e["module"], e["line"].strip(), e["mutant"].strip()): e["reason"] for e in entries}
+
+
+def _key(result: MutantResult) -> tuple[str, str, str]:
+    return result.module, result.line.strip(), result.mutant.strip()
+
+
+def write_report(
+    results: list[MutantResult], groups, explanations: dict, out: Path, seconds: float, workers: int,
+    command: str = "make mutate",
+) -> int:
+    """README.md and results.json in ``out``; returns the number of survivors without an explanation.
+    ``command`` is what was run (a run limited to some modules says so)."""
+    import mutmut
+
+    survivors = [r for r in results if r.status in ("survived", "untested")]
+    unexplained = [r for r in survivors if _key(r) not in explanations]
+    lines = [
+        "# Mutation testing: kernels, optimizer, trainer loss code",
+        "",
+        f"`{command}` on {date.today().isoformat()} (mutmut {mutmut.__version__}, {workers} workers, "
+        f"{seconds / 60:.0f} minutes). Each mutant is written into the source file and the module's test "
+        "selection (tests/mutation/groups.py) runs under the Triton interpreter; a mutant times out at ten "
+        "times the unmutated run. String literals are not mutated. Survivors are explained in "
+        "tests/mutation/explained.toml.",
+        "",
+        "| module | tests | mutants | killed | timeout | survived (explained) | skipped |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for group in groups:
+        mine = [r for r in results if r.module == group.module]
+        counts = Counter(r.status for r in mine)
+        alive = [r for r in survivors if r.module == group.module]
+        explained = sum(_key(r) in explanations for r in alive)
+        tests = "; ".join(f"{path} -k {expr!r}" if expr else path for path, expr in group.tests)
+        lines.append(f"| {group.module} | `{tests}` | {len(mine) - counts['skipped']} | "
+                     f"{counts['killed']} | {counts['timeout']} | {len(alive)} ({explained}) | {counts['skipped']} |")
+    lines += ["", f"## Survivors ({len(survivors)}, {len(unexplained)} unexplained)", ""]
+    for r in sorted(survivors, key=lambda r: (r.module, r.line_number, r.index)):
+        reason = explanations.get(_key(r), "**UNEXPLAINED**")
+        lines += [f"- `{r.module}:{r.line_number}` `{r.line.strip()}` -> `{r.mutant.strip()}`: {reason}"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "README.md").write_text("\n".join(lines) + "\n")
+    (out / "results.json").write_text(json.dumps([asdict(r) for r in results], indent=1) + "\n")
+    return len(unexplained)
