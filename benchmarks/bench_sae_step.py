@@ -23,6 +23,8 @@ MEASURES = [
     ("floor", "matmul"),
     ("floor", "copy"),
     ("flashsae", "step"),
+    ("flashsae", "step-auxk"),
+    ("flashsae", "step-auxk-2pass"),
     ("flashsae", "encode"),
     ("flashsae", "encode-fused"),
     ("flashsae", "decode"),

@@ -275,7 +275,8 @@ def flashsae(shape: Shape, device: str, backend: str = "auto") -> System:
     ``backend``; ops ``encode`` (ops.topk_encode, without the host-side NaN check the training step
     skips too), ``decode`` (ops.sparse_decode), ``backward``, ``optimizer`` (SparseAdam.step) and the
     full ``step``: `flashsae.sae.trainer.Trainer.step`, the step `flashsae train` runs (AuxK off: no
-    feature is dead in a benchmark). On CUDA, when the trainer module offers ``CapturedStep``, also
+    feature is dead in a benchmark), and the same step with AuxK on, one pass and two (`aux_k_steps`). On
+    CUDA, when the trainer module offers ``CapturedStep``, also
     ``step_graph``: the same step replayed from a CUDA graph (recorded at its first call, a warm-up
     round); and ``encode-fused``: the opt-in fused encoder ("triton-fused") on the same inputs, so one
     run compares the two Triton encoders."""
@@ -310,6 +311,7 @@ def flashsae(shape: Shape, device: str, backend: str = "auto") -> System:
         return ()
 
     trainer = Trainer(sae, opt)
+    aux_steps = aux_k_steps(sae, opt, shape, device, xs)
 
     B, k, d = shape.B, shape.k, shape.d
     ops_ = {
@@ -320,6 +322,7 @@ def flashsae(shape: Shape, device: str, backend: str = "auto") -> System:
         "optimizer": Op(opt.step, after_backward,
                         bytes_moved=traffic.optimizer_bytes(touched, d, item, moment_item, master)),
         "step": Op(trainer.step, _zeroing(opt, xs)),
+        **{name: Op(step, _zeroing(opt, xs)) for name, step in aux_steps.items()},
     }
     captured_step = getattr(trainer_module, "CapturedStep", None)
     if captured_step is not None and device == "cuda":
@@ -333,6 +336,42 @@ def flashsae(shape: Shape, device: str, backend: str = "auto") -> System:
             lambda: (xs(),))
         notes += "; " + encoder_plans(shape)
     return System(ops_, [sae, opt], notes=notes)
+
+
+# AuxK's k in the AuxK steps (Gao et al.'s value; at most F).
+AUX_K = 512
+# The backend name under which the AuxK steps' second variant runs the masked second encoder pass.
+TWO_PASS_BACKEND = "two-pass-aux"
+
+
+def aux_k_steps(sae: Any, opt: Any, shape: Shape, device: str, xs: Rotation) -> dict[str, Callable]:
+    """`Trainer.step` with AuxK on, two ways: ``step-auxk`` (the dead features' top-k from the main encoder
+    pass, what `flashsae train` runs) and ``step-auxk-2pass`` (the same step on the same backend declared
+    not to fold, so the dead features' top-k takes a second, masked encoder pass), side by side.
+
+    The dead set is the features that did not fire in the last batch (a one-batch window, after one
+    untimed step), so the aux selection runs over a realistic mix of live and dead features.
+    """
+    import dataclasses
+
+    from flashsae.kernels.registry import get_backend, register_backend, resolve_backend
+    from flashsae.sae.trainer import Trainer
+
+    resolved = resolve_backend(sae.backend, torch.device(device))
+    unfolded = dataclasses.replace(get_backend(resolved, device), topk_encode_with_aux=None)
+    register_backend(TWO_PASS_BACKEND, lambda: unfolded, uses_triton=resolved != "torch")
+    trainer = Trainer(sae, opt, aux_k=min(AUX_K, shape.F), dead_window=shape.B)
+    trainer.step(xs())
+    opt.zero_grad(set_to_none=True)
+
+    def two_pass(x: torch.Tensor) -> None:
+        own, sae.backend = sae.backend, TWO_PASS_BACKEND
+        try:
+            trainer.step(x)
+        finally:
+            sae.backend = own
+
+    return {"step-auxk": trainer.step, "step-auxk-2pass": two_pass}
 
 
 def encoder_plans(shape: Shape) -> str:

@@ -13,6 +13,9 @@ sync), which `flashsae.optim.SparseAdam` reads as they are (other optimizers see
 tensors); with ``sparse_grad=False`` they are dense tensors of the parameters' dtype. Both
 backward passes of one selection share one grouping of its fired pairs (`SharedGrouping`).
 
+`topk_encode_with_aux` adds AuxK's top-aux_k among the dead features to a selection from the same
+encoder pass (one GEMM over W_enc where the backend folds it, `Backend.folds_aux`).
+
 Dtypes: one float dtype per call, the inputs' own; math accumulates in fp32 (float64 for float64
 inputs, which only the torch backend takes; their `RowGrad` values are float64 too). Under
 ``torch.autocast`` the ops run with autocast disabled, in their inputs' dtypes, so they select the
@@ -28,10 +31,11 @@ from .checks import (
     OP_DTYPES, dtype_name, require_float_tensor, require_int, require_k, require_like, require_number, require_shape,
 )
 from .kernels.batch_select import above_threshold, batch_topk, candidate_count
+from .kernels import batch_select
 from .kernels.pairs import PairGroups, group_pairs
 from .kernels.reference import math_dtype
 from .kernels.registry import Backend, backend_names, get_backend
-from .rowgrad import RowGrad
+from .rowgrad import RowGrad, value_dtype
 
 # The names a ``backend`` argument accepts.
 BACKENDS = backend_names()
@@ -89,8 +93,8 @@ class SharedGrouping:
 
 def _row_gradient(like: torch.Tensor, groups: PairGroups, grad_rows: torch.Tensor, sparse: bool) -> torch.Tensor:
     """The gradient of ``like`` (W or b) from its per-slot rows: a float32 `RowGrad`, or a dense tensor."""
-    if sparse:
-        return RowGrad.of(like, groups.rows, grad_rows, groups.valid)
+    if sparse:  # float64 values for a float64 parameter even when the incoming gradient was fp32
+        return RowGrad.of(like, groups.rows, grad_rows.to(value_dtype(like)), groups.valid)
     dense = torch.zeros_like(like)
     # Padding slots add zeros to row 0; the fired rows are distinct, so each is rounded once.
     return dense.index_put_((groups.rows,), grad_rows.to(like.dtype), accumulate=True)
@@ -125,19 +129,27 @@ class TopKEncode(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad_vals):
         x, W_enc, b_pre, vals, idx = ctx.saved_tensors
-        backend, need = ctx.backend, ctx.needs_input_grad
-        grad_pre = torch.where(vals > 0, grad_vals.to(math_dtype(x)), 0.0).contiguous()
-        grad_x = grad_W = grad_b = grad_b_pre = None
-        if need[0] or need[3]:
-            grad_x = backend.gather_rows(grad_pre, idx, W_enc)
-            grad_b_pre = (-grad_x.sum(0)).to(b_pre.dtype) if b_pre is not None and need[3] else None
-            grad_x = grad_x.to(x.dtype) if need[0] else None
-        if need[1] or need[2]:
-            groups = ctx.grouping.groups()
-            grad_W_rows, grad_b_rows = backend.segment_rows(grad_pre, groups, x, shift=b_pre)
-            grad_W = _row_gradient(W_enc, groups, grad_W_rows, ctx.sparse_grad) if need[1] else None
-            grad_b = _row_gradient(ctx.b_enc_like, groups, grad_b_rows, ctx.sparse_grad) if need[2] else None
-        return grad_x, grad_W, grad_b, grad_b_pre, None, None, None, None, None
+        need = ctx.needs_input_grad
+        grads = _selection_grads(ctx, x, W_enc, b_pre, vals, idx, grad_vals, ctx.grouping, need[:4])
+        return (*grads, None, None, None, None, None)
+
+
+def _selection_grads(ctx, x, W_enc, b_pre, vals, idx, grad_vals, grouping: SharedGrouping, need):
+    """(grad_x, grad_W_enc, grad_b_enc, grad_b_pre) of one selection (vals, idx) [B, k], each None where
+    ``need`` (four bools, in that order) is False; see `TopKEncode`."""
+    backend = ctx.backend
+    grad_pre = torch.where(vals > 0, grad_vals.to(math_dtype(x)), 0.0).contiguous()
+    grad_x = grad_W = grad_b = grad_b_pre = None
+    if need[0] or need[3]:
+        grad_x = backend.gather_rows(grad_pre, idx, W_enc)
+        grad_b_pre = (-grad_x.sum(0)).to(b_pre.dtype) if b_pre is not None and need[3] else None
+        grad_x = grad_x.to(x.dtype) if need[0] else None
+    if need[1] or need[2]:
+        groups = grouping.groups()
+        grad_W_rows, grad_b_rows = backend.segment_rows(grad_pre, groups, x, shift=b_pre)
+        grad_W = _row_gradient(W_enc, groups, grad_W_rows, ctx.sparse_grad) if need[1] else None
+        grad_b = _row_gradient(ctx.b_enc_like, groups, grad_b_rows, ctx.sparse_grad) if need[2] else None
+    return grad_x, grad_W, grad_b, grad_b_pre
 
 
 class BatchEncode(TopKEncode):
@@ -154,6 +166,77 @@ class BatchEncode(TopKEncode):
         grouping.bind(vals, idx, W_enc.shape[0])
         ctx.backend, ctx.sparse_grad, ctx.b_enc_like, ctx.grouping = backend, sparse_grad, b_enc, grouping
         return vals, idx
+
+
+def _encoder_with_aux(backend: Backend, aux_k: int, dead: torch.Tensor, found: list):
+    """An encoder with `Backend.topk_encode`'s signature that also appends to ``found`` the top-``aux_k``
+    among the ``dead`` features of each call: from the same pass where the backend folds them
+    (`Backend.topk_encode_with_aux`), else from a second pass with the dead features as the mask."""
+
+    def encode(x, W_enc, b_enc, k, b_pre):
+        if backend.folds_aux:
+            vals, idx, aux_vals, aux_idx = backend.topk_encode_with_aux(x, W_enc, b_enc, k, aux_k, dead, b_pre)
+        else:
+            vals, idx = backend.topk_encode(x, W_enc, b_enc, k, b_pre)
+            aux_vals, aux_idx = backend.topk_encode(x, W_enc, b_enc.masked_fill(~dead, float("-inf")), aux_k, b_pre)
+        found.append((aux_vals, aux_idx))
+        return vals, idx
+
+    return encode
+
+
+class EncodeWithAux(torch.autograd.Function):
+    """A selection (`TopKEncode`'s per token, or `BatchEncode`'s across the batch) and AuxK's per-token
+    top-aux_k among the dead features, from one encoder pass.
+
+    Backward: the main selection's as `TopKEncode` (x, W_enc, b_enc, b_pre). The auxiliary one's
+    reaches W_enc and b_enc only (AuxK holds x and b_pre constant): segment_rows over its own pairs,
+    grouped once by ``aux_grouping`` and shared with its decode; the two add (as parts of one
+    `RowGrad` under ``sparse_grad``, never a dense F x d tensor).
+    """
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, b_pre, select, aux_k: int, dead, backend: Backend, sparse_grad: bool,
+                grouping, aux_grouping):
+        found: list = []
+        with _autocast_off(x.device):
+            vals, idx = select(_encoder_with_aux(backend, aux_k, dead, found), x, W_enc, b_enc, b_pre)
+        (aux_vals, aux_idx), = found
+        ctx.mark_non_differentiable(idx, aux_idx)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, W_enc, b_pre, vals, idx, aux_vals, aux_idx)
+        n_features = W_enc.shape[0]
+        grouping = grouping if grouping is not None else SharedGrouping()
+        aux_grouping = aux_grouping if aux_grouping is not None else SharedGrouping()
+        grouping.bind(vals, idx, n_features)
+        aux_grouping.bind(aux_vals, aux_idx, n_features)
+        ctx.backend, ctx.sparse_grad, ctx.b_enc_like = backend, sparse_grad, b_enc
+        ctx.grouping, ctx.aux_grouping, ctx.device = grouping, aux_grouping, x.device
+        return vals, idx, aux_vals, aux_idx
+
+    @staticmethod
+    def backward(ctx, grad_vals, _grad_idx, grad_aux_vals, _grad_aux_idx):
+        with _autocast_off(ctx.device):
+            return EncodeWithAux._backward(ctx, grad_vals, grad_aux_vals)
+
+    @staticmethod
+    def _backward(ctx, grad_vals, grad_aux_vals):
+        x, W_enc, b_pre, vals, idx, aux_vals, aux_idx = ctx.saved_tensors
+        need = ctx.needs_input_grad[:4]
+        grads = [None] * 4
+        if grad_vals is not None:
+            grads = list(_selection_grads(ctx, x, W_enc, b_pre, vals, idx, grad_vals, ctx.grouping, need))
+        if grad_aux_vals is not None and (need[1] or need[2]):
+            aux = _selection_grads(ctx, x, W_enc, b_pre, aux_vals, aux_idx, grad_aux_vals, ctx.aux_grouping,
+                                   (False, need[1], need[2], False))
+            for i in (1, 2):
+                grads[i] = _add_gradients(grads[i], aux[i])
+        return (*grads, None, None, None, None, None, None, None)
+
+
+def _add_gradients(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    """a + b for two gradients of one parameter (two `RowGrad`s: one with both's parts)."""
+    return b if a is None else a if b is None else a + b
 
 
 class SparseDecode(torch.autograd.Function):
@@ -314,10 +397,7 @@ def topk_encode(
     n_features = W_enc.shape[0]
     require_k(k, n_features)
     if mask is not None:
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            raise TypeError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
-        require_shape("mask", mask, (n_features,))
-        require_like("mask", mask, "x", x, dtype=False)
+        _require_feature_mask("mask", mask, x, n_features)
     kernels = get_backend(backend, x.device)
     _require_backend_dtype("x", x, kernels)
     if check_finite:
@@ -325,6 +405,67 @@ def topk_encode(
     return TopKEncode.apply(
         x.contiguous(), W_enc.contiguous(), b_enc.contiguous(), b_pre, k, kernels, sparse_grad, mask, grouping
     )
+
+
+def topk_encode_with_aux(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    k: int,
+    aux_k: int,
+    dead: torch.Tensor,
+    *,
+    b_pre: torch.Tensor | None = None,
+    batch_topk: bool = False,
+    backend: str = "auto",
+    sparse_grad: bool = False,
+    grouping: SharedGrouping | None = None,
+    aux_grouping: SharedGrouping | None = None,
+    check_finite: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`topk_encode` (or, with ``batch_topk``, `batch_topk_encode`) and AuxK's selection, from one encoder pass.
+
+    Returns (vals, idx) as the main op returns them (the top-k over every feature; dead ones take
+    part as usual) and (aux_vals [B, aux_k] in x's dtype, aux_idx [B, aux_k] int64): per token, the
+    top-``aux_k`` of ``relu((x - b_pre) @ W_enc.T + b_enc)`` among the features where ``dead``
+    (bool [F]) is True, exactly `topk_encode` with ``mask=dead`` (ties to the lower index; rows
+    with fewer than aux_k positive dead features end in zeros at the lowest unchosen indices).
+    Backends that fold AuxK (`flashsae.kernels.registry.Backend.folds_aux`: "torch" and "triton")
+    take both from the same pre-activations, one GEMM over W_enc; "triton-fused" runs a second,
+    masked pass. Inputs, dtypes, NaN policy and ``check_finite`` as `topk_encode`; 1 <= aux_k <= F.
+
+    Differentiable: the main pair as its op; aux_vals w.r.t. W_enc and b_enc only (x and b_pre are
+    constants for AuxK). ``grouping`` / ``aux_grouping``: `SharedGrouping`s bound to each pair, for
+    their `sparse_decode`s.
+    """
+    b_pre = _check_encoder(x, W_enc, b_enc, b_pre)
+    n_features = W_enc.shape[0]
+    require_k(k, n_features)
+    require_k(aux_k, n_features, name="aux_k")
+    _require_feature_mask("dead", dead, x, n_features)
+    kernels = get_backend(backend, x.device)
+    _require_backend_dtype("x", x, kernels)
+    if check_finite:
+        require_finite_rows("x", x)
+    if batch_topk:
+        candidates = candidate_count(k, n_features)
+
+        def select(encode, x, W, b, pre):
+            return batch_select.batch_topk(encode, x, W, b, k, pre, candidates=candidates)
+    else:
+        def select(encode, x, W, b, pre):
+            return encode(x, W, b, k, pre)
+
+    return EncodeWithAux.apply(x.contiguous(), W_enc.contiguous(), b_enc.contiguous(), b_pre, select, aux_k,
+                               dead, kernels, sparse_grad, grouping, aux_grouping)
+
+
+def _require_feature_mask(name: str, mask: object, x: torch.Tensor, n_features: int) -> None:
+    """TypeError / ValueError naming ``name`` unless ``mask`` is a bool [F] tensor on x's device."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+    require_shape(name, mask, (n_features,))
+    require_like(name, mask, "x", x, dtype=False)
 
 
 def batch_topk_encode(

@@ -1,6 +1,6 @@
 """Compile every Triton kernel of flashsae for Hopper (sm_90) as a real launch would, without a GPU.
 
-Each case calls a kernel's own launcher (`launch_select`, `range_lists`, `fold_pre_bias`, the row
+Each case calls a kernel's own launcher (`launch_select`, for the main and the AuxK lists, `range_lists`, `fold_pre_bias`, the row
 and Adam launchers) on tensors of a real run's shapes, on the meta device (small CPU tensors where a
 launcher needs data), with the kernel launch intercepted. The captured launch then goes through
 Triton's own launch path for an sm_90 target: the same binder specializes the arguments (16-byte
@@ -41,6 +41,9 @@ HEADLINE = [(4096, 4096, 1 << 20), (4096, 768, 1 << 20)]
 ODD = (7, 40, 1000)
 FULL_KS = (1, 2, 4, 5, 8, 16, 32, 64, 128, 256, 512)
 SUBSET_KS = (1, 5, 64)
+# AuxK's k for the dead lists' launch (Gao et al.'s 512, and d / 2 at the headline widths).
+FULL_AUX_KS = (384, 512, 2048)
+SUBSET_AUX_KS = (512,)
 
 
 @dataclass
@@ -66,7 +69,9 @@ def _dtypes():
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def _select_cases(shapes, ks) -> Iterator[Case]:
+def _select_cases(shapes, ks, label: str = "select") -> Iterator[Case]:
+    """The select launches of `chunked_encode.topk_encode` (``label`` "select aux": the second launch of
+    `chunked_encode.topk_encode_with_aux`, over the same chunk buffer with the dead lists' k = aux_k)."""
     import torch
 
     from flashsae.kernels import chunked_encode
@@ -82,7 +87,7 @@ def _select_cases(shapes, ks) -> Iterator[Case]:
                              _meta(B, plan.n_slices, dtype=torch.int32))
                     floors = [_meta(B, plan.n_slices, dtype=torch.int32) for _ in range(2)]
                     args = (_meta(B, width), _meta(F, dtype=_dtypes()[bias_dtype]), *lists, *floors, start, k, plan)
-                    yield Case(f"select B={B} F={F} k={k} bias={bias_dtype} chunk@{start} "
+                    yield Case(f"{label} B={B} F={F} k={k} bias={bias_dtype} chunk@{start} "
                                f"BM={plan.blocks['BM']} BN={plan.blocks['BN']} slices={plan.n_slices}",
                                "select", lambda args=args: chunked_encode.launch_select(*args))
 
@@ -159,6 +164,7 @@ def cases(subset: bool) -> Iterator[Case]:
     shapes = [HEADLINE[0], ODD] if subset else [*HEADLINE, ODD]
     ks = SUBSET_KS if subset else FULL_KS
     yield from _select_cases(shapes, ks)
+    yield from _select_cases(shapes, SUBSET_AUX_KS if subset else FULL_AUX_KS, "select aux")
     yield from _fused_cases(shapes, ks)
     yield from _fold_cases(shapes)
     yield from _row_cases(shapes, SUBSET_KS)

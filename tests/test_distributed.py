@@ -8,7 +8,7 @@ import torch
 from flashsae import ops
 from flashsae.kernels.keys import EMPTY_KEY, pack_keys
 from flashsae.sae.architecture import Architecture
-from flashsae.sae.losses import add_aux_k_grads_
+from flashsae.sae.losses import add_aux_k_grads_, aux_k_loss_from_selection
 from flashsae.sae.model import TopKSAE
 from flashsae.sae.parallel import process_group
 from flashsae.sae.parallel.data import allreduce_gradients
@@ -130,6 +130,15 @@ def variant_step(model: TopKSAE, x: torch.Tensor, y: torch.Tensor) -> dict:
     return {"levels": out.levels.detach(), "grads": grads(model)}
 
 
+def fold_step(model: TopKSAE, x: torch.Tensor, dead: torch.Tensor) -> dict:
+    """One pass with AuxK's selection from the main encoder pass: both selections, and the row gradients of
+    the squared error plus the AuxK loss."""
+    out, aux = model.forward_with_aux(x, dead, AUX_K)
+    residual = (x - out.x_hat).detach()
+    ((out.x_hat - x).pow(2).sum() + aux_k_loss_from_selection(model, aux, residual, dead)).backward()
+    return {"idx": out.idx, "aux_idx": aux.idx, "aux_vals": aux.vals.detach(), "grads": sparse_rows(model)}
+
+
 def sparse_rows(model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """(rows, values) of every parameter's `RowGrad`, ascending by row."""
     return {name: row_values(getattr(model, name).grad) for name in ("W_enc", "b_enc", "W_dec")}
@@ -155,6 +164,7 @@ def _rank_body(info: process_group.DistInfo) -> dict:
     sae, x, residual, dead = aux_case()
     fp = FeatureParallelSAE.from_full(sae)
     result["fp_aux"] = {"loss": add_aux_k_grads_(fp, x, residual, dead, AUX_K, 1.0), "grads": sparse_rows(fp)}
+    result["fp_fold"] = fold_step(FeatureParallelSAE.from_full(sae), x, dead)
     sae, x, y = variant_case()
     result["fp_variant"] = variant_step(FeatureParallelSAE.from_full(sae), x, y)
     return result
@@ -311,5 +321,23 @@ def test_feature_parallel_aux_k_selects_and_updates_the_single_process_rows(rank
         for name, (rows, values) in reference.items():
             mine = (rows >= offset) & (rows < offset + n)
             got_rows, got_values = res["fp_aux"]["grads"][name]
+            assert torch.equal(got_rows, rows[mine] - offset), f"rank {r} {name} rows"
+            torch.testing.assert_close(got_values, values[mine], **TOL, msg=f"rank {r} {name} values")
+
+
+def test_feature_parallel_fold_selects_aux_k_across_ranks_as_one_process(ranks):
+    """`forward_with_aux` split over features: the same main and AuxK selections as one process (ties
+    across the split included) and each rank's gradient rows the single process's rows in its slice."""
+    sae, x, _, dead = aux_case()
+    reference = fold_step(sae, x, dead)
+    assert (reference["aux_vals"] > 0).any() and (reference["aux_vals"] == 0).any()
+    for r, res in enumerate(ranks):
+        got = res["fp_fold"]
+        assert torch.equal(got["idx"], reference["idx"]) and torch.equal(got["aux_idx"], reference["aux_idx"])
+        torch.testing.assert_close(got["aux_vals"], reference["aux_vals"], **TOL)
+        offset, n = feature_split(F_FP, WORLD)[r]
+        for name, (rows, values) in reference["grads"].items():
+            mine = (rows >= offset) & (rows < offset + n)
+            got_rows, got_values = got["grads"][name]
             assert torch.equal(got_rows, rows[mine] - offset), f"rank {r} {name} rows"
             torch.testing.assert_close(got_values, values[mine], **TOL, msg=f"rank {r} {name} values")

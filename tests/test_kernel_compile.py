@@ -48,6 +48,8 @@ def test_every_kernel_block_config_and_specialization_is_compiled(compiled):
     for k in (1, 5, 64):
         assert any(n.startswith("select B=4096") and f" k={k} " in n and select_blocks in n for n in names)
         assert any(n.startswith("select B=7") and f" k={k} " in n for n in names)
+    for shape in ("B=4096", "B=7"):  # AuxK's dead lists: the second select launch of each chunk
+        assert any(n.startswith(f"select aux {shape}") and " k=512 " in n for n in names), shape
 
 
 def _torch(name: str):

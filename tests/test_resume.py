@@ -255,7 +255,7 @@ def test_a_run_resumed_where_auto_means_triton_continues_with_the_triton_kernels
     shutil.rmtree(cut / "final")
     shutil.rmtree(cut / checkpoints.CHECKPOINTS_DIR / checkpoints.checkpoint_name(8))
 
-    calls = {"topk_encode": 0, "sparse_adam_step_": 0}
+    calls = {"topk_encode": 0, "topk_encode_with_aux": 0, "sparse_adam_step_": 0}
     triton = registry.get_backend("triton", "cpu")
 
     def counted(name):
@@ -268,8 +268,10 @@ def test_a_run_resumed_where_auto_means_triton_continues_with_the_triton_kernels
     monkeypatch.setitem(registry.AUTO_BY_DEVICE_TYPE, "cpu", "triton")
     with registry.override_backend("triton", counting):
         assert main(["train", "--resume", str(cut)]) == 0
-    # Steps 5-10 on Triton: an encoder call per forward and per AuxK pass, four parameters per Adam step.
-    assert calls["topk_encode"] >= 6 and calls["sparse_adam_step_"] == 6 * 4
+    # Steps 5-10 on Triton: an encoder call per forward (with AuxK on, one call selecting both), four
+    # parameters per Adam step.
+    assert calls["topk_encode"] + calls["topk_encode_with_aux"] >= 6 and calls["topk_encode_with_aux"] > 0
+    assert calls["sparse_adam_step_"] == 6 * 4
     expected = final_weights(tmp_path / "torch")
     for name, weights in final_weights(cut).items():
         torch.testing.assert_close(weights, expected[name], rtol=1e-4, atol=1e-5, msg=name)

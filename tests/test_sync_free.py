@@ -55,7 +55,9 @@ def batches(n: int, device: str, dtype: torch.dtype, rank: int = 0, world: int =
 def static_torch_encoder() -> Iterator[None]:
     """The torch backend with its static encoder on the CPU too (see the module docstring)."""
     static = functools.partial(torch_encode.topk_encode, static=True)
-    with override_backend("torch", dataclasses.replace(get_backend("torch", "cpu"), topk_encode=static)):
+    static_with_aux = functools.partial(torch_encode.topk_encode_with_aux, static=True)
+    backend = dataclasses.replace(get_backend("torch", "cpu"), topk_encode=static, topk_encode_with_aux=static_with_aux)
+    with override_backend("torch", backend):
         yield
 
 

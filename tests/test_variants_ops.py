@@ -8,7 +8,10 @@ import torch
 from flashsae import ops
 from flashsae.kernels import batch_select, torch_encode
 from flashsae.rowgrad import RowGrad
-from tests.test_ops import DTYPES, TOL, dense_pre, make_encoder
+from tests.test_ops import DTYPES, dense_pre, make_encoder
+
+# Absolute tolerance per dtype, relative to the size of the terms (fp32 accumulation, one rounding).
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

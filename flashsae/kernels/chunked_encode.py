@@ -25,6 +25,10 @@ first lists fill with the first features (zeros included, so rows with fewer tha
 values end in zeros at the lowest indices, as in the reference). A final exact top-k over all lists'
 keys (torch, packed int64) gives the reference's answer whatever order keys were appended in.
 
+AuxK's top-aux_k among the dead features (`topk_encode_with_aux`) shares each chunk's GEMM: the
+select kernel runs a second time over the same buffer into lists of its own, with the bias of the
+features that are not dead at -inf.
+
 Nothing synchronizes with the host: chunk count, grid, list capacity and every buffer size follow
 from the shapes, and the lists' fill counts stay on the device.
 
@@ -216,21 +220,83 @@ def topk_encode(
     bounds the fp32 chunk buffer; ``n_slices`` and ``headroom`` see `select_plan`; ``poison`` fills the
     candidate lists with a key that unpacks to NaN first, so tests see any slot read unwritten.
     """
-    n_tokens = x.shape[0]
-    n_features = W_enc.shape[0]
+    options = {"buffer_bytes": buffer_bytes, "n_slices": n_slices, "headroom": headroom, "poison": poison}
+    (vals, idx), = _encode(x, W_enc, b_enc, b_pre, [(None, k)], **options)
+    return vals, idx
+
+
+def topk_encode_with_aux(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    k: int,
+    aux_k: int,
+    dead: torch.Tensor,
+    b_pre: torch.Tensor | None = None,
+    *,
+    buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+    n_slices: int | None = None,
+    headroom: int = LIST_HEADROOM,
+    poison: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`topk_encode` and the top-``aux_k`` among the ``dead`` features (bool [F]) from one GEMM per chunk.
+
+    After each chunk's GEMM the select kernel runs twice over the same buffer: once for the main
+    lists, once for the dead lists (their own capacity and floors) with the bias of the features
+    that are not dead set to -inf, exactly as a masked `topk_encode` (they fill a row's zero slots
+    but never fire). A second launch rather than a kernel keeping two lists: the select re-reads
+    the fp32 chunk (4 bytes per pre-activation, against the GEMM's 2 d flops) but keeps one
+    compiled kernel whose list state and compaction code are not doubled. Returns (vals [B, k],
+    idx [B, k], aux_vals [B, aux_k], aux_idx [B, aux_k]); 1 <= aux_k <= F. Options as `topk_encode`.
+    """
+    options = {"buffer_bytes": buffer_bytes, "n_slices": n_slices, "headroom": headroom, "poison": poison}
+    (vals, idx), (aux_vals, aux_idx) = _encode(x, W_enc, b_enc, b_pre, [(None, k), (dead, aux_k)], **options)
+    return vals, idx, aux_vals, aux_idx
+
+
+class _Lists:
+    """One selection's candidate lists across the chunks: its plan, bias, keys, fill counts and floors."""
+
+    def __init__(self, plan: SelectPlan, bias: torch.Tensor, k: int, n_tokens: int, poison: bool) -> None:
+        device = bias.device
+        self.plan, self.bias, self.k = plan, bias, k
+        self.keys = torch.empty(n_tokens, plan.n_slices, plan.capacity, dtype=torch.int64, device=device)
+        if poison:
+            self.keys.fill_(POISON_KEY)
+        self.counts = torch.zeros(n_tokens, plan.n_slices, dtype=torch.int32, device=device)
+        self.floors = torch.full((2, n_tokens, plan.n_slices), -1, dtype=torch.int32, device=device)
+
+    def select(self, pre: torch.Tensor, chunk_index: int, chunk_start: int) -> None:
+        """Append chunk ``chunk_index``'s candidates (pre [B, c] fp32 of features from ``chunk_start``)."""
+        i = chunk_index
+        launch_select(pre, self.bias, self.keys, self.counts, self.floors[i % 2], self.floors[(i + 1) % 2],
+                      chunk_start, self.k, self.plan)
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return best_of_lists(self.keys, self.counts, self.k)
+
+
+def _encode(
+    x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_pre: torch.Tensor | None,
+    selections: list[tuple[torch.Tensor | None, int]], *, buffer_bytes: int, n_slices: int | None,
+    headroom: int, poison: bool,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One GEMM per chunk feeding one set of lists per ``(mask or None, k)`` of ``selections``; returns
+    (vals [B, k] in x's dtype, idx [B, k]) per selection, in order."""
+    n_tokens, n_features = x.shape[0], W_enc.shape[0]
     if n_tokens == 0:
-        return x.new_empty(0, k), torch.empty(0, k, dtype=torch.int64, device=x.device)
-    plan = select_plan(n_tokens, n_features, k, buffer_bytes=buffer_bytes, n_slices=n_slices, headroom=headroom)
+        return [(x.new_empty(0, k), torch.empty(0, k, dtype=torch.int64, device=x.device)) for _, k in selections]
     bias = encoder_bias(W_enc, b_enc, b_pre)
-    keys = torch.empty(n_tokens, plan.n_slices, plan.capacity, dtype=torch.int64, device=x.device)
-    if poison:
-        keys.fill_(POISON_KEY)
-    counts = torch.zeros(n_tokens, plan.n_slices, dtype=torch.int32, device=x.device)
-    floors = torch.full((2, n_tokens, plan.n_slices), -1, dtype=torch.int32, device=x.device)
-    buffer = torch.empty(n_tokens * plan.chunk, dtype=torch.float32, device=x.device)
-    for i, start in enumerate(range(0, n_features, plan.chunk)):
-        width = min(plan.chunk, n_features - start)
+    lists = []
+    for mask, k in selections:
+        plan = select_plan(n_tokens, n_features, k, buffer_bytes=buffer_bytes, n_slices=n_slices, headroom=headroom)
+        masked = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
+        lists.append(_Lists(plan, masked, k, n_tokens, poison))
+    chunk = lists[0].plan.chunk  # every plan chunks alike: the chunk size does not depend on k
+    buffer = torch.empty(n_tokens * chunk, dtype=torch.float32, device=x.device)
+    for i, start in enumerate(range(0, n_features, chunk)):
+        width = min(chunk, n_features - start)
         pre = chunk_matmul(x, W_enc[start : start + width], buffer[: n_tokens * width].view(n_tokens, width))
-        launch_select(pre, bias, keys, counts, floors[i % 2], floors[(i + 1) % 2], start, k, plan)
-    vals, idx = best_of_lists(keys, counts, k)
-    return vals.to(x.dtype), idx
+        for selection in lists:
+            selection.select(pre, i, start)
+    return [(vals.to(x.dtype), idx) for vals, idx in (selection.result() for selection in lists)]

@@ -19,6 +19,10 @@ Exactness is the chunked encoder's argument (`flashsae.kernels.chunked_encode`):
 its range's features in ascending order, so its floor with a strict compare never drops a feature
 that could be in the top-k, and ties resolve to the lower index through the packed keys.
 
+AuxK: this encoder does not fold the dead features' top-k into its pass (its registry entry has
+no ``topk_encode_with_aux``); with AuxK on, `flashsae.ops.topk_encode_with_aux` runs it a second time
+with the dead features as the mask, on this backend only.
+
 Planning (`encode_plan`): the grid (token blocks x ranges) is sized in whole waves of the GPU's SMs
 (one program per SM at these tile sizes), so the last wave is not left partly idle.
 """

@@ -11,7 +11,9 @@ Built-in backends:
   features + a Triton threshold select), the row kernels (`flashsae.kernels.rows`) and the sparse
   Adam kernel (`flashsae.kernels.sparse_adam`).
 - ``"triton-fused"``: the fused encoder (`flashsae.kernels.fused_encode`: Triton GEMM tiles whose
-  epilogue runs the same threshold select) with the same row and Adam kernels; opt-in.
+  epilogue runs the same threshold select) with the same row and Adam kernels; opt-in. It does not
+  fold AuxK's selection into its pass (``topk_encode_with_aux`` is None): with AuxK on, the dead
+  features' top-k takes a second, masked encoder pass on this backend only.
 
 Triton backends need CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``, and are imported
 on first use, so flashsae does not import triton while only the torch backend runs.
@@ -90,6 +92,14 @@ class Backend:
         fp32 master weights (`flashsae.kernels.reference.join_master`), updated exactly. Untouched
         rows are neither read nor written; see `flashsae.optim.SparseAdam` for the math.
 
+    ``topk_encode_with_aux(x, W_enc, b_enc, k, aux_k, dead, b_pre) -> (vals, idx, aux_vals, aux_idx)``
+        ``topk_encode`` and, from the same pass over the pre-activations (no second GEMM over
+        W_enc), the top-``aux_k`` among the features where ``dead`` (bool [F]) is True, the others
+        counting as -inf before the ReLU (they fill a row's zero slots but never fire): aux_vals
+        [B, aux_k] in x's dtype descending, aux_idx [B, aux_k] int64, in `topk_encode`'s order;
+        1 <= aux_k <= F. None for a backend that does not fold the two: `flashsae.ops` then runs
+        ``topk_encode`` a second time with the dead features as its mask.
+
     ``float_dtypes``: the float dtypes the primitives take.
     """
 
@@ -100,6 +110,12 @@ class Backend:
     segment_rows: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     sparse_adam_step_: Callable[..., None]
     float_dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
+    topk_encode_with_aux: Callable[..., tuple[torch.Tensor, ...]] | None = None
+
+    @property
+    def folds_aux(self) -> bool:
+        """Whether AuxK's dead-feature selection comes from the main encoder pass (one GEMM over W_enc)."""
+        return self.topk_encode_with_aux is not None
 
 
 BackendFactory = Callable[[], Backend]
@@ -112,10 +128,14 @@ class _Entry:
     uses_triton: bool
 
 
-def _assemble(name: str, encoder: ModuleType, rows: ModuleType, adam: ModuleType, **extra) -> Backend:
-    """A `Backend` from the modules holding its primitives, under their interface names."""
+def _assemble(
+    name: str, encoder: ModuleType, rows: ModuleType, adam: ModuleType, *, folds_aux: bool = True, **extra
+) -> Backend:
+    """A `Backend` from the modules holding its primitives, under their interface names; ``folds_aux``:
+    the encoder module has ``topk_encode_with_aux`` (AuxK's selection in the main pass)."""
+    with_aux = encoder.topk_encode_with_aux if folds_aux else None
     return Backend(name, encoder.topk_encode, rows.gather_rows, rows.row_dots, rows.segment_rows,
-                   adam.sparse_adam_step_, **extra)
+                   adam.sparse_adam_step_, topk_encode_with_aux=with_aux, **extra)
 
 
 def _torch_backend() -> Backend:
@@ -133,7 +153,8 @@ def _chunked_backend() -> Backend:
 def _fused_backend() -> Backend:
     from . import fused_encode, rows, sparse_adam
 
-    return _assemble("triton-fused", fused_encode, rows, sparse_adam)
+    # The fused kernel keeps one list per (token, range) in its GEMM epilogue; it does not fold AuxK.
+    return _assemble("triton-fused", fused_encode, rows, sparse_adam, folds_aux=False)
 
 
 # The one table of backends: name -> how to build it. Order is the order `backend_names` lists.

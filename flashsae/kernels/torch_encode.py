@@ -25,6 +25,10 @@ B x F. The survivor lists have data-dependent sizes, which costs nothing on the 
 the backend runs `static_topk_encode` instead (each chunk's top-k merged into a running top-k, sizes
 fixed by the shapes: no host sync), and the "triton" backend (`flashsae.kernels.chunked_encode`)
 runs the threshold select itself without a host sync.
+
+AuxK's selection among the dead features (`topk_encode_with_aux`) rides on the same pass: each
+chunk's pre-activations, computed once, feed a second candidate list with its own floor and the
+dead features' bias (the others' is -inf), so AuxK adds no second matmul over W_enc.
 """
 from __future__ import annotations
 
@@ -66,60 +70,127 @@ def topk_encode(
     `static_topk_encode` instead, whose sizes never depend on the data: the threshold select's
     survivor lists do, which costs nothing on the CPU but would make a GPU stream wait on the host.
     """
+    (vals, idx), = _encode(x, W_enc, b_enc, b_pre, [(None, k)], chunk_size, static)
+    return vals, idx
+
+
+def topk_encode_with_aux(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    k: int,
+    aux_k: int,
+    dead: torch.Tensor,
+    b_pre: torch.Tensor | None = None,
+    *,
+    chunk_size: int | None = None,
+    static: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`topk_encode` and the top-``aux_k`` among the ``dead`` features (bool [F]) from one pass: the
+    `Backend` contract's ``topk_encode_with_aux``.
+
+    Each chunk's pre-activations come from one matmul and feed two selections: the main top-k over
+    every feature, and a second list with its own floor over the dead features (the others count as
+    -inf before the ReLU, exactly as a masked `topk_encode`: they can fill a row's zero slots but
+    never fire). Returns (vals [B, k], idx [B, k], aux_vals [B, aux_k], aux_idx [B, aux_k]), each
+    pair as `topk_encode` returns it; 1 <= aux_k <= F.
+    """
+    (vals, idx), (aux_vals, aux_idx) = _encode(x, W_enc, b_enc, b_pre, [(None, k), (dead, aux_k)], chunk_size, static)
+    return vals, idx, aux_vals, aux_idx
+
+
+def _encode(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    b_pre: torch.Tensor | None,
+    lists: list[tuple[torch.Tensor | None, int]],
+    chunk_size: int | None,
+    static: bool | None,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One chunked matmul pass feeding one selection per ``(mask or None, k)`` of ``lists``; returns
+    (vals [B, k] in x's dtype, idx [B, k]) per selection, in order."""
     n_tokens, n_features = x.shape[0], W_enc.shape[0]
     if n_tokens == 0:
-        return x.new_empty(0, k), torch.empty(0, k, dtype=torch.int64, device=x.device)
+        return [(x.new_empty(0, k), torch.empty(0, k, dtype=torch.int64, device=x.device)) for _, k in lists]
     math_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     xc = x.to(math_dtype)
     if b_pre is not None:
         xc = xc - b_pre.to(math_dtype)
     bias = torch.nan_to_num(b_enc.to(math_dtype), nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    biases = [bias if mask is None else bias.masked_fill(~mask, float("-inf")) for mask, _ in lists]
+    ks = [k for _, k in lists]
     chunk = chunk_size or feature_chunk_size(n_tokens, n_features)
     if static if static is not None else x.device.type != "cpu":
-        vals, idx = static_topk_encode(xc, W_enc, bias, k, chunk)
-        return vals.to(x.dtype), idx
-    best = _Best(n_tokens, k, math_dtype, x.device)
-    for start in range(0, n_features, chunk):
-        stop = min(start + chunk, n_features)
-        pre = torch.mm(xc, W_enc[start:stop].to(math_dtype).T)
-        rows, cols, vals = survivors(pre, bias[start:stop], k, best.floor())
-        best.merge(rows, cols + start, vals)
-    vals, idx = best.result(n_features)
-    return vals.to(x.dtype), idx
+        results = static_topk_encode(xc, W_enc, biases, ks, chunk)
+    else:
+        bests = [_Best(n_tokens, k, math_dtype, x.device) for k in ks]
+        for start in range(0, n_features, chunk):
+            stop = min(start + chunk, n_features)
+            pre = torch.mm(xc, W_enc[start:stop].to(math_dtype).T)
+            for best, b in zip(bests, biases):
+                rows, cols, vals = survivors(pre, b[start:stop], best.k, best.floor())
+                best.merge(rows, cols + start, vals)
+        results = [best.result(n_features) for best in bests]
+    return [(vals.to(x.dtype), idx) for vals, idx in results]
 
 
 def static_topk_encode(
-    xc: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k: int, chunk: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+    xc: torch.Tensor, W_enc: torch.Tensor, biases: list[torch.Tensor], ks: list[int], chunk: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The encoder in sizes fixed by the shapes (no host sync): each chunk's exact top-k merged into a
-    running top-k. xc [B, d] = x - b_pre and bias [F] in the math dtype (NaN already -inf).
+    running top-k, for one selection per (bias, k) of ``biases`` / ``ks`` from one matmul per chunk.
+    xc [B, d] = x - b_pre and each bias [F] in the math dtype (NaN already -inf).
 
     fp32: top-k over packed keys (`flashsae.kernels.keys`: ReLU, NaN as 0, ties to the lower index
     whatever the order). float64: stable sorts by value, each over entries in ascending index
-    order, so equal values keep the lower index. Returns (vals [B, k] in the math dtype, idx [B, k]).
+    order, so equal values keep the lower index. Returns (vals [B, k] in the math dtype, idx [B, k])
+    per selection.
     """
-    n_tokens, n_features = xc.shape[0], W_enc.shape[0]
-    best_vals = best_idx = best_keys = None
+    n_features = W_enc.shape[0]
+    bests = [_StaticBest(k) for k in ks]
     for start in range(0, n_features, chunk):
         stop = min(start + chunk, n_features)
-        pre = torch.addmm(bias[start:stop], xc, W_enc[start:stop].to(xc.dtype).T)
+        pre = torch.mm(xc, W_enc[start:stop].to(xc.dtype).T)
         cols = torch.arange(start, stop, device=xc.device)
-        if xc.dtype == torch.float64:
+        for best, bias in zip(bests, biases):
+            best.merge(pre + bias[start:stop], cols)
+    return [best.result() for best in bests]
+
+
+class _StaticBest:
+    """The running exact top-k of `static_topk_encode` for one selection (sizes fixed by the shapes).
+
+    fp32 keeps packed keys; float64 keeps (values, indices), lower indices first among equal values.
+    """
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.keys: torch.Tensor | None = None
+        self.vals: torch.Tensor | None = None
+        self.idx: torch.Tensor | None = None
+
+    def merge(self, pre: torch.Tensor, cols: torch.Tensor) -> None:
+        """Merge a chunk's pre-activations pre [B, c] (bias added) of features ``cols`` [c] ascending."""
+        n_tokens = pre.shape[0]
+        if pre.dtype == torch.float64:
             vals = torch.where(pre > 0, pre, 0.0)  # ReLU; NaN counts as -inf, i.e. 0
-            if best_vals is not None:  # the kept ones have the lower indices: they go first
-                vals = torch.cat([best_vals, vals], 1)
-                cols = torch.cat([best_idx, cols.expand(n_tokens, -1)], 1)
-            order = torch.sort(vals, dim=1, descending=True, stable=True).indices[:, :k]
-            best_vals = vals.gather(1, order)
-            best_idx = (cols if cols.dim() == 2 else cols.expand(n_tokens, -1)).gather(1, order)
+            cols = cols.expand(n_tokens, -1)
+            if self.vals is not None:  # the kept ones have the lower indices: they go first
+                vals, cols = torch.cat([self.vals, vals], 1), torch.cat([self.idx, cols], 1)
+            order = torch.sort(vals, dim=1, descending=True, stable=True).indices[:, : self.k]
+            self.vals, self.idx = vals.gather(1, order), cols.gather(1, order)
         else:
             keys = pack_keys(pre, cols)
-            if best_keys is not None:
-                keys = torch.cat([best_keys, keys], 1)
-            best_keys = keys.topk(min(k, keys.shape[1]), dim=1, sorted=True).values
-    if best_keys is not None:
-        return unpack_keys(best_keys)
-    return best_vals, best_idx
+            if self.keys is not None:
+                keys = torch.cat([self.keys, keys], 1)
+            self.keys = keys.topk(min(self.k, keys.shape[1]), dim=1, sorted=True).values
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(vals [B, k] in the math dtype, idx [B, k] int64)."""
+        if self.keys is not None:
+            return unpack_keys(self.keys)
+        return self.vals, self.idx
 
 
 def survivors(

@@ -1,9 +1,10 @@
 """Training losses on a `TopKSAE` (whole or feature-parallel): Gao et al. (2024)'s AuxK loss.
 
 AuxK: the top-``aux_k`` pre-activations among the dead features reconstruct the main
-reconstruction's residual, so dead features learn what the live ones miss. The selection runs
-through the model's own `_select` with the dead features as its mask and the decode through its
-`_decode_rows`, on the parameters themselves (no copies of their rows), so a feature-parallel model
+reconstruction's residual, so dead features learn what the live ones miss. In a training step the
+selection comes from the main encoder pass itself (`TopKSAE.forward_with_aux`: one GEMM over W_enc
+per step); standalone (`aux_k_loss`) it runs through the model's own `_select` with the dead
+features as its mask. The decode runs through its `_decode_rows`, on the parameters themselves (no copies of their rows), so a feature-parallel model
 selects across its ranks exactly as a single process does, the gradients reach only the dead rows
 that won a slot (as compact rows that add to the main loss's), and nothing waits on the host:
 which and how many features are dead stays on the device.
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .model import TopKSAE
+from .model import Selection, TopKSAE, require_dead_mask
 
 
 def unexplained_fraction(
@@ -41,20 +42,37 @@ def aux_k_loss(
     ``relu((x - b_dec) W_enc^T + b_enc)`` (a transcoder's: ``relu(x W_enc^T + b_enc)``) among the
     dead features, ``e_hat = z W_dec`` and the loss is ``sum ||residual - e_hat||^2 / denominator``
     (default ``sum ||residual||^2``); 0 when no feature is dead. Only dead rows that won a slot with a positive value get gradient.
+
+    Standalone, this selects with an encoder pass of its own; a training step that already encodes x
+    takes the selection from its own pass instead (`TopKSAE.forward_with_aux`, then
+    `aux_k_loss_from_selection`), which is what `flashsae.sae.trainer.Trainer` does.
     """
-    if not isinstance(dead, torch.Tensor) or dead.dtype != torch.bool or tuple(dead.shape) != (sae.n_features,):
-        raise TypeError(f"dead must be a bool tensor of shape ({sae.n_features},), got "
-                        f"{getattr(dead, 'dtype', type(dead).__name__)} {tuple(getattr(dead, 'shape', ()))}")
+    require_dead_mask(dead, sae.n_features)
     aux_k = min(aux_k, sae.n_features)
     held = dead[sae.feature_offset : sae.feature_offset + sae.n_held]
-    x, residual = x.detach(), residual.detach()
     shift = sae.encoder_shift
     b_pre = None if shift is None else shift.detach()
     # x was the main forward's input: checked there, or by the caller's own deferred check.
-    selection = sae._select(x, sae.W_enc, sae.b_enc, b_pre, aux_k, held, check_finite=False)
+    selection = sae._select(x.detach(), sae.W_enc, sae.b_enc, b_pre, aux_k, held, check_finite=False)
+    return aux_k_loss_from_selection(sae, selection, residual, dead, denominator=denominator)
+
+
+def aux_k_loss_from_selection(
+    sae: TopKSAE,
+    selection: Selection,
+    residual: torch.Tensor,
+    dead: torch.Tensor,
+    *,
+    denominator: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`aux_k_loss` of an AuxK selection already made: ``selection`` the top-aux_k among the dead
+    features (`TopKSAE.forward_with_aux`'s second output: vals [B, aux_k], global idx), residual
+    [B, d_out] (detached here), dead bool [F]; ``sum ||residual - e_hat||^2 / denominator`` with
+    ``e_hat = z W_dec`` decoded through the model (a feature-parallel model across its ranks), 0
+    when no feature is dead."""
     e_hat = sae._decode_rows(selection.vals, selection.idx, sae.W_dec, torch.zeros_like(sae.b_dec),
-                             sae._held_ids(x.device), selection.grouping)
-    return unexplained_fraction(e_hat, residual, denominator) * dead.any()
+                             sae._held_ids(selection.idx.device), selection.grouping)
+    return unexplained_fraction(e_hat, residual.detach(), denominator) * dead.any()
 
 
 def add_aux_k_grads_(

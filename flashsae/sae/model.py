@@ -226,6 +226,32 @@ class TopKSAE(nn.Module):
                                     check_finite=check_finite)
         return Selection(vals, idx, grouping)
 
+    def _select_with_aux(
+        self,
+        x: torch.Tensor,
+        W_enc: torch.Tensor,
+        b_enc: torch.Tensor,
+        b_pre: torch.Tensor | None,
+        k: int,
+        aux_k: int,
+        dead: torch.Tensor,
+        *,
+        batch: bool = False,
+        check_finite: bool = True,
+    ) -> tuple[Selection, Selection]:
+        """`_select` (``batch``: `_select_batch`) and AuxK's top-``aux_k`` among the ``dead`` rows (bool [n])
+        from one encoder pass (`flashsae.ops.topk_encode_with_aux`): (main, auxiliary) selections.
+
+        The auxiliary values are differentiable w.r.t. W_enc and b_enc only (AuxK holds x and b_pre
+        constant). 1 <= aux_k <= n.
+        """
+        grouping, aux_grouping = ops.SharedGrouping(), ops.SharedGrouping()
+        vals, idx, aux_vals, aux_idx = ops.topk_encode_with_aux(
+            x, W_enc, b_enc, k, aux_k, dead, b_pre=b_pre, batch_topk=batch, backend=self.backend,
+            sparse_grad=self.sparse_grad, grouping=grouping, aux_grouping=aux_grouping, check_finite=check_finite,
+        )
+        return Selection(vals, idx, grouping), Selection(aux_vals, aux_idx, aux_grouping)
+
     def _decode_rows(
         self,
         vals: torch.Tensor,
@@ -332,7 +358,32 @@ class TopKSAE(nn.Module):
         ``check_finite``: see `encode`."""
         lead = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1])
-        selection = self.codes(x, check_finite=check_finite)
+        return self._reconstruct(x, self.codes(x, check_finite=check_finite), lead)
+
+    def forward_with_aux(
+        self, x: torch.Tensor, dead: torch.Tensor, aux_k: int, *, check_finite: bool = True
+    ) -> tuple[SAEOutput, Selection]:
+        """`forward` of x [B, d] and AuxK's selection from the same encoder pass (no second GEMM over W_enc
+        on the backends that fold it, `flashsae.kernels.registry.Backend.folds_aux`).
+
+        dead: bool [F] over all features (the same on every rank); aux_k >= 1 (at most F are taken).
+        Returns the `SAEOutput` and the per-token top-aux_k among the dead features of
+        ``relu((x - b_pre) @ W_enc.T + b_enc)`` as a `Selection` (vals [B, aux_k], global idx), which
+        `flashsae.sae.losses.aux_k_loss_from_selection` turns into the AuxK loss. Training mode only
+        for BatchTopK (RuntimeError otherwise: its eval-mode JumpReLU selection does not fold).
+        """
+        if self.arch.batch_topk and not self.training:
+            raise RuntimeError("forward_with_aux runs a BatchTopK SAE's training-mode selection: call model.train() "
+                               "first (the eval-mode JumpReLU selection does not fold AuxK)")
+        require_dead_mask(dead, self.n_features)
+        aux_k = min(require_int("aux_k", aux_k), self.n_features)
+        held = dead[self.feature_offset : self.feature_offset + self.n_held]
+        main, aux = self._select_with_aux(x, self.W_enc, self.b_enc, self.encoder_shift, self.k, aux_k, held,
+                                          batch=self.arch.batch_topk, check_finite=check_finite)
+        return self._reconstruct(x, main, x.shape[:-1]), aux
+
+    def _reconstruct(self, x: torch.Tensor, selection: Selection, lead: torch.Size) -> SAEOutput:
+        """The `SAEOutput` of x [B, d] from its ``selection``, reshaped to the leading shape ``lead``."""
         vals, idx, levels = selection.vals, selection.idx, None
         if self.arch.nested:
             levels = self._decode_levels(vals, idx, self.W_dec, self.b_dec, self._held_ids(idx.device),
@@ -517,6 +568,13 @@ def _read_saved_weights(file: Path, cfg: dict[str, Any], device: torch.device | 
     return state
 
 
+def require_dead_mask(dead: object, n_features: int) -> None:
+    """TypeError naming ``dead`` unless it is a bool tensor of shape [n_features]."""
+    if not isinstance(dead, torch.Tensor) or dead.dtype != torch.bool or tuple(dead.shape) != (n_features,):
+        raise TypeError(f"dead must be a bool tensor of shape ({n_features},), got "
+                        f"{getattr(dead, 'dtype', type(dead).__name__)} {tuple(getattr(dead, 'shape', ()))}")
+
+
 def _local_slots(vals: torch.Tensor, idx: torch.Tensor, row_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(local row of each slot, vals zeroed where the slot's feature is not among ``row_ids`` [n] ascending)."""
     local = torch.searchsorted(row_ids, idx).clamp_(max=max(row_ids.shape[0] - 1, 0))
@@ -525,8 +583,9 @@ def _local_slots(vals: torch.Tensor, idx: torch.Tensor, row_ids: torch.Tensor) -
 
 
 def _orthogonal(g: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-    """``g - <g, w> w`` per row, in fp32 (w unit rows): [n, d], [n, d] -> [n, d] fp32."""
-    g, W = g.float(), W.float()
+    """``g - <g, w> w`` per row, in fp32 (float64 for float64 rows; w unit rows): [n, d], [n, d] -> [n, d]."""
+    math = torch.float64 if torch.float64 in (g.dtype, W.dtype) else torch.float32
+    g, W = g.to(math), W.to(math)
     return g - (g * W).sum(1, keepdim=True) * W
 
 

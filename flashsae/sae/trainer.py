@@ -18,8 +18,8 @@ import torch
 
 from ..optim import SparseAdam
 from .diagnostics import FiringTracker
-from .losses import aux_k_loss
-from .model import TopKSAE
+from .losses import aux_k_loss_from_selection
+from .model import SAEOutput, Selection, TopKSAE
 from .parallel.strategy import SingleProcess
 
 # A feature is dead when it has not fired in this many tokens (Gao et al. and the ASI paper use 10M).
@@ -159,13 +159,13 @@ class Trainer:
             bad_x = ~torch.isfinite(x).all() if y is None else ~(torch.isfinite(x).all() & torch.isfinite(y).all())
             self._note_nonfinite(bad_x, torch.zeros((), dtype=torch.bool, device=x.device))
         opt.zero_grad(set_to_none=True)
-        out = model(x, check_finite=False)  # the step's own NaN/Inf check is deferred (no host sync)
+        out, aux_selection = self._forward(x, aux_active)
         err = out.x_hat.float() - target.float()
         sq_err = err.pow(2).sum()
         inner = self._inner_errors(out.levels, target)
         n = strategy.global_tokens(x.shape[0])
         loss = (sq_err + inner.sum()) / (n * target.shape[1])
-        aux = self._aux_k_loss(x, err) if aux_active else torch.zeros((), device=x.device)
+        aux = self._aux_k_loss(aux_selection, err) if aux_active else torch.zeros((), device=x.device)
         (loss + self.aux_coef * aux).backward()
         codes = strategy.gather_codes(out.vals.detach(), out.idx)
         self.tracker.update(*codes)
@@ -193,11 +193,19 @@ class Trainer:
             return torch.zeros(0, device=target.device)
         return (levels[:-1].float() - target.float()).pow(2).sum((1, 2))
 
-    def _aux_k_loss(self, x: torch.Tensor, err: torch.Tensor) -> torch.Tensor:
-        """The AuxK loss on the features dead before this batch (differentiable; 0 when none is dead)."""
+    def _forward(self, x: torch.Tensor, aux_active: bool) -> tuple[SAEOutput, Selection | None]:
+        """The model's output on x and, with AuxK active, its selection among the features dead before this
+        batch, from the same encoder pass. The step's own NaN/Inf check is deferred (no host sync)."""
+        if not aux_active:
+            return self.model(x, check_finite=False), None
+        return self.model.forward_with_aux(x, self.tracker.dead_mask(), self.aux_k, check_finite=False)
+
+    def _aux_k_loss(self, selection: Selection, err: torch.Tensor) -> torch.Tensor:
+        """The AuxK loss of the dead features' ``selection`` (differentiable; 0 when none is dead)."""
         residual = (-err).detach().to(self.model.dtype)
         denominator = self.strategy.reduce_sum(residual.float().pow(2).sum())
-        return aux_k_loss(self.model, x, residual, self.tracker.dead_mask(), self.aux_k, denominator=denominator)
+        return aux_k_loss_from_selection(self.model, selection, residual, self.tracker.dead_mask(),
+                                         denominator=denominator)
 
     def read_metrics(self) -> dict[str, float]:
         """Metrics since the last call (one host sync), then reset: mse, fvu, l0, aux_loss, dead_frac, ...;

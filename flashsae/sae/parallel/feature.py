@@ -199,10 +199,39 @@ class FeatureParallelSAE(TopKSAE):
         won, so a candidate that lost is not touched (no stale momentum moves it), as in a single
         process. No host sync: every size is fixed by B, k and the split.
         """
-        n_rows, k_local = W_enc.shape[0], min(k, W_enc.shape[0])
-        if n_rows:
-            local = super()._select(_replicated(x), W_enc, b_enc, _replicated(b_pre), k_local, mask,
+        local = None
+        if W_enc.shape[0]:
+            local = super()._select(_replicated(x), W_enc, b_enc, _replicated(b_pre), min(k, W_enc.shape[0]), mask,
                                     check_finite=check_finite)
+        return self._merge_across_ranks(local, k, x)
+
+    def _select_with_aux(
+        self,
+        x: torch.Tensor,
+        W_enc: torch.Tensor,
+        b_enc: torch.Tensor,
+        b_pre: torch.Tensor | None,
+        k: int,
+        aux_k: int,
+        dead: torch.Tensor,
+        *,
+        batch: bool = False,
+        check_finite: bool = True,
+    ) -> tuple[Selection, Selection]:
+        """The global top-k and AuxK's global top-aux_k among the dead rows, from one local encoder pass per
+        rank; a collective. Each selection is merged across the ranks as `_select` merges its one."""
+        main = aux = None
+        n_rows = W_enc.shape[0]
+        if n_rows:
+            main, aux = super()._select_with_aux(_replicated(x), W_enc, b_enc, _replicated(b_pre), min(k, n_rows),
+                                                 min(aux_k, n_rows), dead, batch=batch, check_finite=check_finite)
+        return self._merge_across_ranks(main, k, x), self._merge_across_ranks(aux, aux_k, x)
+
+    def _merge_across_ranks(self, local: Selection | None, k: int, x: torch.Tensor) -> Selection:
+        """The global top-k from each rank's ``local`` top-min(k, rows held) (None on a rank holding no rows);
+        a collective. See `_select`."""
+        k_local = local.idx.shape[1] if local is not None else 0
+        if local is not None:
             keys = pack_keys(local.vals.detach(), local.idx + self.offset)
             if k_local < k:
                 keys = torch.cat([keys, keys.new_full((keys.shape[0], k - k_local), EMPTY_KEY)], dim=1)
@@ -213,7 +242,7 @@ class FeatureParallelSAE(TopKSAE):
         top_vals, top_idx, pos = merge_candidates(torch.cat(gathered, dim=1), k)
         # Each rank places its own winners' (differentiable) values into the global slots.
         mine = (pos >= self.rank * k) & (pos < self.rank * k + k_local)
-        if n_rows:
+        if local is not None:
             slot = (pos - self.rank * k).clamp(0, k_local - 1)
             own_vals = local.vals.gather(1, slot) * mine
             won = torch.zeros_like(local.idx).scatter_add_(1, slot, mine.to(torch.int64)) > 0
