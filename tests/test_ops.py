@@ -243,12 +243,15 @@ def test_non_contiguous_inputs_give_the_same_result():
 
 
 @pytest.mark.parametrize("sparse_grad", [False, True])
-def test_every_chunked_loop_of_the_torch_backend_matches_float64(monkeypatch, sparse_grad):
+@pytest.mark.parametrize("cpu_sparse_products", [True, False])
+def test_every_chunked_loop_of_the_torch_backend_matches_float64(monkeypatch, sparse_grad, cpu_sparse_products):
     """CHUNK_ELEMENTS shrunk so each loop of the torch backend runs several chunks with a ragged last one:
     the encoder's feature sweep (`torch_encode.feature_chunk_size`), gather_rows' and row_dots' token
-    chunks and segment_rows' pair chunks (`reference`); forward and every gradient still match float64
-    autograd."""
+    chunks and segment_rows' pair chunks (`reference`, with its CPU sparse products turned off, as off
+    the CPU); forward and every gradient still match float64 autograd."""
     B, d, F, k = 23, 384, 300, 7
+    if not cpu_sparse_products:
+        monkeypatch.setattr(reference, "_sparse_on_cpu", lambda t, n_pairs: False)
     monkeypatch.setattr(reference, "CHUNK_ELEMENTS", 2 * k * d + 5)
     monkeypatch.setattr(torch_encode, "CHUNK_ELEMENTS", 2 * k * d + 5)
     assert torch_encode.feature_chunk_size(B, F) == (2 * k * d + 5) // B == 233  # 2 chunks: 233 + 67 features

@@ -58,11 +58,20 @@ def test_no_fired_pair_gives_only_padding():
     assert not groups.offsets.any()
 
 
-@pytest.mark.parametrize("n,N", [(0, 5), (7, 100), (40, 9), (25, 25)])
-def test_unique_rows_are_the_sorted_distinct_valid_entries(n, N):
+def test_a_single_feature_with_a_token_that_did_not_fire():
+    idx = torch.zeros(3, 1, dtype=torch.int64)
+    groups = group_pairs(idx, torch.tensor([[True], [False], [True]]), 1)
+    assert groups.rows.tolist() == [0] and groups.valid.tolist() == [True] and groups.offsets.tolist() == [0, 2]
+    assert groups.segment.tolist() == [0, 0, 0] and groups.pairs[:2].tolist() == [0, 2]
+
+
+# (entries, rows, fraction valid): some valid, all valid and distinct, all valid with repeats.
+@pytest.mark.parametrize("n,N,fraction", [(0, 5, 0.6), (7, 100, 0.6), (40, 9, 0.6), (25, 25, 0.6),
+                                          (7, 100, 1.0), (6, 3, 1.0)])
+def test_unique_rows_are_the_sorted_distinct_valid_entries(n, N, fraction):
     g = torch.Generator().manual_seed(n + N)
     rows = torch.randint(0, N, (n,), generator=g)
-    valid = torch.rand(n, generator=g) < 0.6
+    valid = torch.rand(n, generator=g) < fraction
     unique, slot_valid = unique_rows(rows, valid, N)
     expected = sorted(set(rows[valid].tolist()))
     assert unique.shape == slot_valid.shape == (min(n, N),)

@@ -276,3 +276,27 @@ def test_one_grouping_per_forward_is_shared_by_the_encoder_and_decoder_backward(
         ops.sparse_decode(vals.detach().clone(), idx, sae.W_dec, sae.b_dec, backend=backend, grouping=grouping)
     with pytest.raises(ValueError, match="already bound to another selection"):
         ops.topk_encode(x, sae.W_enc, sae.b_enc, 4, backend=backend, grouping=grouping)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B,d,F,k", [(9, 100, 1000, 8), (64, 24, 50, 33), (1, 384, 7, 7)])
+def test_cpu_sparse_products_equal_the_gather_path(monkeypatch, B, d, F, k, dtype):
+    """On the CPU the torch primitives run as CSR products; off it (and for 16-bit weights) as gathers and
+    index_add. Both give the same sums, with shift and bias, padding slots and pairs that did not fire."""
+    vals, idx, W, b, grad_out = make_decode(B, d, F, k, dtype, seed=B * k + F)
+    groups = group_pairs(idx, vals > 0, F)
+    shift = 0.1 * torch.randn(d, generator=torch.Generator().manual_seed(3)).to(dtype)
+
+    def run() -> list[torch.Tensor]:
+        return [reference.gather_rows(vals, idx, W, b), reference.row_dots(grad_out, idx, W),
+                *reference.segment_rows(vals, groups, grad_out, shift)]
+
+    sparse = run()
+    monkeypatch.setattr(reference, "_sparse_on_cpu", lambda t, n_pairs: False)
+    gathered = run()
+    tol = {torch.float32: 1e-5, torch.float64: 1e-12}[dtype]
+    for name, a, c in zip(("gather_rows", "row_dots", "segment_rows", "coef sums"), sparse, gathered):
+        assert a.dtype == c.dtype == dtype and a.shape == c.shape, name
+        torch.testing.assert_close(a, c, rtol=tol, atol=tol, msg=name)
+    assert not sparse[2][~groups.valid].any(), "padding slots must hold zeros"
+

@@ -96,14 +96,59 @@ def test_rejects_bad_arguments():
         SparseAdam([p], moment_dtype=torch.float16)
     with pytest.raises(ValueError, match="unit_norm"):
         SparseAdam([p], unit_norm=[torch.nn.Parameter(torch.randn(4, 3))])
-    with pytest.raises(ValueError, match="betas"):
-        SparseAdam([p], betas=(1.0, 0.999))
+    with pytest.raises(ValueError, match=r"betas\[0\]"):
+        SparseAdam([p], betas=(1.0, 0.5))
+    with pytest.raises(ValueError, match=r"betas\[1\]"):
+        SparseAdam([p], betas=(0.5, 1.0))
     with pytest.raises(ValueError, match="backend"):
         SparseAdam([p], backend="cuda")
     with pytest.raises(ValueError, match="lr must be a real number >= 0"):
         SparseAdam([p], lr=float("nan"))
     with pytest.raises(ValueError, match="eps must be a real number >= 0"):
         SparseAdam([p], eps=-1e-8)
+
+
+def test_defaults_are_torch_adams():
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    ours, theirs = SparseAdam([p]).defaults, torch.optim.Adam([p]).defaults
+    assert (ours["lr"], ours["betas"], ours["eps"]) == (theirs["lr"], theirs["betas"], theirs["eps"])
+
+
+def test_step_returns_the_closures_loss_and_skips_params_without_gradient():
+    first, second = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(4, 3))
+    before = first.detach().clone(), second.detach().clone()
+    opt = SparseAdam([first, second], lr=LR, backend="torch")
+    second.grad = torch.randn(4, 3)
+    assert opt.step(lambda: torch.tensor(2.5)) == 2.5
+    assert opt.step() is None
+    assert torch.equal(first.detach(), before[0]) and first not in opt.state
+    assert not torch.equal(second.detach(), before[1]), "a param after one without gradient was skipped"
+
+
+def test_loading_state_restores_every_param_after_one_without_state_and_copies_it():
+    first, second = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(4, 3))
+    opt = SparseAdam([first, second], lr=LR, backend="torch")
+    second.grad = torch.randn(4, 3)
+    opt.step()
+    saved = opt.state_dict()
+    kept = {key: value.clone() for key, value in saved["state"][1].items()}
+    first2, second2 = torch.nn.Parameter(first.detach().clone()), torch.nn.Parameter(second.detach().clone())
+    opt2 = SparseAdam([first2, second2], lr=LR, backend="torch")
+    opt2.load_state_dict(saved)
+    assert torch.equal(opt2.state[second2]["exp_avg"], kept["exp_avg"])
+    second2.grad = torch.randn(4, 3)
+    opt2.step()
+    for key, value in kept.items():
+        assert torch.equal(saved["state"][1][key], value), f"stepping the loaded optimizer changed the saved {key}"
+
+
+@pytest.mark.parametrize("master_weights", [True, False])
+def test_master_weights_option_decides_whether_bf16_params_keep_low_bits(master_weights):
+    p = torch.nn.Parameter(torch.randn(5, 3).bfloat16())
+    opt = SparseAdam([p], lr=LR, backend="torch", master_weights=master_weights)
+    p.grad = torch.randn(5, 3).bfloat16()
+    opt.step()
+    assert ("master_low" in opt.state[p]) == master_weights
 
 
 def test_normalizes_names_exactly_the_unit_norm_params():
