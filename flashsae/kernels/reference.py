@@ -227,13 +227,16 @@ def sparse_adam_step_(
     """
     acc_dtype = math_dtype(param)
     tiny = torch.finfo(acc_dtype).tiny
+    # A dense gradient built from rows holds zeros outside the touched rows; a given one may not.
+    zero_outside_valid = rows is not None
     if rows is not None and rows.shape[0] >= param.shape[0]:
         grad, valid, rows = (_rows_to_dense(grad, rows, param.shape[0], acc_dtype), _touched(rows, valid, param.shape[0]),
                              None)
     step_size, bc2_sqrt = adam_row_scalars(step, rows, valid, lr, beta1, beta2, acc_dtype)
     if rows is None and low is None and param.dtype == exp_avg.dtype == exp_avg_sq.dtype == acc_dtype:
         _adam_all_rows_in_place_(param, grad.to(acc_dtype), valid, exp_avg, exp_avg_sq, step_size, bc2_sqrt,
-                                 beta1=beta1, beta2=beta2, eps=eps, unit_norm=unit_norm)
+                                 beta1=beta1, beta2=beta2, eps=eps, unit_norm=unit_norm,
+                                 zero_outside_valid=zero_outside_valid)
         return
     pick = (lambda t: t) if rows is None else (lambda t: take_rows(t, rows))
     w = join_master(pick(param), pick(low)) if low is not None else pick(param).to(acc_dtype)
@@ -283,13 +286,15 @@ def _adam_all_rows_in_place_(
     beta2: float,
     eps: float,
     unit_norm: bool,
+    zero_outside_valid: bool,
 ) -> None:
     """`sparse_adam_step_` over every row when param and moments are in the math dtype, in place: two
-    [n, m] temporaries instead of a dozen, no masked copies. Rows that are not ``valid`` keep their values."""
+    [n, m] temporaries instead of a dozen, no masked copies. Rows that are not ``valid`` keep their values;
+    ``zero_outside_valid``: grad is already zero there (built from rows), so it is not masked again."""
     # The same operations in the same order as the general path (so the two agree bit for bit), each
     # written into a buffer; the factors of rows that are not valid are 1 (decay) and 0 (increments).
     keep = None if valid is None else valid[:, None]
-    g = grad if keep is None else torch.where(keep, grad, 0.0)
+    g = grad if keep is None or zero_outside_valid else torch.where(keep, grad, 0.0)
     if unit_norm:
         w = param
         along = (g * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
