@@ -217,6 +217,10 @@ def test_fused_plan_fills_whole_waves_and_bounds_the_lists():
 def test_chunked_plan_bounds_the_buffer_and_fills_the_grid():
     plan = chunked_encode.select_plan(4096, 2**20, 64, n_sms=132)
     assert 4 * 4096 * plan.chunk <= chunked_encode.DEFAULT_BUFFER_BYTES
+    for n_tokens, buffer_bytes in [(4096, chunked_encode.DEFAULT_BUFFER_BYTES), (1, 4000), (3, 4 * 3 * 700)]:
+        fitted = chunked_encode.select_plan(n_tokens, 2**20, 64, buffer_bytes=buffer_bytes)
+        bn = fitted.blocks["BN"]  # the widest whole number of tiles whose fp32 chunk fits the buffer
+        assert fitted.chunk % bn == 0 and 4 * n_tokens * fitted.chunk <= buffer_bytes < 4 * n_tokens * (fitted.chunk + bn)
     assert plan.capacity >= 64 + plan.blocks["BN"] and plan.capacity % plan.blocks["BL"] == 0
     small = chunked_encode.select_plan(16, 2**20, 64, n_sms=132)
     token_blocks = -(-16 // small.blocks["BM"])
@@ -224,6 +228,8 @@ def test_chunked_plan_bounds_the_buffer_and_fills_the_grid():
     assert small.slice_len % small.blocks["BN"] == 0 and small.n_slices * small.slice_len >= small.chunk
     tiny = chunked_encode.select_plan(4096, 2**20, 64, buffer_bytes=1)
     assert tiny.chunk == tiny.blocks["BN"]
+    lists = chunked_encode._Lists(small, torch.zeros(2**20), 64, 16, poison=False)
+    assert small.list_bytes(16) == lists.keys.nbytes, "list_bytes is the size of the candidate lists"
 
 
 @pytest.mark.parametrize("dtype", [FP32, BF16, FP64])
@@ -248,3 +254,16 @@ def test_static_torch_encoder_never_synchronizes():
     x, W, b, b_pre = make_inputs(9, 16, 700, FP32, seed=32)
     with SyncGuard():
         torch_encode.topk_encode(x, W, b, 20, b_pre, chunk_size=128, static=True)
+
+
+@pytest.mark.parametrize("backend", ["triton", "triton-fused"])
+def test_lists_compacted_on_almost_every_tile_stay_exact(backend):
+    """A small case whose candidate lists overflow again and again (a rising floor: every element survives
+    until its list is compacted), each token's features split over two slices / ranges."""
+    x, W, b, b_pre = make_dyadic_inputs(3, 8, 520, FP32, seed=14)
+    b = b + torch.arange(520) / 256  # the floor rises through the whole sweep (still exact in fp32)
+    b[[5, 333]] = 40.0  # two early winners among the rising tail
+    split = {"triton": {"n_slices": 2, "headroom": 1}, "triton-fused": {"n_ranges": 2}}[backend]
+    vals, idx = ENCODERS[backend](x, W, b, 9, b_pre, **split)
+    assert_reference_order(vals, idx, x, W, b, b_pre, 9)
+    assert torch.equal(idx[:, :2].sort(dim=1).values, torch.tensor([5, 333]).expand(3, 2))

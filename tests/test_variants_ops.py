@@ -254,3 +254,11 @@ def test_the_triton_backend_selects_across_the_batch_as_the_torch_backend():
         (tv, ti), (rv, ri) = select("triton"), select("torch")
         assert torch.equal(ti, ri)
         torch.testing.assert_close(tv, rv, atol=1e-5, rtol=1e-5)
+
+
+def test_candidate_count_is_bounded_by_the_features_and_the_largest_k():
+    """K = CANDIDATES_PER_K * k candidates per row, at most F and at most ``max_k`` (when the backend bounds k)."""
+    for k, n_features, max_k in [(1, 100, None), (8, 20, None), (8, 1000, 5), (3, 1000, 1), (1, 1, 1), (50, 64, 64)]:
+        count = batch_select.candidate_count(k, n_features, max_k)
+        bound = min(n_features, batch_select.CANDIDATES_PER_K * k, max_k if max_k is not None else n_features)
+        assert count == bound, (k, n_features, max_k)
