@@ -262,3 +262,20 @@ def test_candidate_count_is_bounded_by_the_features_and_the_largest_k():
         count = batch_select.candidate_count(k, n_features, max_k)
         bound = min(n_features, batch_select.CANDIDATES_PER_K * k, max_k if max_k is not None else n_features)
         assert count == bound, (k, n_features, max_k)
+
+
+@pytest.mark.parametrize("candidates", [2, 3])
+def test_a_cut_below_one_still_searches_the_rows_holding_the_top_entries(candidates):
+    """Every pre-activation below 1 (so the cut is a small positive value): the row holding most of the
+    batch's top entries is saturated by its few candidates and must be searched again."""
+    B, d, F, k = 6, 20, 64, 2
+    x, W, b, b_pre = make_encoder(B, d, F, torch.float32, seed=7)
+    x[0] *= 6  # row 0 holds most of the batch's largest entries
+    scale = dense_pre(x, W, b, b_pre).abs().max().item() * 2
+    W, b = W / scale, b / scale
+    pre = dense_pre(x, W, b, b_pre)
+    assert pre.max() < 1
+    vals, idx = batch_select.batch_topk(torch_encode.topk_encode, x, W, b, k, b_pre, candidates=candidates)
+    chosen = batch_topk_reference(pre, k)
+    assert chosen[0].sum() > candidates
+    assert torch.equal(as_dense(vals, idx, F) > 0, chosen)

@@ -115,6 +115,7 @@ GROUPS: tuple[Group, ...] = (
         (f"{VARIANTS}::test_batch_topk_matches_the_float64_batch_reference", ""),
         (f"{VARIANTS}::test_candidate_count_is_bounded_by_the_features_and_the_largest_k", ""),
         (f"{VARIANTS}::test_saturated_rows_are_searched_again_and_the_selection_is_exact", ""),
+        (f"{VARIANTS}::test_a_cut_below_one_still_searches_the_rows_holding_the_top_entries", ""),
         (f"{VARIANTS}::test_ties_at_the_batch_threshold_go_to_the_lower_row_then_the_lower_feature", ""),
         (f"{VARIANTS}::test_fewer_positives_than_the_budget_selects_them_all_and_empty_rows_fill_with_zeros", ""),
         (f"{VARIANTS}::test_nothing_positive_gives_one_zero_slot_per_row", ""),
