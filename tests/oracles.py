@@ -194,7 +194,7 @@ def check_bf16_params(backend: str, device: str | torch.device = "cpu",
 STATIC_TORCH = "torch-static-adam"
 
 
-def _static_sparse_adam_step_(*args, **kwargs) -> None:
+def static_sparse_adam_step_(*args, **kwargs) -> None:
     from unittest import mock
 
     from flashsae.kernels import reference
@@ -211,4 +211,4 @@ def static_torch_adam():
 
     torch_backend = get_backend("torch", "cpu")
     return override_backend(STATIC_TORCH, dataclasses.replace(torch_backend, name=STATIC_TORCH,
-                                                              sparse_adam_step_=_static_sparse_adam_step_))
+                                                              sparse_adam_step_=static_sparse_adam_step_))

@@ -296,7 +296,7 @@ def test_the_cpu_blocked_step_is_the_static_step_bit_for_bit(monkeypatch, kind, 
     in place) and the static-size step (padding slots, masked writes) run the same arithmetic: every
     parameter, moment, step count and low bit agrees."""
     from flashsae.kernels import reference
-    from tests.oracles import _static_sparse_adam_step_
+    from tests.oracles import static_sparse_adam_step_
 
     monkeypatch.setattr(reference, "ADAM_BLOCK_ELEMENTS", 3 * 40)
     n, width = 23, 40
@@ -320,7 +320,7 @@ def test_the_cpu_blocked_step_is_the_static_step_bit_for_bit(monkeypatch, kind, 
             rows = None
             valid = torch.zeros(n, dtype=torch.bool).index_fill_(0, touched, True) if kind == "dense-with-valid" else None
             grad = torch.randn(n, width, generator=g)
-        for state, run in zip(states, (reference.sparse_adam_step_, _static_sparse_adam_step_)):
+        for state, run in zip(states, (reference.sparse_adam_step_, static_sparse_adam_step_)):
             run(state[0], grad, rows, valid, state[1], state[2], state[3], low=state[4], lr=1e-2, beta1=0.9,
                 beta2=0.999, eps=1e-8, unit_norm=True)
     for blocked, static, name in zip(states[0], states[1], ("param", "exp_avg", "exp_avg_sq", "step", "low")):

@@ -344,8 +344,8 @@ def _adam_rows_(
     if unit_norm:
         along = torch.linalg.vecdot(g, w).div_(torch.linalg.vecdot(w, w).clamp_min_(tiny))
         g = torch.addcmul(g, along[:, None], w, value=-1.0)
-    m.lerp_(g, torch.where(keep, 1 - beta1, 0.0).to(w.dtype))  # m + (1 - beta1) (g - m)
-    v.mul_(torch.where(keep, beta2, 1.0).to(w.dtype)).addcmul_(g, g, value=1 - beta2)
+    m.lerp_(g, _row_factor(keep, 1 - beta1, 0.0, w.dtype))  # m + (1 - beta1) (g - m)
+    v.mul_(_row_factor(keep, beta2, 1.0, w.dtype)).addcmul_(g, g, value=1 - beta2)
     denom = v.sqrt().div_(bc2_sqrt[:, None]).add_(eps)
     w.sub_(torch.mul(m, step_size.where(keep[:, 0], 0.0)[:, None]).div_(denom))  # w - step_size m / denom
     if unit_norm:
@@ -353,3 +353,8 @@ def _adam_rows_(
         if stored_dtype is not None and stored_dtype != w.dtype:
             w.copy_(w.to(stored_dtype))
         w.div_(norm.where(keep, 1.0))
+
+
+def _row_factor(keep: torch.Tensor, value: float, otherwise: float, dtype: torch.dtype) -> torch.Tensor:
+    """[r, 1] in ``dtype``: ``value`` where ``keep`` ([r, 1] bool), ``otherwise`` elsewhere (each rounded once)."""
+    return torch.full(keep.shape, value, dtype=dtype, device=keep.device).masked_fill_(~keep, otherwise)
