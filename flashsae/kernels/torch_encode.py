@@ -125,7 +125,7 @@ def _encode(
         results = static_topk_encode(xc, W_enc, bias, offsets, ks, chunk)
     else:
         bests = [_Best(n_tokens, k, math_dtype, x.device) for k in ks]
-        buffer = torch.empty(n_tokens * chunk, dtype=math_dtype, device=x.device)
+        buffer = _workspace(n_tokens * chunk, math_dtype, x.device)
         for start in range(0, n_features, chunk):
             pre = _chunk_pre(xc, W_enc, bias, start, min(start + chunk, n_features), buffer)
             for best, offset in zip(bests, offsets):
@@ -134,6 +134,21 @@ def _encode(
                 best.merge(rows, cols + start, vals)
         results = [best.result(n_features) for best in bests]
     return [(vals.to(x.dtype), idx) for vals, idx in results]
+
+
+# One pre-activation buffer per (dtype, device), kept between calls and grown to the largest chunk asked
+# for (at most CHUNK_ELEMENTS, or a caller's larger chunk): a fresh buffer per call would pay for
+# mapping its pages again at every step.
+_WORKSPACES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A flat scratch tensor of at least ``numel`` elements, reused by every call on one thread at a time."""
+    key = (dtype, torch.device(device))
+    buffer = _WORKSPACES.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = _WORKSPACES[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer
 
 
 def _chunk_pre(
@@ -215,14 +230,14 @@ def survivors(pre: torch.Tensor, k: int, floor: torch.Tensor) -> tuple[torch.Ten
     n_tokens, width = pre.shape
     n_groups = width // GROUP
     grouped = n_groups * GROUP
-    by_group = pre[:, :grouped].view(n_tokens, GROUP, n_groups)  # group j: columns j + g * n_groups
-    group_max = torch.amax(by_group, dim=1)
+    group_max = torch.amax(pre[:, :grouped].view(n_tokens, GROUP, n_groups), dim=1)  # group j: columns j + g * n_groups
     threshold = torch.nextafter(floor, floor.new_tensor(float("inf")))  # "> floor" as ">= threshold"
     if n_groups >= k:
         torch.maximum(threshold, _own_bound(group_max, k), out=threshold)
     misses = group_max < threshold[:, None]
     hit_rows, hit_cols = misses.logical_not_().nonzero(as_tuple=True)  # NaN maxima are hits
-    values = by_group.transpose(1, 2)[hit_rows, hit_cols]  # [hits, GROUP]
+    members = torch.arange(0, grouped, n_groups, device=pre.device)
+    values = pre.take((hit_rows * pre.stride(0) + hit_cols)[:, None] + members)  # [hits, GROUP]
     kept, member = (values >= threshold[hit_rows, None]).nonzero(as_tuple=True)
     rows, cols, values = hit_rows[kept], hit_cols[kept] + member * n_groups, values[kept, member]
     if grouped < width:  # the last width % GROUP columns, compared one by one
