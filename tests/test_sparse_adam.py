@@ -307,9 +307,11 @@ def test_the_cpu_blocked_step_is_the_static_step_bit_for_bit(monkeypatch, kind, 
         low = torch.zeros(n, width, dtype=torch.int16) if dtype == torch.bfloat16 else None
         states.append([w0.clone(), torch.zeros(n, width, dtype=moments), torch.zeros(n, width, dtype=moments),
                        torch.zeros(n, dtype=torch.int64), low])
+    ever = torch.zeros(n, dtype=torch.bool)
     for step in range(3):
         n_touched = 15 if kind == "many-rows" else 9  # DENSE_FRACTION of 23 rows is 11.5
         touched = torch.randperm(n, generator=g)[:n_touched].sort().values
+        ever[touched] = kind != "dense"  # a dense gradient without valid touches every row
         if step == 1:
             touched[0] = 0  # a valid row 0 among the padding slots that also name row 0
         if kind.endswith("rows"):
@@ -328,3 +330,8 @@ def test_the_cpu_blocked_step_is_the_static_step_bit_for_bit(monkeypatch, kind, 
             assert torch.equal(bits(blocked) if blocked.is_floating_point() else blocked,
                                bits(static) if static.is_floating_point() else static), name
     assert not torch.equal(states[0][0], w0)
+    if kind == "dense":
+        assert torch.equal(states[0][3], torch.full((n,), 3))
+    else:  # rows never touched keep every bit and their zero moments, whatever their gradient held
+        assert (~ever).any() and torch.equal(bits(states[0][0][~ever]), bits(w0[~ever]))
+        assert not states[0][1][~ever].any() and not states[0][2][~ever].any()

@@ -229,8 +229,8 @@ def sparse_adam_step_(
     pick = (lambda t: t.clone()) if rows is None else (lambda t: take_rows(t, rows))
     w = join_master(pick(param), pick(low)) if low is not None else pick(param).to(acc_dtype)
     m, v = pick(exp_avg).to(acc_dtype), pick(exp_avg_sq).to(acc_dtype)
-    _adam_rows_(w, grad.to(acc_dtype), m, v, step_size, bc2_sqrt, valid, beta1=beta1, beta2=beta2, eps=eps,
-                unit_norm=unit_norm, stored_dtype=None if low is not None else param.dtype)
+    _adam_rows_(w, grad.to(acc_dtype), m, v, step_size, bc2_sqrt, valid, grad_masked=rows is not None, beta1=beta1,
+                beta2=beta2, eps=eps, unit_norm=unit_norm, stored_dtype=None if low is not None else param.dtype)
     new, new_low = split_master(w) if low is not None else (w.to(param.dtype), None)
     if rows is None:  # rows that are not valid computed their own values back (see _adam_rows_)
         param.copy_(new)
@@ -280,7 +280,7 @@ def _blocked_adam_step_(
     (`DENSE_FRACTION`), every row is updated in place with the untouched ones held still by their factors
     (a gradient from rows becomes dense first), which saves the gathers."""
     acc_dtype = math_dtype(param)
-    n = param.shape[0]
+    n, grad_masked = param.shape[0], rows is not None
     if rows is not None:
         if valid is not None:
             kept = valid.nonzero().squeeze(1)
@@ -303,8 +303,8 @@ def _blocked_adam_step_(
         w = join_master(take(param), take(low)) if low is not None else take(param).to(acc_dtype)
         m, v = take(exp_avg).to(acc_dtype), take(exp_avg_sq).to(acc_dtype)
         _adam_rows_(w, grad[part].to(acc_dtype), m, v, step_size[part], bc2_sqrt[part],
-                    None if valid is None else valid[part], beta1=beta1, beta2=beta2, eps=eps, unit_norm=unit_norm,
-                    stored_dtype=None if low is not None else param.dtype)
+                    None if valid is None else valid[part], grad_masked=grad_masked, beta1=beta1, beta2=beta2, eps=eps,
+                    unit_norm=unit_norm, stored_dtype=None if low is not None else param.dtype)
         if low is not None:
             new, new_low = split_master(w)
             put(param, new)
@@ -329,6 +329,7 @@ def _adam_rows_(
     bc2_sqrt: torch.Tensor,
     live: torch.Tensor | None,
     *,
+    grad_masked: bool,
     beta1: float,
     beta2: float,
     eps: float,
@@ -337,14 +338,15 @@ def _adam_rows_(
 ) -> None:
     """The Adam arithmetic on rows, in place on ``w``, ``m``, ``v`` ([r, m] in the math dtype); ``g`` [r, m]
     is read only; ``step_size`` / ``bc2_sqrt`` [r] (`adam_row_scalars`). Rows where ``live`` ([r] bool;
-    None: all) is False keep w, m and v bit for bit: their moment factors are 1 and 0 and their step 0.
+    None: all) is False keep w, m and v bit for bit: their moment factors are 1 and 0 and their step 0;
+    ``grad_masked``: g is already zero there (a gradient built from rows), else it is masked first.
     With ``unit_norm`` the gradient loses its component along w first and the updated row is rescaled to
     unit norm after: the row as stored in ``stored_dtype`` (None: the exact row, for master weights) over
     the exact row's norm, as the Triton kernel does. Every torch path runs this one sequence with per-row
     factors, so they agree bit for bit."""
     tiny = torch.finfo(w.dtype).tiny
     keep = torch.ones(w.shape[0], 1, dtype=torch.bool, device=w.device) if live is None else live[:, None]
-    if live is not None:
+    if live is not None and not grad_masked:
         g = g.where(keep, 0.0)
     if unit_norm:
         along = torch.linalg.vecdot(g, w).div_(torch.linalg.vecdot(w, w).clamp_min_(tiny))
