@@ -132,8 +132,8 @@ def segment_rows(
         # Slot u's pairs are entries offsets[u]:offsets[u + 1] of ``pairs``; the pairs that did not fire
         # (zero weights) fall in the last bag, which runs to the end.
         grad_rows = _bag_sums(tokens, vecs.to(acc_dtype), groups.offsets[:n_slots], weights)
-        if shift is not None:
-            grad_rows -= coef_sums[:, None] * shift.to(acc_dtype)
+        if shift is not None:  # minus the outer product coef_sums x shift, in place
+            grad_rows.addr_(coef_sums, shift.to(acc_dtype), alpha=-1)
         return grad_rows, coef_sums
     grad_rows = torch.zeros(n_slots, width, dtype=acc_dtype, device=vecs.device)
     step = _chunk_step(width)
