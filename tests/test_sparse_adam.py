@@ -302,11 +302,14 @@ def test_the_cpu_blocked_step_is_the_static_step_bit_for_bit(monkeypatch, kind, 
     n, width = 23, 40
     g = torch.Generator().manual_seed(11)
     w0 = torch.randn(n, width, generator=g).to(dtype)
+    w0[:, 0] = -0.0
+    m0 = torch.randn(n, width, generator=g).to(moments)
+    m0[:, 1] = -0.0  # negative zeros, which an untouched row must keep as they are
+    v0 = torch.rand(n, width, generator=g).to(moments)
     states = []
     for _ in range(2):
         low = torch.zeros(n, width, dtype=torch.int16) if dtype == torch.bfloat16 else None
-        states.append([w0.clone(), torch.zeros(n, width, dtype=moments), torch.zeros(n, width, dtype=moments),
-                       torch.zeros(n, dtype=torch.int64), low])
+        states.append([w0.clone(), m0.clone(), v0.clone(), torch.zeros(n, dtype=torch.int64), low])
     ever = torch.zeros(n, dtype=torch.bool)
     for step in range(3):
         n_touched = 15 if kind == "many-rows" else 9  # DENSE_FRACTION of 23 rows is 11.5
@@ -332,6 +335,7 @@ def test_the_cpu_blocked_step_is_the_static_step_bit_for_bit(monkeypatch, kind, 
     assert not torch.equal(states[0][0], w0)
     if kind == "dense":
         assert torch.equal(states[0][3], torch.full((n,), 3))
-    else:  # rows never touched keep every bit and their zero moments, whatever their gradient held
+    else:  # rows never touched keep every bit of their weights and moments, whatever their gradient held
         assert (~ever).any() and torch.equal(bits(states[0][0][~ever]), bits(w0[~ever]))
-        assert not states[0][1][~ever].any() and not states[0][2][~ever].any()
+        assert torch.equal(bits(states[0][1][~ever]), bits(m0[~ever]))
+        assert torch.equal(bits(states[0][2][~ever]), bits(v0[~ever]))

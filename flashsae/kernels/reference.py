@@ -229,10 +229,10 @@ def sparse_adam_step_(
     pick = (lambda t: t.clone()) if rows is None else (lambda t: take_rows(t, rows))
     w = join_master(pick(param), pick(low)) if low is not None else pick(param).to(acc_dtype)
     m, v = pick(exp_avg).to(acc_dtype), pick(exp_avg_sq).to(acc_dtype)
-    _adam_rows_(w, grad.to(acc_dtype), m, v, step_size, bc2_sqrt, valid, grad_masked=rows is not None, beta1=beta1,
+    _adam_rows_(w, grad.to(acc_dtype), m, v, step_size, bc2_sqrt, valid if rows is None else None, beta1=beta1,
                 beta2=beta2, eps=eps, unit_norm=unit_norm, stored_dtype=None if low is not None else param.dtype)
     new, new_low = split_master(w) if low is not None else (w.to(param.dtype), None)
-    if rows is None:  # rows that are not valid computed their own values back (see _adam_rows_)
+    if rows is None:  # rows that are not valid kept their values (see _adam_rows_)
         param.copy_(new)
         exp_avg.copy_(m)
         exp_avg_sq.copy_(v)
@@ -277,10 +277,10 @@ def _blocked_adam_step_(
 ) -> None:
     """`sparse_adam_step_` on the CPU, in blocks of at most `ADAM_BLOCK_ELEMENTS`. With few rows touched,
     the valid rows (compacted: distinct) are gathered, updated and written back; with many
-    (`DENSE_FRACTION`), every row is updated in place with the untouched ones held still by their factors
+    (`DENSE_FRACTION`), every row is updated in place and the untouched ones are written back as they were
     (a gradient from rows becomes dense first), which saves the gathers."""
     acc_dtype = math_dtype(param)
-    n, grad_masked = param.shape[0], rows is not None
+    n = param.shape[0]
     if rows is not None:
         if valid is not None:
             kept = valid.nonzero().squeeze(1)
@@ -303,8 +303,8 @@ def _blocked_adam_step_(
         w = join_master(take(param), take(low)) if low is not None else take(param).to(acc_dtype)
         m, v = take(exp_avg).to(acc_dtype), take(exp_avg_sq).to(acc_dtype)
         _adam_rows_(w, grad[part].to(acc_dtype), m, v, step_size[part], bc2_sqrt[part],
-                    None if valid is None else valid[part], grad_masked=grad_masked, beta1=beta1, beta2=beta2, eps=eps,
-                    unit_norm=unit_norm, stored_dtype=None if low is not None else param.dtype)
+                    None if valid is None else valid[part], beta1=beta1, beta2=beta2, eps=eps, unit_norm=unit_norm,
+                    stored_dtype=None if low is not None else param.dtype)
         if low is not None:
             new, new_low = split_master(w)
             put(param, new)
@@ -329,7 +329,6 @@ def _adam_rows_(
     bc2_sqrt: torch.Tensor,
     live: torch.Tensor | None,
     *,
-    grad_masked: bool,
     beta1: float,
     beta2: float,
     eps: float,
@@ -338,30 +337,27 @@ def _adam_rows_(
 ) -> None:
     """The Adam arithmetic on rows, in place on ``w``, ``m``, ``v`` ([r, m] in the math dtype); ``g`` [r, m]
     is read only; ``step_size`` / ``bc2_sqrt`` [r] (`adam_row_scalars`). Rows where ``live`` ([r] bool;
-    None: all) is False keep w, m and v bit for bit: their moment factors are 1 and 0 and their step 0;
-    ``grad_masked``: g is already zero there (a gradient built from rows), else it is masked first.
+    None: all) is False keep every bit of w, m and v (their new values are computed and dropped).
     With ``unit_norm`` the gradient loses its component along w first and the updated row is rescaled to
     unit norm after: the row as stored in ``stored_dtype`` (None: the exact row, for master weights) over
-    the exact row's norm, as the Triton kernel does. Every torch path runs this one sequence with per-row
-    factors, so they agree bit for bit."""
+    the exact row's norm, as the Triton kernel does. Every torch path runs this one sequence, so they agree
+    bit for bit."""
     tiny = torch.finfo(w.dtype).tiny
-    keep = torch.ones(w.shape[0], 1, dtype=torch.bool, device=w.device) if live is None else live[:, None]
-    if live is not None and not grad_masked:
-        g = g.where(keep, 0.0)
     if unit_norm:
         along = torch.linalg.vecdot(g, w).div_(torch.linalg.vecdot(w, w).clamp_min_(tiny))
         g = torch.addcmul(g, along[:, None], w, value=-1.0)
-    m.lerp_(g, _row_factor(keep, 1 - beta1, 0.0, w.dtype))  # m + (1 - beta1) (g - m)
-    v.mul_(_row_factor(keep, beta2, 1.0, w.dtype)).addcmul_(g, g, value=1 - beta2)
-    denom = v.sqrt().div_(bc2_sqrt[:, None]).add_(eps)
-    w.sub_(torch.mul(m, step_size.where(keep[:, 0], 0.0)[:, None]).div_(denom))  # w - step_size m / denom
+    in_place = live is None
+    new_m = m.lerp_(g, 1 - beta1) if in_place else torch.lerp(m, g, 1 - beta1)  # m + (1 - beta1) (g - m)
+    new_v = (v.mul_(beta2) if in_place else torch.mul(v, beta2)).addcmul_(g, g, value=1 - beta2)
+    denom = new_v.sqrt().div_(bc2_sqrt[:, None]).add_(eps)
+    step = torch.mul(new_m, step_size[:, None]).div_(denom)
+    new_w = w.sub_(step) if in_place else torch.sub(w, step, out=step)  # w - step_size m / denom
     if unit_norm:
-        norm = torch.linalg.vector_norm(w, dim=1, keepdim=True).clamp_min_(tiny)
-        if stored_dtype is not None and stored_dtype != w.dtype:
-            w.copy_(w.to(stored_dtype))
-        w.div_(norm.where(keep, 1.0))
-
-
-def _row_factor(keep: torch.Tensor, value: float, otherwise: float, dtype: torch.dtype) -> torch.Tensor:
-    """[r, 1] in ``dtype``: ``value`` where ``keep`` ([r, 1] bool), ``otherwise`` elsewhere (each rounded once)."""
-    return torch.full(keep.shape, value, dtype=dtype, device=keep.device).masked_fill_(~keep, otherwise)
+        norm = torch.linalg.vector_norm(new_w, dim=1, keepdim=True).clamp_min_(tiny)
+        if stored_dtype is not None and stored_dtype != new_w.dtype:
+            new_w.copy_(new_w.to(stored_dtype))
+        new_w.div_(norm)
+    if not in_place:
+        keep = live[:, None]
+        for old, new in ((w, new_w), (m, new_m), (v, new_v)):
+            torch.where(keep, new, old, out=old)
