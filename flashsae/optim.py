@@ -26,11 +26,9 @@ class SparseAdam(torch.optim.Optimizer):
       exactly the torch.optim.Adam update with ``t`` in place of the global step:
       ``m = b1 m + (1 - b1) g``, ``v = b2 v + (1 - b2) g^2``,
       ``w -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)``, then ``t += 1``.
-    - Rows not touched keep every bit of their parameters, moments and step counts (no stale
-      momentum moves a dead feature); the Triton step never reads or writes them. (The torch
-      backend's CPU step, when at least half the rows are touched, runs over all of them in cache-
-      sized blocks and writes the untouched ones back as they were.) So when every row is touched
-      at every step this is torch.optim.Adam (no weight decay, no amsgrad).
+    - Rows not touched are not read or written at all: their parameters, moments and step
+      counts stay bit-identical (no stale momentum moves a dead feature). So when every row is
+      touched at every step this is torch.optim.Adam (no weight decay, no amsgrad).
     - ``unit_norm`` parameters (2-D): before the update each touched gradient row loses its
       component along the parameter row, ``g -= <g, w> / <w, w> * w``, and after it the updated
       row is rescaled to unit norm. Rows not touched are not renormalized.

@@ -292,8 +292,8 @@ def test_uncoalesced_accumulated_sparse_gradients_are_summed_per_row(backend, ki
 @pytest.mark.parametrize("dtype,moments", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
                                            (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)])
 def test_the_cpu_blocked_step_is_the_static_step_bit_for_bit(monkeypatch, kind, dtype, moments):
-    """The CPU step (blocks of 3 rows here: few rows touched are gathered, many make a dense gradient updated
-    in place) and the static-size step (padding slots, masked writes) run the same arithmetic: every
+    """The CPU step (blocks of 3 rows here: the valid rows gathered, or a dense gradient's blocks updated in
+    place) and the static-size step (padding slots, masked writes) run the same arithmetic: every
     parameter, moment, step count and low bit agrees."""
     from flashsae.kernels import reference
     from tests.oracles import static_sparse_adam_step_
@@ -312,7 +312,7 @@ def test_the_cpu_blocked_step_is_the_static_step_bit_for_bit(monkeypatch, kind, 
         states.append([w0.clone(), m0.clone(), v0.clone(), torch.zeros(n, dtype=torch.int64), low])
     ever = torch.zeros(n, dtype=torch.bool)
     for step in range(3):
-        n_touched = 15 if kind == "many-rows" else 9  # DENSE_FRACTION of 23 rows is 11.5
+        n_touched = 15 if kind == "many-rows" else 9
         touched = torch.randperm(n, generator=g)[:n_touched].sort().values
         ever[touched] = kind != "dense"  # a dense gradient without valid touches every row
         if step == 1:

@@ -254,9 +254,6 @@ def _blocked_on_cpu(param: torch.Tensor) -> bool:
 
 # Most elements of one block of rows in the CPU step (512 KiB in fp32): its temporaries stay in cache.
 ADAM_BLOCK_ELEMENTS = 1 << 17
-# The CPU step updates every row in place (touched or not) when at least this fraction of them is touched,
-# and gathers the touched ones below it.
-DENSE_FRACTION = 0.5
 
 
 def _blocked_adam_step_(
@@ -275,20 +272,13 @@ def _blocked_adam_step_(
     eps: float,
     unit_norm: bool,
 ) -> None:
-    """`sparse_adam_step_` on the CPU, in blocks of at most `ADAM_BLOCK_ELEMENTS`. With few rows touched,
-    the valid rows (compacted: distinct) are gathered, updated and written back; with many
-    (`DENSE_FRACTION`), every row is updated in place and the untouched ones are written back as they were
-    (a gradient from rows becomes dense first), which saves the gathers."""
+    """`sparse_adam_step_` on the CPU, in blocks of at most `ADAM_BLOCK_ELEMENTS`: the valid rows of a
+    gradient from rows (compacted: distinct) are gathered, updated and written back; a dense gradient
+    updates its blocks in place, the rows that are not ``valid`` written back as they were."""
     acc_dtype = math_dtype(param)
-    n = param.shape[0]
-    if rows is not None:
-        if valid is not None:
-            kept = valid.nonzero().squeeze(1)
-            rows, grad, valid = rows.index_select(0, kept), grad.index_select(0, kept), None
-        if rows.shape[0] >= DENSE_FRACTION * n:
-            dense = torch.zeros(n, grad.shape[1], dtype=acc_dtype)
-            grad, valid = dense.index_copy_(0, rows, grad.to(acc_dtype)), _row_mask(rows, n)
-            rows = None
+    if rows is not None and valid is not None:
+        kept = valid.nonzero().squeeze(1)
+        rows, grad, valid = rows.index_select(0, kept), grad.index_select(0, kept), None
     step_size, bc2_sqrt = adam_row_scalars(step, rows, valid, lr, beta1, beta2, acc_dtype)
     block = max(1, ADAM_BLOCK_ELEMENTS // max(grad.shape[1], 1))
     for start in range(0, grad.shape[0], block):
@@ -313,11 +303,6 @@ def _blocked_adam_step_(
             put(param, w.to(param.dtype))
         put(exp_avg, m)
         put(exp_avg_sq, v)
-
-
-def _row_mask(rows: torch.Tensor, n: int) -> torch.Tensor:
-    """bool [n]: True at ``rows``."""
-    return torch.zeros(n, dtype=torch.bool, device=rows.device).index_fill_(0, rows, True)
 
 
 def _adam_rows_(
