@@ -31,6 +31,8 @@ features outside the dead set moved to -inf, so AuxK adds no second matmul over 
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from .keys import EMPTY_KEY, pack_keys, unpack_keys
@@ -136,19 +138,19 @@ def _encode(
     return [(vals.to(x.dtype), idx) for vals, idx in results]
 
 
-# One pre-activation buffer per (dtype, device), kept between calls and grown to the largest chunk asked
-# for (at most CHUNK_ELEMENTS, or a caller's larger chunk): a fresh buffer per call would pay for
-# mapping its pages again at every step.
-_WORKSPACES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+# One pre-activation buffer per thread, dtype and device, kept between calls and grown to the largest
+# chunk asked for (at most CHUNK_ELEMENTS, or a caller's larger chunk): a fresh buffer per call would
+# pay for mapping its pages again at every step.
+_workspaces = threading.local()
 
 
 def _workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A flat scratch tensor of at least ``numel`` elements, reused by every call on one thread at a time."""
+    """This thread's flat scratch tensor of at least ``numel`` elements (its contents are garbage)."""
+    buffers = _workspaces.__dict__.setdefault("buffers", {})
     key = (dtype, torch.device(device))
-    buffer = _WORKSPACES.get(key)
-    if buffer is None or buffer.numel() < numel:
-        buffer = _WORKSPACES[key] = torch.empty(numel, dtype=dtype, device=device)
-    return buffer
+    if key not in buffers or buffers[key].numel() < numel:
+        buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buffers[key]
 
 
 def _chunk_pre(
