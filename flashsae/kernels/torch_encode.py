@@ -238,7 +238,7 @@ def survivors(pre: torch.Tensor, k: int, floor: torch.Tensor) -> tuple[torch.Ten
         torch.maximum(threshold, _own_bound(group_max, k), out=threshold)
     misses = group_max < threshold[:, None]
     hit_rows, hit_cols = misses.logical_not_().nonzero(as_tuple=True)  # NaN maxima are hits
-    members = torch.arange(0, grouped, n_groups, device=pre.device)
+    members = torch.arange(GROUP, device=pre.device) * n_groups
     values = pre.take((hit_rows * pre.stride(0) + hit_cols)[:, None] + members)  # [hits, GROUP]
     kept, member = (values >= threshold[hit_rows, None]).nonzero(as_tuple=True)
     rows, cols, values = hit_rows[kept], hit_cols[kept] + member * n_groups, values[kept, member]
