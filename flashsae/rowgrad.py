@@ -210,6 +210,6 @@ def write_rows_(dst: torch.Tensor, rows: torch.Tensor, new: torch.Tensor, valid:
     if valid is not None:
         at_zero = valid & (rows == 0)
         first = at_zero.to(torch.uint8).argmax()
-        row0 = torch.where(at_zero.any(), new[first], dst[0])
+        row0 = torch.where(at_zero.any(), new.index_select(0, first.view(1))[0], dst[0])  # no host read of first
         new = torch.where(valid.view(-1, *[1] * (new.dim() - 1)), new, row0)
     dst.index_copy_(0, rows, new)

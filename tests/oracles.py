@@ -187,3 +187,28 @@ def check_bf16_params(backend: str, device: str | torch.device = "cpu",
     assert torch.equal(bits(param.detach().cpu()), bits(split_master(master)[0]))
     moved = (w_ref - w0.double()).abs().max().item()
     assert moved > 100 * 2e-6, "the steps moved the weights far more than the tolerance"
+
+
+# The torch backend's Adam as it runs off the CPU (static sizes: padding slots, masked writes), under
+# its own backend name on the CPU, where the torch backend otherwise compacts the rows into blocks.
+STATIC_TORCH = "torch-static-adam"
+
+
+def static_sparse_adam_step_(*args, **kwargs) -> None:
+    from unittest import mock
+
+    from flashsae.kernels import reference
+
+    with mock.patch.object(reference, "_blocked_on_cpu", lambda param: False):
+        reference.sparse_adam_step_(*args, **kwargs)
+
+
+def static_torch_adam():
+    """A context in which backend `STATIC_TORCH` is the torch backend with the static-size Adam step."""
+    import dataclasses
+
+    from flashsae.kernels.registry import get_backend, override_backend
+
+    torch_backend = get_backend("torch", "cpu")
+    return override_backend(STATIC_TORCH, dataclasses.replace(torch_backend, name=STATIC_TORCH,
+                                                              sparse_adam_step_=static_sparse_adam_step_))

@@ -265,8 +265,9 @@ class EncoderGemms(TorchDispatchMode):
         self.n_tokens, self.width, self.columns = n_tokens, width, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.aten.mm.default, torch.ops.aten.mm.out, torch.ops.aten.addmm.default):
-            a, b = args[-2:] if func is torch.ops.aten.addmm.default else args[:2]
+        addmm = (torch.ops.aten.addmm.default, torch.ops.aten.addmm.out)
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.mm.out, *addmm):
+            a, b = args[1:3] if func in addmm else args[:2]
             if tuple(a.shape) == (self.n_tokens, self.width) and b.shape[0] == self.width:
                 self.columns += b.shape[1]
         return func(*args, **(kwargs or {}))

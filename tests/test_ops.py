@@ -382,3 +382,29 @@ def test_float64_end_to_end_matches_dense_autograd_and_sparse_adam_steps_in_floa
     assert torch.equal(leaves[1].detach()[~touched], before[~touched])
     with pytest.raises(TypeError, match="float64 tensor, which backend 'triton' does not take"):
         SparseAdam(leaves[1:3], lr=1e-3, backend="triton").step()
+
+
+def test_torch_encoder_threads_do_not_share_its_pre_activation_buffer():
+    """Each thread encodes into its own kept buffer: two threads encoding side by side get the answers
+    they get alone."""
+    import threading
+
+    inputs = [make_encoder(64, 48, 3000, torch.float32, seed=40 + i) for i in range(2)]
+    alone = [torch_encode.topk_encode(x, W, b, 9, b_pre) for x, W, b, b_pre in inputs]
+    results: list[list] = [[], []]
+    barrier = threading.Barrier(2)
+
+    def run(i: int) -> None:
+        barrier.wait()
+        for _ in range(20):
+            results[i].append(torch_encode.topk_encode(*inputs[i][:3], 9, inputs[i][3]))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(2):
+        assert len(results[i]) == 20
+        for vals, idx in results[i]:
+            assert torch.equal(vals, alone[i][0]) and torch.equal(idx, alone[i][1])

@@ -14,8 +14,15 @@ from flashsae.kernels.reference import join_master, split_master
 from flashsae.kernels.registry import get_backend
 from flashsae.optim import SparseAdam
 from flashsae.rowgrad import RowGrad
+from tests.oracles import STATIC_TORCH, static_torch_adam
 
 BACKENDS = ["torch", "triton"]
+
+
+@pytest.fixture(autouse=True)
+def _static_torch_adam_backend():
+    with static_torch_adam():
+        yield
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -109,14 +116,15 @@ def lazy_adam_float64(w0, steps, lr, betas, eps, unit_norm):
     return w, m, v, t
 
 
-@pytest.mark.parametrize("backend,pad", [("torch", 1), ("torch", 3), ("triton", 1)],
-                         ids=["torch-gather", "torch-masked-pass", "triton"])
+@pytest.mark.parametrize("backend,pad", [("torch", 1), ("torch", 3), (STATIC_TORCH, 1), (STATIC_TORCH, 3), ("triton", 1)],
+                         ids=["torch", "torch-pad3", "torch-static", "torch-static-pad3", "triton"])
 @pytest.mark.parametrize("width", [384, 768, 4096])
 @pytest.mark.parametrize("dtype,moments", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
                                            (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)])
 def test_sparse_adam_on_padded_row_grads_matches_float64_at_production_widths(backend, pad, width, dtype, moments):
-    """Five rows, two touched per step: with one padding slot the torch backend gathers the rows, with
-    three (as many slots as rows) it runs its masked pass over every row."""
+    """Five rows, two touched per step, with one padding slot or three (as many slots as rows). On the CPU
+    the torch backend compacts the valid rows; its static-size step (other devices) gathers every slot,
+    padding included, and writes back only the valid ones."""
     n_rows, lr, betas, eps = 5, 1e-2, (0.9, 0.999), 1e-8
     g = torch.Generator().manual_seed(width)
     w0 = torch.randn(n_rows, width, generator=g)
@@ -153,7 +161,7 @@ def test_the_triton_master_weight_step_is_the_torch_step(width):
     rows, valid = torch.tensor([5, 0, 2, 0]), torch.tensor([True, True, True, False])
     grad = torch.randn(4, width, generator=g) * valid[:, None]
     results = []
-    for backend in BACKENDS:
+    for backend in (*BACKENDS, STATIC_TORCH):
         state = [high.clone(), low.clone(), torch.zeros(7, width), torch.zeros(7, width), torch.zeros(7, dtype=torch.long)]
         get_backend(backend, "cpu").sparse_adam_step_(
             state[0], grad, rows, valid, state[2], state[3], state[4], low=state[1],
@@ -162,7 +170,8 @@ def test_the_triton_master_weight_step_is_the_torch_step(width):
         results.append(join_master(state[0], state[1]))
         assert torch.equal(state[4], torch.tensor([1, 0, 1, 0, 0, 1, 0]))
         assert torch.equal(results[-1][[1, 3, 4, 6]], w[[1, 3, 4, 6]]), "untouched rows keep every bit"
-    torch.testing.assert_close(results[1], results[0], rtol=0, atol=1e-6)
+    for result in results[1:]:
+        torch.testing.assert_close(result, results[0], rtol=0, atol=1e-6)
 
 
 def test_reference_scalars_skip_padding_and_count_each_valid_row_once():

@@ -13,11 +13,18 @@ from flashsae.optim import SparseAdam
 from flashsae.rowgrad import RowGrad
 from tests.grads import touched_rows
 from tests.oracles import (
-    BETAS, EPS, LR, bits, check_bf16_moments, check_bf16_params, check_lazy_adam, lazy_adam_reference, skipping_steps,
-    sparse_rows_grad,
+    BETAS, EPS, LR, STATIC_TORCH, bits, check_bf16_moments, check_bf16_params, check_lazy_adam, lazy_adam_reference,
+    skipping_steps, sparse_rows_grad, static_torch_adam,
 )
 
-BACKENDS = ["torch", "triton"]
+# "torch" compacts the touched rows into blocks on the CPU; STATIC_TORCH is its static-size step (GPUs).
+BACKENDS = ["torch", STATIC_TORCH, "triton"]
+
+
+@pytest.fixture(autouse=True)
+def _static_torch_adam_backend():
+    with static_torch_adam():
+        yield
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -279,3 +286,56 @@ def test_uncoalesced_accumulated_sparse_gradients_are_summed_per_row(backend, ki
     assert torch.equal(opt.state[param]["step"], t_ref) and t_ref.sum() == 7
     torch.testing.assert_close(param.detach().double(), w_ref, atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(opt.state[param]["exp_avg"].double(), m_ref, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["few-rows", "many-rows", "dense", "dense-with-valid"])
+@pytest.mark.parametrize("dtype,moments", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                           (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)])
+def test_the_cpu_blocked_step_is_the_static_step_bit_for_bit(monkeypatch, kind, dtype, moments):
+    """The CPU step (blocks of 3 rows here: the valid rows gathered, or a dense gradient's blocks updated in
+    place) and the static-size step (padding slots, masked writes) run the same arithmetic: every
+    parameter, moment, step count and low bit agrees."""
+    from flashsae.kernels import reference
+    from tests.oracles import static_sparse_adam_step_
+
+    monkeypatch.setattr(reference, "ADAM_BLOCK_ELEMENTS", 3 * 40)
+    n, width = 23, 40
+    g = torch.Generator().manual_seed(11)
+    w0 = torch.randn(n, width, generator=g).to(dtype)
+    w0[:, 0] = -0.0
+    m0 = torch.randn(n, width, generator=g).to(moments)
+    m0[:, 1] = -0.0  # negative zeros, which an untouched row must keep as they are
+    v0 = torch.rand(n, width, generator=g).to(moments)
+    states = []
+    for _ in range(2):
+        low = torch.zeros(n, width, dtype=torch.int16) if dtype == torch.bfloat16 else None
+        states.append([w0.clone(), m0.clone(), v0.clone(), torch.zeros(n, dtype=torch.int64), low])
+    ever = torch.zeros(n, dtype=torch.bool)
+    for step in range(3):
+        n_touched = 15 if kind == "many-rows" else 9
+        touched = torch.randperm(n, generator=g)[:n_touched].sort().values
+        ever[touched] = kind != "dense"  # a dense gradient without valid touches every row
+        if step == 1:
+            touched[0] = 0  # a valid row 0 among the padding slots that also name row 0
+        if kind.endswith("rows"):
+            rows = torch.cat([touched, torch.zeros(4, dtype=torch.int64)])
+            valid = torch.arange(n_touched + 4) < n_touched
+            grad = torch.randn(n_touched + 4, width, generator=g) * valid[:, None]
+        else:
+            rows = None
+            valid = torch.zeros(n, dtype=torch.bool).index_fill_(0, touched, True) if kind == "dense-with-valid" else None
+            grad = torch.randn(n, width, generator=g)
+        for state, run in zip(states, (reference.sparse_adam_step_, static_sparse_adam_step_)):
+            run(state[0], grad, rows, valid, state[1], state[2], state[3], low=state[4], lr=1e-2, beta1=0.9,
+                beta2=0.999, eps=1e-8, unit_norm=True)
+    for blocked, static, name in zip(states[0], states[1], ("param", "exp_avg", "exp_avg_sq", "step", "low")):
+        if blocked is not None:
+            assert torch.equal(bits(blocked) if blocked.is_floating_point() else blocked,
+                               bits(static) if static.is_floating_point() else static), name
+    assert not torch.equal(states[0][0], w0)
+    if kind == "dense":
+        assert torch.equal(states[0][3], torch.full((n,), 3))
+    else:  # rows never touched keep every bit of their weights and moments, whatever their gradient held
+        assert (~ever).any() and torch.equal(bits(states[0][0][~ever]), bits(w0[~ever]))
+        assert torch.equal(bits(states[0][1][~ever]), bits(m0[~ever]))
+        assert torch.equal(bits(states[0][2][~ever]), bits(v0[~ever]))

@@ -3,8 +3,9 @@
 On the CPU, `tests.sync_guard.SyncGuard` fails the step on any op that would make a CUDA stream wait
 for the host; on a GPU the same guard also turns on ``torch.cuda.set_sync_debug_mode("error")``,
 and the step is recorded in a CUDA graph and replayed (`flashsae.sae.trainer.CapturedStep`). The
-torch encoder's CPU path sizes its survivor lists by the data (free on a CPU), so the CPU runs use
-its static variant, the one the torch backend runs on every other device.
+torch encoder's CPU path sizes its survivor lists by the data and its Adam step compacts the touched
+rows (both free on a CPU), so the CPU runs use their static variants, the ones the torch backend runs
+on every other device.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from flashsae.optim import SparseAdam
 from flashsae.sae.parallel import process_group
 from flashsae.sae.parallel.strategy import SingleProcess, make_strategy
 from flashsae.sae.trainer import CapturedStep, Trainer
+from tests.oracles import static_sparse_adam_step_
 from tests.sync_guard import SyncError, SyncGuard
 from tests.ranks import rank_main, run_ranks
 
@@ -53,10 +55,11 @@ def batches(n: int, device: str, dtype: torch.dtype, rank: int = 0, world: int =
 
 @contextmanager
 def static_torch_encoder() -> Iterator[None]:
-    """The torch backend with its static encoder on the CPU too (see the module docstring)."""
+    """The torch backend with its static encoder and Adam step on the CPU too (see the module docstring)."""
     static = functools.partial(torch_encode.topk_encode, static=True)
     static_with_aux = functools.partial(torch_encode.topk_encode_with_aux, static=True)
-    backend = dataclasses.replace(get_backend("torch", "cpu"), topk_encode=static, topk_encode_with_aux=static_with_aux)
+    backend = dataclasses.replace(get_backend("torch", "cpu"), topk_encode=static, topk_encode_with_aux=static_with_aux,
+                                  sparse_adam_step_=static_sparse_adam_step_)
     with override_backend("torch", backend):
         yield
 

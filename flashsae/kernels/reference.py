@@ -37,9 +37,16 @@ def take_rows(W: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def _sparse_on_cpu(t: torch.Tensor, n_pairs: int) -> bool:
-    """Whether to run a pair sum as a CSR sparse product: on the CPU (several times faster than
-    gathers and index_add there); elsewhere the gathers keep the step free of library-side syncs."""
+    """Whether to run a pair sum as a weighted ``embedding_bag`` (the sums) or a CSR sampled product
+    (the row dots): on the CPU, several to tens of times faster than gathers and index_add there;
+    elsewhere the gathers keep the step free of library-side syncs."""
     return t.device.type == "cpu" and n_pairs > 0
+
+
+def _bag_sums(rows: torch.Tensor, table: torch.Tensor, starts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``out[u] = sum_{starts[u] <= e < next start} weights[e] * table[rows[e]]`` (the last bag runs to the
+    end): one weighted ``embedding_bag`` in table's dtype, each bag summed in entry order -> [len(starts), d]."""
+    return torch.nn.functional.embedding_bag(rows, table, starts, mode="sum", per_sample_weights=weights)
 
 
 def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, n_cols: int) -> torch.Tensor:
@@ -64,8 +71,8 @@ def gather_rows(
     n_tokens, k = idx.shape
     acc_dtype = math_dtype(W)
     if W.dtype == acc_dtype and _sparse_on_cpu(W, n_tokens * k):
-        crow = torch.arange(0, n_tokens * k + 1, k, device=W.device)
-        acc = torch.sparse.mm(_csr(crow, idx.reshape(-1), coef.reshape(-1).to(acc_dtype), W.shape[0]), W)
+        starts = torch.arange(0, n_tokens * k, k, device=W.device)
+        acc = _bag_sums(idx.reshape(-1), W, starts, coef.reshape(-1).to(acc_dtype))
         if bias is not None:
             acc += bias.to(acc_dtype)
         return acc if out is None else out.copy_(acc)
@@ -123,12 +130,10 @@ def segment_rows(
     coef_sums.index_add_(0, groups.segment, weights)
     if _sparse_on_cpu(vecs, weights.shape[0]):
         # Slot u's pairs are entries offsets[u]:offsets[u + 1] of ``pairs``; the pairs that did not fire
-        # (zero weights) join the last slot so that the rows cover every entry.
-        crow = groups.offsets.clone()
-        crow[-1] = weights.shape[0]
-        grad_rows = torch.sparse.mm(_csr(crow, tokens, weights, vecs.shape[0]), vecs.to(acc_dtype))
-        if shift is not None:
-            grad_rows -= coef_sums[:, None] * shift.to(acc_dtype)
+        # (zero weights) fall in the last bag, which runs to the end.
+        grad_rows = _bag_sums(tokens, vecs.to(acc_dtype), groups.offsets[:n_slots], weights)
+        if shift is not None:  # minus the outer product coef_sums x shift, in place
+            grad_rows.addr_(coef_sums, shift.to(acc_dtype), alpha=-1)
         return grad_rows, coef_sums
     grad_rows = torch.zeros(n_slots, width, dtype=acc_dtype, device=vecs.device)
     step = _chunk_step(width)
@@ -168,17 +173,6 @@ def adam_row_scalars(
     return step_size.to(dtype), bc2_sqrt.to(dtype)
 
 
-def _rows_to_dense(grad: torch.Tensor, rows: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
-    """The [n, m] gradient of rows ``rows`` [U] in ``dtype`` (padding entries hold zeros, so they add nothing)."""
-    return torch.zeros(n, grad.shape[1], dtype=dtype, device=grad.device).index_add_(0, rows, grad.to(dtype))
-
-
-def _touched(rows: torch.Tensor, valid: torch.Tensor | None, n: int) -> torch.Tensor:
-    """bool [n]: the rows some valid entry names (integer adds: deterministic, no host sync)."""
-    ones = torch.ones_like(rows) if valid is None else valid.to(torch.int64)
-    return torch.zeros(n, dtype=torch.int64, device=rows.device).index_add_(0, rows, ones) > 0
-
-
 def join_master(high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
     """The fp32 master weights held as a bf16 tensor ``high`` and its int16 ``low`` bits: exact."""
     return ((high.view(torch.int16).to(torch.int32) << 16) + low.to(torch.int32)).view(torch.float32)
@@ -212,59 +206,38 @@ def sparse_adam_step_(
     eps: float,
     unit_norm: bool = False,
 ) -> None:
-    """One lazy Adam step on the touched rows of ``param``, in place; other rows are not read or written.
+    """One lazy Adam step on the touched rows of ``param``, in place; other rows keep every bit.
 
     param [n, m] (any float dtype), exp_avg / exp_avg_sq [n, m] fp32 | bf16, step [n] int64; grad
     [U, m] (fp32, or any float dtype) holds the gradient of rows ``rows`` [U] int64 where ``valid``
     [U] bool (None: all; valid rows distinct, the others name row 0 and hold zeros), or is [n, m]
     with rows=None (every row, or the rows where ``valid`` [n] when given). ``low`` [n, m] int16
     (bf16 params only): the low bits of fp32 master weights (`join_master`); the update then runs
-    on the exact fp32 master and writes both halves back. Math in fp32 (float64 for a float64 param).
-    ``unit_norm``: remove each
-    gradient row's component along its parameter row first, and rescale the updated rows to unit
-    norm after the step. When there are at least as many slots as rows, the update runs as one
-    masked pass over all rows (the same arithmetic per row, no gathers).
+    on the exact fp32 master and writes both halves back. Math in fp32 (float64 for a float64 param),
+    in the order of `_adam_rows_`. ``unit_norm``: remove each gradient row's component along its
+    parameter row first, and rescale the updated rows to unit norm after the step.
+
+    On the CPU (`_blocked_adam_step_`) the rows are updated in cache-sized blocks; elsewhere the sizes
+    stay static (the slots are gathered, padding included, and only the valid ones written back).
     """
-    acc_dtype = math_dtype(param)
-    tiny = torch.finfo(acc_dtype).tiny
-    # A dense gradient built from rows holds zeros outside the touched rows; a given one may not.
-    zero_outside_valid = rows is not None
-    if rows is not None and rows.shape[0] >= param.shape[0]:
-        grad, valid, rows = (_rows_to_dense(grad, rows, param.shape[0], acc_dtype), _touched(rows, valid, param.shape[0]),
-                             None)
-    step_size, bc2_sqrt = adam_row_scalars(step, rows, valid, lr, beta1, beta2, acc_dtype)
-    if rows is None and low is None and param.dtype == exp_avg.dtype == exp_avg_sq.dtype == acc_dtype:
-        _adam_all_rows_in_place_(param, grad.to(acc_dtype), valid, exp_avg, exp_avg_sq, step_size, bc2_sqrt,
-                                 beta1=beta1, beta2=beta2, eps=eps, unit_norm=unit_norm,
-                                 zero_outside_valid=zero_outside_valid)
+    if _blocked_on_cpu(param):
+        _blocked_adam_step_(param, grad, rows, valid, exp_avg, exp_avg_sq, step, low=low, lr=lr, beta1=beta1,
+                            beta2=beta2, eps=eps, unit_norm=unit_norm)
         return
-    pick = (lambda t: t) if rows is None else (lambda t: take_rows(t, rows))
+    acc_dtype = math_dtype(param)
+    step_size, bc2_sqrt = adam_row_scalars(step, rows, valid, lr, beta1, beta2, acc_dtype)
+    pick = (lambda t: t.clone()) if rows is None else (lambda t: take_rows(t, rows))
     w = join_master(pick(param), pick(low)) if low is not None else pick(param).to(acc_dtype)
-    g = grad.to(acc_dtype)
-    if unit_norm:
-        along = (g * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True).clamp_min(tiny)
-        g = g - along * w
-    m = pick(exp_avg).to(acc_dtype)
-    v = pick(exp_avg_sq).to(acc_dtype)
-    m = m + (1 - beta1) * (g - m)
-    v = beta2 * v + (1 - beta2) * g * g
-    w = w - step_size[:, None] * m / (v.sqrt() / bc2_sqrt[:, None] + eps)
-    if unit_norm:
-        norm = w.norm(dim=1, keepdim=True).clamp_min(tiny)
-        # The stored (rounded) row is rescaled by the fp32 row's norm, as the Triton kernel does;
-        # with master weights the fp32 row itself is.
-        w = w / norm if low is not None else w.to(param.dtype).to(acc_dtype) / norm
-    if low is not None:
-        new, new_low = split_master(w)
-    else:
-        new, new_low = w.to(param.dtype), None
-    if rows is None:
-        keep = (lambda t, old: t) if valid is None else (lambda t, old: torch.where(valid[:, None], t.to(old.dtype), old))
-        param.copy_(keep(new, param))
-        exp_avg.copy_(keep(m, exp_avg))
-        exp_avg_sq.copy_(keep(v, exp_avg_sq))
+    m, v = pick(exp_avg).to(acc_dtype), pick(exp_avg_sq).to(acc_dtype)
+    _adam_rows_(w, grad.to(acc_dtype), m, v, step_size, bc2_sqrt, valid if rows is None else None, beta1=beta1,
+                beta2=beta2, eps=eps, unit_norm=unit_norm, stored_dtype=None if low is not None else param.dtype)
+    new, new_low = split_master(w) if low is not None else (w.to(param.dtype), None)
+    if rows is None:  # rows that are not valid kept their values (see _adam_rows_)
+        param.copy_(new)
+        exp_avg.copy_(m)
+        exp_avg_sq.copy_(v)
         if low is not None:
-            low.copy_(keep(new_low, low))
+            low.copy_(new_low)
         return
     write_rows_(param, rows, new, valid)
     write_rows_(exp_avg, rows, m, valid)
@@ -273,47 +246,103 @@ def sparse_adam_step_(
         write_rows_(low, rows, new_low, valid)
 
 
-def _adam_all_rows_in_place_(
+def _blocked_on_cpu(param: torch.Tensor) -> bool:
+    """Whether `sparse_adam_step_` runs `_blocked_adam_step_` (on the CPU, where a host sync is free and
+    a pass over a large temporary costs a trip to memory)."""
+    return param.device.type == "cpu"
+
+
+# Most elements of one block of rows in the CPU step (512 KiB in fp32): its temporaries stay in cache.
+ADAM_BLOCK_ELEMENTS = 1 << 17
+
+
+def _blocked_adam_step_(
     param: torch.Tensor,
     grad: torch.Tensor,
+    rows: torch.Tensor | None,
     valid: torch.Tensor | None,
     exp_avg: torch.Tensor,
     exp_avg_sq: torch.Tensor,
+    step: torch.Tensor,
+    *,
+    low: torch.Tensor | None,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    unit_norm: bool,
+) -> None:
+    """`sparse_adam_step_` on the CPU, in blocks of at most `ADAM_BLOCK_ELEMENTS`: the valid rows of a
+    gradient from rows (compacted: distinct) are gathered, updated and written back; a dense gradient
+    updates its blocks in place, the rows that are not ``valid`` written back as they were."""
+    acc_dtype = math_dtype(param)
+    if rows is not None and valid is not None:
+        kept = valid.nonzero().squeeze(1)
+        rows, grad, valid = rows.index_select(0, kept), grad.index_select(0, kept), None
+    step_size, bc2_sqrt = adam_row_scalars(step, rows, valid, lr, beta1, beta2, acc_dtype)
+    block = max(1, ADAM_BLOCK_ELEMENTS // max(grad.shape[1], 1))
+    for start in range(0, grad.shape[0], block):
+        part = slice(start, start + block)
+        if rows is None:  # ``.to`` returns a block already in the math dtype itself: updated in place
+            take = lambda t: t[part]  # noqa: E731
+            put = lambda t, new: None if new.data_ptr() == t[part].data_ptr() else t[part].copy_(new)  # noqa: E731
+        else:
+            index = rows[part]
+            take = lambda t: t.index_select(0, index)  # noqa: E731
+            put = lambda t, new: t.index_copy_(0, index, new.to(t.dtype))  # noqa: E731
+        w = join_master(take(param), take(low)) if low is not None else take(param).to(acc_dtype)
+        m, v = take(exp_avg).to(acc_dtype), take(exp_avg_sq).to(acc_dtype)
+        _adam_rows_(w, grad[part].to(acc_dtype), m, v, step_size[part], bc2_sqrt[part],
+                    None if valid is None else valid[part], beta1=beta1, beta2=beta2, eps=eps, unit_norm=unit_norm,
+                    stored_dtype=None if low is not None else param.dtype)
+        if low is not None:
+            new, new_low = split_master(w)
+            put(param, new)
+            put(low, new_low)
+        else:
+            put(param, w.to(param.dtype))
+        put(exp_avg, m)
+        put(exp_avg_sq, v)
+
+
+def _adam_rows_(
+    w: torch.Tensor,
+    g: torch.Tensor,
+    m: torch.Tensor,
+    v: torch.Tensor,
     step_size: torch.Tensor,
     bc2_sqrt: torch.Tensor,
+    live: torch.Tensor | None,
     *,
     beta1: float,
     beta2: float,
     eps: float,
     unit_norm: bool,
-    zero_outside_valid: bool,
+    stored_dtype: torch.dtype | None,
 ) -> None:
-    """`sparse_adam_step_` over every row when param and moments are in the math dtype, in place: two
-    [n, m] temporaries instead of a dozen, no masked copies. Rows that are not ``valid`` keep their values;
-    ``zero_outside_valid``: grad is already zero there (built from rows), so it is not masked again."""
-    # The same operations in the same order as the general path (so the two agree bit for bit), each
-    # written into a buffer; the factors of rows that are not valid are 1 (decay) and 0 (increments).
-    keep = None if valid is None else valid[:, None]
-    g = grad if keep is None or zero_outside_valid else torch.where(keep, grad, 0.0)
+    """The Adam arithmetic on rows, in place on ``w``, ``m``, ``v`` ([r, m] in the math dtype); ``g`` [r, m]
+    is read only; ``step_size`` / ``bc2_sqrt`` [r] (`adam_row_scalars`). Rows where ``live`` ([r] bool;
+    None: all) is False keep every bit of w, m and v (their new values are computed and dropped).
+    With ``unit_norm`` the gradient loses its component along w first and the updated row is rescaled to
+    unit norm after: the row as stored in ``stored_dtype`` (None: the exact row, for master weights) over
+    the exact row's norm, as the Triton kernel does. Every torch path runs this one sequence, so they agree
+    bit for bit."""
+    tiny = torch.finfo(w.dtype).tiny
     if unit_norm:
-        w = param
-        along = (g * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
-        g = g - along * w
-    if keep is not None:
-        step_size = torch.where(valid, step_size, 0.0)
-    buffer = torch.sub(g, exp_avg)
-    buffer.mul_((1 - beta1) if keep is None else _row_factor(valid, 1 - beta1, 0.0, step_size))
-    exp_avg.add_(buffer)
-    torch.mul(g, 1 - beta2, out=buffer).mul_(g)
-    exp_avg_sq.mul_(beta2 if keep is None else _row_factor(valid, beta2, 1.0, step_size)).add_(buffer)
-    denom = exp_avg_sq.sqrt().div_(bc2_sqrt[:, None]).add_(eps)
-    torch.mul(step_size[:, None], exp_avg, out=buffer).div_(denom)
-    param.sub_(buffer)
+        along = torch.linalg.vecdot(g, w).div_(torch.linalg.vecdot(w, w).clamp_min_(tiny))
+        g = torch.addcmul(g, along[:, None], w, value=-1.0)
+    in_place = live is None
+    new_m = m.lerp_(g, 1 - beta1) if in_place else torch.lerp(m, g, 1 - beta1)  # m + (1 - beta1) (g - m)
+    new_v = (v.mul_(beta2) if in_place else torch.mul(v, beta2)).addcmul_(g, g, value=1 - beta2)
+    denom = new_v.sqrt().div_(bc2_sqrt[:, None]).add_(eps)
+    step = torch.mul(new_m, step_size[:, None]).div_(denom)
+    new_w = w.sub_(step) if in_place else torch.sub(w, step, out=step)  # w - step_size m / denom
     if unit_norm:
-        norm = param.norm(dim=1, keepdim=True).clamp_min(torch.finfo(param.dtype).tiny)
-        param.div_(norm if keep is None else torch.where(keep, norm, 1.0))
-
-
-def _row_factor(valid: torch.Tensor, value: float, otherwise: float, like: torch.Tensor) -> torch.Tensor:
-    """[n, 1] in ``like``'s dtype: ``value`` in the valid rows, ``otherwise`` in the others."""
-    return torch.full_like(like, value).masked_fill_(~valid, otherwise)[:, None]
+        norm = torch.linalg.vector_norm(new_w, dim=1, keepdim=True).clamp_min_(tiny)
+        if stored_dtype is not None and stored_dtype != new_w.dtype:
+            new_w.copy_(new_w.to(stored_dtype))
+        new_w.div_(norm)
+    if not in_place:
+        keep = live[:, None]
+        for old, new in ((w, new_w), (m, new_m), (v, new_v)):
+            torch.where(keep, new, old, out=old)

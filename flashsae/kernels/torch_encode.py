@@ -1,9 +1,8 @@
 """The torch backend's encoder: chunked matmul + exact threshold select, on any device (the CPU default).
 
-For each chunk of features (ascending), ``pre = (x - b_pre) @ W[chunk].T`` in fp32 (float64 for
-float64 inputs), then only the entries of ``pre + b[chunk]`` that can still be in their row's top-k
-are kept (the bias is added to the few entries gathered; group bounds use the group's extreme
-biases):
+For each chunk of features (ascending), ``pre = (x - b_pre) @ W[chunk].T + b[chunk]`` in fp32
+(float64 for float64 inputs; the bias added by the matmul itself, ``addmm``, into one buffer reused
+by every chunk), then only the entries of ``pre`` that can still be in their row's top-k are kept:
 
 - **The floor**: the k-th best value kept so far (0 before k positives). Every kept candidate came
   from a lower feature index, so an entry of this chunk that is not *strictly* above it can never
@@ -27,10 +26,12 @@ fixed by the shapes: no host sync), and the "triton" backend (`flashsae.kernels.
 runs the threshold select itself without a host sync.
 
 AuxK's selection among the dead features (`topk_encode_with_aux`) rides on the same pass: each
-chunk's pre-activations, computed once, feed a second candidate list with its own floor and the
-dead features' bias (the others' is -inf), so AuxK adds no second matmul over W_enc.
+chunk's pre-activations, computed once, feed a second candidate list with its own floor, the
+features outside the dead set moved to -inf, so AuxK adds no second matmul over W_enc.
 """
 from __future__ import annotations
+
+import threading
 
 import torch
 
@@ -118,29 +119,57 @@ def _encode(
     if b_pre is not None:
         xc = xc - b_pre.to(math_dtype)
     bias = torch.nan_to_num(b_enc.to(math_dtype), nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
-    biases = [bias if mask is None else bias.masked_fill(~mask, float("-inf")) for mask, _ in lists]
+    # A masked selection sees the same values, with -inf at the features outside its mask.
+    offsets = [None if mask is None else torch.zeros_like(bias).masked_fill_(~mask, float("-inf")) for mask, _ in lists]
     ks = [k for _, k in lists]
-    chunk = chunk_size or feature_chunk_size(n_tokens, n_features)
+    chunk = min(chunk_size or feature_chunk_size(n_tokens, n_features), n_features)
     if static if static is not None else x.device.type != "cpu":
-        results = static_topk_encode(xc, W_enc, biases, ks, chunk)
+        results = static_topk_encode(xc, W_enc, bias, offsets, ks, chunk)
     else:
         bests = [_Best(n_tokens, k, math_dtype, x.device) for k in ks]
+        buffer = _workspace(n_tokens * chunk, math_dtype, x.device)
         for start in range(0, n_features, chunk):
-            stop = min(start + chunk, n_features)
-            pre = torch.mm(xc, W_enc[start:stop].to(math_dtype).T)
-            for best, b in zip(bests, biases):
-                rows, cols, vals = survivors(pre, b[start:stop], best.k, best.floor())
+            pre = _chunk_pre(xc, W_enc, bias, start, min(start + chunk, n_features), buffer)
+            for best, offset in zip(bests, offsets):
+                values = pre if offset is None else pre + offset[start : start + chunk]
+                rows, cols, vals = survivors(values, best.k, best.floor())
                 best.merge(rows, cols + start, vals)
         results = [best.result(n_features) for best in bests]
     return [(vals.to(x.dtype), idx) for vals, idx in results]
 
 
+# One pre-activation buffer per thread, dtype and device, kept between calls and grown to the largest
+# chunk asked for (at most CHUNK_ELEMENTS, or a caller's larger chunk): a fresh buffer per call would
+# pay for mapping its pages again at every step.
+_workspaces = threading.local()
+
+
+def _workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """This thread's flat scratch tensor of at least ``numel`` elements (its contents are garbage)."""
+    buffers = _workspaces.__dict__.setdefault("buffers", {})
+    key = (dtype, torch.device(device))
+    if key not in buffers or buffers[key].numel() < numel:
+        buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buffers[key]
+
+
+def _chunk_pre(
+    xc: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, start: int, stop: int, buffer: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The pre-activations ``xc @ W_enc[start:stop].T + bias[start:stop]`` [B, stop - start] of one chunk
+    in xc's dtype, the bias added by the matmul itself; written into ``buffer`` (flat, large enough) when given."""
+    out = None if buffer is None else buffer[: xc.shape[0] * (stop - start)].view(xc.shape[0], stop - start)
+    return torch.addmm(bias[start:stop], xc, W_enc[start:stop].to(xc.dtype).T, out=out)
+
+
 def static_topk_encode(
-    xc: torch.Tensor, W_enc: torch.Tensor, biases: list[torch.Tensor], ks: list[int], chunk: int
+    xc: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, offsets: list[torch.Tensor | None], ks: list[int],
+    chunk: int,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The encoder in sizes fixed by the shapes (no host sync): each chunk's exact top-k merged into a
-    running top-k, for one selection per (bias, k) of ``biases`` / ``ks`` from one matmul per chunk.
-    xc [B, d] = x - b_pre and each bias [F] in the math dtype (NaN already -inf).
+    running top-k, for one selection per (offset, k) of ``offsets`` / ``ks`` from one matmul per chunk.
+    xc [B, d] = x - b_pre and bias [F] in the math dtype (NaN already -inf); a selection's values are
+    the pre-activations plus its offset [F] (0, or -inf outside its mask; None: none).
 
     fp32: top-k over packed keys (`flashsae.kernels.keys`: ReLU, NaN as 0, ties to the lower index
     whatever the order). float64: stable sorts by value, each over entries in ascending index
@@ -151,10 +180,10 @@ def static_topk_encode(
     bests = [_StaticBest(k) for k in ks]
     for start in range(0, n_features, chunk):
         stop = min(start + chunk, n_features)
-        pre = torch.mm(xc, W_enc[start:stop].to(xc.dtype).T)
+        pre = _chunk_pre(xc, W_enc, bias, start, stop)
         cols = torch.arange(start, stop, device=xc.device)
-        for best, bias in zip(bests, biases):
-            best.merge(pre + bias[start:stop], cols)
+        for best, offset in zip(bests, offsets):
+            best.merge(pre if offset is None else pre + offset[start:stop], cols)
     return [best.result() for best in bests]
 
 
@@ -193,34 +222,28 @@ class _StaticBest:
         return self.vals, self.idx
 
 
-def survivors(
-    pre: torch.Tensor, bias: torch.Tensor, k: int, floor: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The entries of ``pre + bias`` ([B, c] + [c]) that may be in their row's top-k: > floor [B] and
+def survivors(pre: torch.Tensor, k: int, floor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The entries of ``pre`` [B, c] (bias included) that may be in their row's top-k: > floor [B] and
     >= the chunk's own bound.
 
-    The bias is added only to the entries gathered: a group's bound is its maximum of ``pre`` plus
-    the group's largest bias (an upper bound of its values, for the filter) or smallest bias (a lower
-    bound of one of its values, for the own bound). A group whose bound is NaN is gathered, and NaN
-    values never survive. Returns (rows, cols, vals), flat, rows ascending: row and column (within
-    the chunk) of each survivor and its value ``pre + bias``.
+    A group whose maximum is NaN is gathered, and NaN values never survive. Returns (rows, cols, vals),
+    flat, rows ascending: row and column (within the chunk) of each survivor and its value.
     """
     n_tokens, width = pre.shape
     n_groups = width // GROUP
     grouped = n_groups * GROUP
-    group_max = torch.amax(pre[:, :grouped].view(n_tokens, GROUP, n_groups), dim=1)  # group j: cols j + g * n_groups
-    group_bias = bias[:grouped].view(GROUP, n_groups)
+    group_max = torch.amax(pre[:, :grouped].view(n_tokens, GROUP, n_groups), dim=1)  # group j: columns j + g * n_groups
     threshold = torch.nextafter(floor, floor.new_tensor(float("inf")))  # "> floor" as ">= threshold"
     if n_groups >= k:
-        torch.maximum(threshold, _own_bound(group_max + group_bias.amin(0), k), out=threshold)
-    misses = (group_max + group_bias.amax(0)) < threshold[:, None]
-    hit_rows, hit_cols = misses.logical_not_().nonzero(as_tuple=True)  # NaN bounds are hits
-    values = pre[:, :grouped].view(n_tokens, GROUP, n_groups).transpose(1, 2)[hit_rows, hit_cols]  # [hits, GROUP]
-    values += group_bias.T[hit_cols]
+        torch.maximum(threshold, _own_bound(group_max, k), out=threshold)
+    misses = group_max < threshold[:, None]
+    hit_rows, hit_cols = misses.logical_not_().nonzero(as_tuple=True)  # NaN maxima are hits
+    members = torch.arange(GROUP, device=pre.device) * n_groups
+    values = pre.take((hit_rows * pre.stride(0) + hit_cols)[:, None] + members)  # [hits, GROUP]
     kept, member = (values >= threshold[hit_rows, None]).nonzero(as_tuple=True)
     rows, cols, values = hit_rows[kept], hit_cols[kept] + member * n_groups, values[kept, member]
     if grouped < width:  # the last width % GROUP columns, compared one by one
-        tail = pre[:, grouped:] + bias[grouped:]
+        tail = pre[:, grouped:]
         tail_rows, tail_cols = (tail >= threshold[:, None]).nonzero(as_tuple=True)
         order = torch.argsort(torch.cat([rows, tail_rows]), stable=True)
         rows = torch.cat([rows, tail_rows])[order]
@@ -231,7 +254,7 @@ def survivors(
 
 def _own_bound(lower: torch.Tensor, k: int) -> torch.Tensor:
     """A lower bound of each row's k-th largest entry, from ``lower`` [B, n] (n >= k): per disjoint
-    column group, a value at most one of the group's entries. The k-th largest of k * BOUND_GROUPS_PER_K
+    column group, a value at most one of the group's entries (its maximum). The k-th largest of k * BOUND_GROUPS_PER_K
     (or fewer) merged groups' bounds; NaN bounds count as -inf -> [B]."""
     n_tokens, n_groups = lower.shape
     merge = max(1, n_groups // (BOUND_GROUPS_PER_K * k))
