@@ -267,3 +267,13 @@ def test_lists_compacted_on_almost_every_tile_stay_exact(backend):
     vals, idx = ENCODERS[backend](x, W, b, 9, b_pre, **split)
     assert_reference_order(vals, idx, x, W, b, b_pre, 9)
     assert torch.equal(idx[:, :2].sort(dim=1).values, torch.tensor([5, 333]).expand(3, 2))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_infinite_pre_activation_is_the_largest(backend):
+    """+inf survives the ReLU as +inf (its bit pattern is the largest non-NaN one) and is selected first."""
+    x, W, b, _ = make_dyadic_inputs(3, 8, 300, FP32, seed=13)
+    b[[40, 250]] = float("inf")
+    vals, idx = ENCODERS[backend](x, W, b, 4, None)
+    assert_reference_order(vals, idx, x, W, b, None, 4)
+    assert torch.equal(idx[:, :2], torch.tensor([40, 250]).expand(3, 2)) and torch.isinf(vals[:, :2]).all()

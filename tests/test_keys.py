@@ -40,3 +40,4 @@ def test_the_empty_key_unpacks_to_nothing_selectable():
     vals, idx = unpack_keys(torch.tensor([EMPTY_KEY]))
     assert torch.isnan(vals).all() or (vals < 0).all() or torch.signbit(vals).all()
     assert pack_keys(torch.zeros(1), torch.tensor([INDEX_MASK])).item() == 0, "the smallest real key is 0"
+

@@ -279,3 +279,17 @@ def test_a_cut_below_one_still_searches_the_rows_holding_the_top_entries(candida
     chosen = batch_topk_reference(pre, k)
     assert chosen[0].sum() > candidates
     assert torch.equal(as_dense(vals, idx, F) > 0, chosen)
+
+
+def test_the_search_of_saturated_rows_sweeps_every_feature_in_small_chunks(monkeypatch):
+    """The saturated rows' search over all features, a few features per chunk: every chunk's entries at
+    their own feature indices, none missed, none twice."""
+    monkeypatch.setattr(batch_select, "CHUNK_ELEMENTS", 50)
+    B, d, F, k = 9, 20, 64, 4
+    x, W, b, b_pre = make_encoder(B, d, F, torch.float32, seed=3)
+    x[0] *= 6  # row 0 holds most of the batch's largest entries
+    vals, idx = batch_select.batch_topk(torch_encode.topk_encode, x, W, b, k, b_pre, candidates=2)
+    chosen = batch_topk_reference(dense_pre(x, W, b, b_pre), k)
+    assert chosen[0].sum() > 2
+    assert torch.equal(as_dense(vals, idx, F) > 0, chosen)
+    check_padded(vals, idx, F)

@@ -78,6 +78,7 @@ GROUPS: tuple[Group, ...] = (
     )),
     Group("flashsae/kernels/triton_common.py", (
         (f"{ENCODERS}::test_production_widths_with_a_few_rows", "768-triton and not fused"),
+        (f"{ENCODERS}::test_an_infinite_pre_activation_is_the_largest", "triton"),
         (f"{ENCODERS}::test_lists_compacted_on_almost_every_tile_stay_exact", ""),
         (f"{ENCODERS}::test_nan_pre_activations_count_as_minus_infinity", "triton"),
         (f"{ENCODERS}::test_random_inputs_match_float64_topk", "3-40-777-5 and triton"),
@@ -116,6 +117,7 @@ GROUPS: tuple[Group, ...] = (
         (f"{VARIANTS}::test_candidate_count_is_bounded_by_the_features_and_the_largest_k", ""),
         (f"{VARIANTS}::test_saturated_rows_are_searched_again_and_the_selection_is_exact", ""),
         (f"{VARIANTS}::test_a_cut_below_one_still_searches_the_rows_holding_the_top_entries", ""),
+        (f"{VARIANTS}::test_the_search_of_saturated_rows_sweeps_every_feature_in_small_chunks", ""),
         (f"{VARIANTS}::test_ties_at_the_batch_threshold_go_to_the_lower_row_then_the_lower_feature", ""),
         (f"{VARIANTS}::test_fewer_positives_than_the_budget_selects_them_all_and_empty_rows_fill_with_zeros", ""),
         (f"{VARIANTS}::test_nothing_positive_gives_one_zero_slot_per_row", ""),
