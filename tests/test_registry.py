@@ -176,6 +176,9 @@ def test_override_of_a_new_triton_backend_follows_the_triton_device_rule(monkeyp
         assert resolve_backend("triton-experimental", "cuda") == "triton-experimental"
     with override_backend("torch-experimental", get_backend("torch", "cpu")):
         assert resolve_backend("torch-experimental", "cpu") == "torch-experimental"
+    with override_backend("triton", get_backend("torch", "cpu")):  # an override keeps the entry's device rule
+        with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
+            resolve_backend("triton", "cpu")
 
 
 @pytest.mark.parametrize("name", ["auto", "", 3])

@@ -293,3 +293,14 @@ def test_the_search_of_saturated_rows_sweeps_every_feature_in_small_chunks(monke
     assert chosen[0].sum() > 2
     assert torch.equal(as_dense(vals, idx, F) > 0, chosen)
     check_padded(vals, idx, F)
+
+
+def test_padded_rows_of_an_empty_batch_and_of_a_row_next_to_one_holding_every_feature():
+    """pad_rows: no tokens give one (empty) slot per row; a row holding nothing, beside one that holds all F
+    features, is filled with the F lowest features in order."""
+    none = torch.zeros(0, dtype=torch.int64)
+    vals, idx = batch_select.pad_rows(none, none, torch.zeros(0), 0, 10)
+    assert vals.shape == idx.shape == (0, 1)
+    rows, cols = torch.zeros(3, dtype=torch.int64), torch.tensor([2, 0, 1])
+    vals, idx = batch_select.pad_rows(rows, cols, torch.tensor([3.0, 2.0, 1.0]), 2, 3)
+    assert idx.tolist() == [[2, 0, 1], [0, 1, 2]] and vals.tolist() == [[3.0, 2.0, 1.0], [0.0, 0.0, 0.0]]
