@@ -259,14 +259,18 @@ def test_static_torch_encoder_never_synchronizes():
 @pytest.mark.parametrize("backend", ["triton", "triton-fused"])
 def test_lists_compacted_on_almost_every_tile_stay_exact(backend):
     """A small case whose candidate lists overflow again and again (a rising floor: every element survives
-    until its list is compacted), each token's features split over two slices / ranges."""
+    until its list is compacted), each token's features split over two slices / ranges. Every value is at
+    least 2 (the key's top value bit is set), winners sit early in the sweep (their old copies stay in the
+    list's tail after a compaction), and the chunked lists have no slack: a compaction must keep exactly k."""
     x, W, b, b_pre = make_dyadic_inputs(3, 8, 520, FP32, seed=14)
-    b = b + torch.arange(520) / 256  # the floor rises through the whole sweep (still exact in fp32)
-    b[[5, 333]] = 40.0  # two early winners among the rising tail
-    split = {"triton": {"n_slices": 2, "headroom": 1}, "triton-fused": {"n_ranges": 2}}[backend]
-    vals, idx = ENCODERS[backend](x, W, b, 9, b_pre, **split)
-    assert_reference_order(vals, idx, x, W, b, b_pre, 9)
-    assert torch.equal(idx[:, :2].sort(dim=1).values, torch.tensor([5, 333]).expand(3, 2))
+    W = W / 64  # small products: the bias sets the order
+    b = 4 + torch.arange(520) / 256  # the floor rises through the whole sweep (still exact in fp32)
+    winners = [5, 73, 100, 333]
+    b[winners] = 40.0
+    k, split = {"triton": (64, {"n_slices": 2, "headroom": 1}), "triton-fused": (9, {"n_ranges": 2})}[backend]
+    vals, idx = ENCODERS[backend](x, W, b, k, b_pre, **split)
+    assert_reference_order(vals, idx, x, W, b, b_pre, k)
+    assert torch.equal(idx[:, :4].sort(dim=1).values, torch.tensor(winners).expand(3, 4))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
