@@ -217,6 +217,10 @@ def test_fused_plan_fills_whole_waves_and_bounds_the_lists():
 def test_chunked_plan_bounds_the_buffer_and_fills_the_grid():
     plan = chunked_encode.select_plan(4096, 2**20, 64, n_sms=132)
     assert 4 * 4096 * plan.chunk <= chunked_encode.DEFAULT_BUFFER_BYTES
+    for n_tokens, buffer_bytes in [(4096, chunked_encode.DEFAULT_BUFFER_BYTES), (1, 4000), (3, 4 * 3 * 700)]:
+        fitted = chunked_encode.select_plan(n_tokens, 2**20, 64, buffer_bytes=buffer_bytes)
+        bn = fitted.blocks["BN"]  # the widest whole number of tiles whose fp32 chunk fits the buffer
+        assert fitted.chunk % bn == 0 and 4 * n_tokens * fitted.chunk <= buffer_bytes < 4 * n_tokens * (fitted.chunk + bn)
     assert plan.capacity >= 64 + plan.blocks["BN"] and plan.capacity % plan.blocks["BL"] == 0
     small = chunked_encode.select_plan(16, 2**20, 64, n_sms=132)
     token_blocks = -(-16 // small.blocks["BM"])
@@ -224,6 +228,8 @@ def test_chunked_plan_bounds_the_buffer_and_fills_the_grid():
     assert small.slice_len % small.blocks["BN"] == 0 and small.n_slices * small.slice_len >= small.chunk
     tiny = chunked_encode.select_plan(4096, 2**20, 64, buffer_bytes=1)
     assert tiny.chunk == tiny.blocks["BN"]
+    lists = chunked_encode._Lists(small, torch.zeros(2**20), 64, 16, poison=False)
+    assert small.list_bytes(16) == lists.keys.nbytes, "list_bytes is the size of the candidate lists"
 
 
 @pytest.mark.parametrize("dtype", [FP32, BF16, FP64])
@@ -248,3 +254,30 @@ def test_static_torch_encoder_never_synchronizes():
     x, W, b, b_pre = make_inputs(9, 16, 700, FP32, seed=32)
     with SyncGuard():
         torch_encode.topk_encode(x, W, b, 20, b_pre, chunk_size=128, static=True)
+
+
+@pytest.mark.parametrize("backend", ["triton", "triton-fused"])
+def test_lists_compacted_on_almost_every_tile_stay_exact(backend):
+    """A small case whose candidate lists overflow again and again (a rising floor: every element survives
+    until its list is compacted), each token's features split over two slices / ranges. Every value is at
+    least 2 (the key's top value bit is set), winners sit early in the sweep (their old copies stay in the
+    list's tail after a compaction), and the chunked lists have no slack: a compaction must keep exactly k."""
+    x, W, b, b_pre = make_dyadic_inputs(3, 8, 640, FP32, seed=14)
+    W = W / 64  # small products: the bias sets the order
+    b = 4 + torch.arange(640) / 256  # the floor rises through the whole sweep (still exact in fp32)
+    winners = [5, 20, 40, 73, 100, 137, 200, 233, 250]  # as many as the fused k: a tied winner is its k-th key
+    b[winners] = 40.0
+    k, split = {"triton": (64, {"n_slices": 2, "headroom": 1}), "triton-fused": (9, {"n_ranges": 2})}[backend]
+    vals, idx = ENCODERS[backend](x, W, b, k, b_pre, **split)
+    assert_reference_order(vals, idx, x, W, b, b_pre, k)
+    assert torch.equal(idx[:, :9].sort(dim=1).values, torch.tensor(winners).expand(3, 9))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_infinite_pre_activation_is_the_largest(backend):
+    """+inf survives the ReLU as +inf (its bit pattern is the largest non-NaN one) and is selected first."""
+    x, W, b, _ = make_dyadic_inputs(3, 8, 300, FP32, seed=13)
+    b[[40, 250]] = float("inf")
+    vals, idx = ENCODERS[backend](x, W, b, 4, None)
+    assert_reference_order(vals, idx, x, W, b, None, 4)
+    assert torch.equal(idx[:, :2], torch.tensor([40, 250]).expand(3, 2)) and torch.isinf(vals[:, :2]).all()

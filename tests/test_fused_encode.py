@@ -68,7 +68,8 @@ def test_range_lists_hold_only_written_keys_of_their_range():
 
 
 def test_plan_bounds_lists_and_covers_every_feature():
-    for n_tokens, n_features, d, k in [(4096, 2**20, 4096, 64), (4096, 2**20, 768, 32), (8, 2**20, 768, 512), (1, 100, 16, 1)]:
+    for n_tokens, n_features, d, k in [(4096, 2**20, 4096, 64), (4096, 2**20, 768, 32), (8, 2**20, 768, 512), (1, 100, 16, 1),
+                                       (64, 2**20, 768, 9000)]:  # (lists of more than MAX_LIST_KEYS_PER_ROW keys: one range)
         plan = tk.encode_plan(n_tokens, n_features, d, k, n_sms=132)
         assert plan["n_ranges"] * plan["capacity"] <= max(tk.MAX_LIST_KEYS_PER_ROW, plan["capacity"])
         assert plan["capacity"] >= k and plan["range_len"] % tk.RANGE_ALIGN == 0
@@ -105,3 +106,18 @@ def test_public_op_gradients_flow_through_triton_forward(dtype, triton_backend):
     for got, ref in zip(tg, rg):
         torch.testing.assert_close(got, ref, rtol=VAL_RTOL[dtype] * 4, atol=1e-5)
     assert any(g.abs().sum() > 0 for g in tg)
+
+
+def test_block_configs_are_tiles_the_compiler_and_the_plan_accept():
+    """Every autotune entry (and the interpreter's blocks): power-of-two tiles of at least 16 (tl.dot's
+    minimum), a BN that divides RANGE_ALIGN (ranges are whole tiles) and fits the list headroom, a
+    power-of-two warp count and a pipelined loop; 16-bit inputs and fp32 get their own tables."""
+    assert tk.block_configs(BF16) is tk.BLOCK_CONFIGS and tk.block_configs(FP16) is tk.BLOCK_CONFIGS
+    assert tk.block_configs(FP32) is tk.BLOCK_CONFIGS_FP32
+    interpret = tk.INTERPRET_BLOCKS
+    for bm, bn, bk, warps, stages in [*tk.BLOCK_CONFIGS, *tk.BLOCK_CONFIGS_FP32, (interpret["BM"], interpret["BN"], interpret["BK"], 4, 2)]:
+        for tile in (bm, bn, bk):
+            assert tile >= 16 and tile & (tile - 1) == 0, (bm, bn, bk)
+        assert tk.RANGE_ALIGN % bn == 0 and bn <= tk.LIST_HEADROOM
+        assert warps & (warps - 1) == 0 and 4 <= warps <= 8 and stages >= 2
+    assert tk.BLOCK_L & (tk.BLOCK_L - 1) == 0 and tk.list_capacity(1) % tk.BLOCK_L == 0

@@ -181,3 +181,25 @@ def test_reference_scalars_skip_padding_and_count_each_valid_row_once():
     assert step.tolist() == [0, 5, 0, 2]
     torch.testing.assert_close(size[:2], torch.tensor([1 / (1 - 0.5**5), 1 / (1 - 0.5**2)]))
     assert torch.isfinite(size).all() and torch.isfinite(bc2).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_zero_step_keeps_every_master_bit_pattern_and_leaves_rows_unnormalized(backend):
+    """With lr = 0 the update is w itself, so storing it must give back every master bit for bit: the low
+    halves are random, with every rounding boundary (0x7FFF / 0x8000 and the ends) in each row. The step is
+    called without ``unit_norm``: by default the rows are not rescaled."""
+    g = torch.Generator().manual_seed(4)
+    n, width = 12, 300
+    master = torch.randn(n, width, generator=g)
+    patterns = torch.randint(0, 1 << 16, (n, width), generator=g, dtype=torch.int32)
+    patterns[:, :8] = torch.tensor([0, 1, 0x7FFE, 0x7FFF, 0x8000, 0x8001, 0xFFFE, 0xFFFF], dtype=torch.int32)
+    master = ((master.view(torch.int32) & ~0xFFFF) | patterns).view(torch.float32)
+    high, low = split_master(master)
+    m, v, step = torch.zeros(n, width), torch.zeros(n, width), torch.zeros(n, dtype=torch.long)
+    rows, valid = torch.randperm(n, generator=g), torch.ones(n, dtype=torch.bool)
+    grad = torch.randn(n, width, generator=g)
+    get_backend(backend, "cpu").sparse_adam_step_(high, grad, rows, valid, m, v, step, low=low, lr=0.0, beta1=0.9,
+                                                  beta2=0.999, eps=1e-8)
+    assert torch.equal(bits(join_master(high, low)), bits(master))
+    assert torch.equal(bits(high), bits(split_master(master)[0])) and torch.equal(step, torch.ones(n, dtype=torch.long))
+    torch.testing.assert_close(m[rows], 0.1 * grad, rtol=1e-6, atol=0)

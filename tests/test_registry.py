@@ -91,7 +91,9 @@ def test_triton_on_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
     assert str(info.value) == expected
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         get_backend("triton", "cpu")
-    assert resolve_backend("auto", "cpu") == "torch"
+    with pytest.raises(ValueError, match="backend='triton-fused' needs CUDA tensors"):
+        resolve_backend("triton-fused", "cpu")
+    assert resolve_backend("auto", "cpu") == "torch" and resolve_backend("torch", "cpu") == "torch"
 
 
 def counting_backend(calls: Counter) -> Backend:
@@ -174,6 +176,9 @@ def test_override_of_a_new_triton_backend_follows_the_triton_device_rule(monkeyp
         assert resolve_backend("triton-experimental", "cuda") == "triton-experimental"
     with override_backend("torch-experimental", get_backend("torch", "cpu")):
         assert resolve_backend("torch-experimental", "cpu") == "torch-experimental"
+    with override_backend("triton", get_backend("torch", "cpu")):  # an override keeps the entry's device rule
+        with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
+            resolve_backend("triton", "cpu")
 
 
 @pytest.mark.parametrize("name", ["auto", "", 3])
@@ -215,3 +220,13 @@ def test_triton_is_not_imported_when_only_the_torch_backend_runs():
     assert done.returncode == 0, done.stderr[-3000:]
     assert "torch only: False" in done.stdout, done.stdout
     assert "after the triton backend: True" in done.stdout, "the check itself must see a triton import"
+
+
+def test_a_backend_built_without_an_aux_encoder_does_not_fold_aux():
+    """``topk_encode_with_aux`` defaults to None: a new backend that names only the five primitives runs
+    AuxK as a second, masked encoder pass."""
+    base = get_backend("torch", "cpu")
+    plain = Backend("plain", base.topk_encode, base.gather_rows, base.row_dots, base.segment_rows,
+                    base.sparse_adam_step_)
+    assert plain.topk_encode_with_aux is None and not plain.folds_aux
+    assert plain.float_dtypes == (torch.float32, torch.bfloat16, torch.float16)

@@ -300,3 +300,42 @@ def test_cpu_sparse_products_equal_the_gather_path(monkeypatch, B, d, F, k, dtyp
         torch.testing.assert_close(a, c, rtol=tol, atol=tol, msg=name)
     assert not sparse[2][~groups.valid].any(), "padding slots must hold zeros"
 
+
+
+@pytest.mark.parametrize("B,d,F,k", [(1, 1, 3, 1), (2, 1, 1, 1), (0, 24, 50, 4), (5, 0, 50, 4), (5, 24, 50, 0)])
+def test_triton_primitives_at_one_and_zero_tokens_columns_and_slots_equal_the_reference(B, d, F, k):
+    """The smallest shapes, and the empty ones: every output of the launchers (written over poison) equals
+    the float64 reference primitives; an empty output is returned with its shape."""
+    g = torch.Generator().manual_seed(B + d + k)
+    idx = torch.randint(0, F, (B, k), generator=g)
+    vals = torch.rand(B, k, generator=g) + 0.5
+    W, vecs = torch.randn(F, d, generator=g), torch.randn(B, d, generator=g)
+    bias, shift = torch.randn(d, generator=g), torch.randn(d, generator=g)
+    groups = group_pairs(idx, vals > 0, F)
+    got = [triton_rows.gather_rows(vals, idx, W, bias, out=torch.full((B, d), float("nan"))),
+           triton_rows.row_dots(vecs, idx, W, out=torch.full((B, k), float("nan"))),
+           *triton_rows.segment_rows(vals, groups, vecs, shift, out=torch.full((groups.n_slots, d), float("nan")))]
+    dbl = [t.double() for t in (vals, W, vecs, bias, shift)]
+    want = [reference.gather_rows(dbl[0], idx, dbl[1], dbl[3]), reference.row_dots(dbl[2], idx, dbl[1]),
+            *reference.segment_rows(dbl[0], groups, dbl[2], dbl[4])]
+    for name, a, ref in zip(("gather_rows", "row_dots", "segment_rows", "coef sums"), got, want):
+        assert a.shape == ref.shape and a.dtype == torch.float32, name
+        torch.testing.assert_close(a.double(), ref, rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_segment_slices_are_the_widest_power_of_two_with_little_masked_tail():
+    """`_segment_block_d`'s rule over every width up to 5000: a power of two of at most MAX_SEGMENT_BLOCK_D
+    columns whose masked tail is at most SEGMENT_WASTE of d (or 128 wide, or one slice covering a small d),
+    and no wider slice allowed by those bounds would do."""
+    def waste(d, block):
+        return -(-d // block) * block - d
+
+    for d in range(1, 5001):
+        block = triton_rows._segment_block_d(d)
+        assert block & (block - 1) == 0 and block <= triton_rows.MAX_SEGMENT_BLOCK_D, d
+        widest = min(triton_rows.MAX_SEGMENT_BLOCK_D, max(16, 1 << (d - 1).bit_length()))
+        if widest <= 128:
+            assert block == widest, d
+            continue
+        assert block >= 128 and (block == 128 or waste(d, block) <= d / 8), d
+        assert block == widest or waste(d, 2 * block) > d / 8, d

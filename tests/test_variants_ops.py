@@ -254,3 +254,53 @@ def test_the_triton_backend_selects_across_the_batch_as_the_torch_backend():
         (tv, ti), (rv, ri) = select("triton"), select("torch")
         assert torch.equal(ti, ri)
         torch.testing.assert_close(tv, rv, atol=1e-5, rtol=1e-5)
+
+
+def test_candidate_count_is_bounded_by_the_features_and_the_largest_k():
+    """K = CANDIDATES_PER_K * k candidates per row, at most F and at most ``max_k`` (when the backend bounds k)."""
+    for k, n_features, max_k in [(1, 100, None), (8, 20, None), (8, 1000, 5), (3, 1000, 1), (1, 1, 1), (50, 64, 64)]:
+        count = batch_select.candidate_count(k, n_features, max_k)
+        bound = min(n_features, batch_select.CANDIDATES_PER_K * k, max_k if max_k is not None else n_features)
+        assert count == bound, (k, n_features, max_k)
+
+
+@pytest.mark.parametrize("candidates", [2, 3])
+def test_a_cut_below_one_still_searches_the_rows_holding_the_top_entries(candidates):
+    """Every pre-activation below 1 (so the cut is a small positive value): the row holding most of the
+    batch's top entries is saturated by its few candidates and must be searched again."""
+    B, d, F, k = 6, 20, 64, 2
+    x, W, b, b_pre = make_encoder(B, d, F, torch.float32, seed=7)
+    x[0] *= 6  # row 0 holds most of the batch's largest entries
+    scale = dense_pre(x, W, b, b_pre).abs().max().item() * 2
+    W, b = W / scale, b / scale
+    pre = dense_pre(x, W, b, b_pre)
+    assert pre.max() < 1
+    vals, idx = batch_select.batch_topk(torch_encode.topk_encode, x, W, b, k, b_pre, candidates=candidates)
+    chosen = batch_topk_reference(pre, k)
+    assert chosen[0].sum() > candidates
+    assert torch.equal(as_dense(vals, idx, F) > 0, chosen)
+
+
+def test_the_search_of_saturated_rows_sweeps_every_feature_in_small_chunks(monkeypatch):
+    """The saturated rows' search over all features, a few features per chunk: every chunk's entries at
+    their own feature indices, none missed, none twice."""
+    monkeypatch.setattr(batch_select, "CHUNK_ELEMENTS", 50)
+    B, d, F, k = 9, 20, 64, 4
+    x, W, b, b_pre = make_encoder(B, d, F, torch.float32, seed=3)
+    x[0] *= 6  # row 0 holds most of the batch's largest entries
+    vals, idx = batch_select.batch_topk(torch_encode.topk_encode, x, W, b, k, b_pre, candidates=2)
+    chosen = batch_topk_reference(dense_pre(x, W, b, b_pre), k)
+    assert chosen[0].sum() > 2
+    assert torch.equal(as_dense(vals, idx, F) > 0, chosen)
+    check_padded(vals, idx, F)
+
+
+def test_padded_rows_of_an_empty_batch_and_of_a_row_next_to_one_holding_every_feature():
+    """pad_rows: no tokens give one (empty) slot per row; a row holding nothing, beside one that holds all F
+    features, is filled with the F lowest features in order."""
+    none = torch.zeros(0, dtype=torch.int64)
+    vals, idx = batch_select.pad_rows(none, none, torch.zeros(0), 0, 10)
+    assert vals.shape == idx.shape == (0, 1)
+    rows, cols = torch.zeros(3, dtype=torch.int64), torch.tensor([2, 0, 1])
+    vals, idx = batch_select.pad_rows(rows, cols, torch.tensor([3.0, 2.0, 1.0]), 2, 3)
+    assert idx.tolist() == [[2, 0, 1], [0, 1, 2]] and vals.tolist() == [[3.0, 2.0, 1.0], [0.0, 0.0, 0.0]]

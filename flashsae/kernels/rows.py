@@ -191,10 +191,10 @@ def segment_rows(
     n_slots, d = groups.n_slots, vecs.shape[1]
     grad_rows = out[:n_slots] if out is not None else torch.empty(n_slots, d, dtype=torch.float32, device=vecs.device)
     coef_sums = torch.empty(n_slots, dtype=torch.float32, device=vecs.device)
-    if n_slots == 0 or d == 0:
-        return grad_rows.zero_(), coef_sums.zero_()
+    if n_slots == 0:
+        return grad_rows, coef_sums
     block_d = _segment_block_d(d)
-    grid = (n_slots, triton.cdiv(d, block_d))
+    grid = (n_slots, max(1, triton.cdiv(d, block_d)))  # d == 0: one program per slot still sums the coefficients
     _segment_rows_kernel[grid](
         coef, groups.pairs, groups.offsets, vecs, shift if shift is not None else vecs, grad_rows, coef_sums,
         groups.k, d,
