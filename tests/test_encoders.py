@@ -281,3 +281,21 @@ def test_an_infinite_pre_activation_is_the_largest(backend):
     vals, idx = ENCODERS[backend](x, W, b, 4, None)
     assert_reference_order(vals, idx, x, W, b, None, 4)
     assert torch.equal(idx[:, :2], torch.tensor([40, 250]).expand(3, 2)) and torch.isinf(vals[:, :2]).all()
+
+
+@pytest.mark.parametrize("dtype", [FP32, BF16])
+@pytest.mark.parametrize("n_features,d", [(1, 16), (37, 40), (300, 768), (1024, 130)])
+def test_fold_pre_bias_matches_float64_and_writes_only_its_output(dtype, n_features, d):
+    """``b_enc - W_enc @ b_pre`` against float64, written into a slice of a poisoned buffer: every output
+    element is written, and the guard elements on both sides (the kernel's edge rows) keep their poison."""
+    from flashsae.kernels import triton_common
+
+    g = torch.Generator().manual_seed(n_features + d)
+    W, b, b_pre = (torch.randn(*shape, generator=g).to(dtype) for shape in ((n_features, d), (n_features,), (d,)))
+    guarded = torch.full((n_features + 2,), float("nan"))
+    got = triton_common.fold_pre_bias(W, b, b_pre, out=guarded[1:-1])
+    want = b.double() - W.double() @ b_pre.double()
+    scale = (W.double().abs() @ b_pre.double().abs() + b.double().abs()).max().item()
+    assert got.data_ptr() == guarded[1:].data_ptr() and torch.isfinite(got).all()
+    assert (got.double() - want).abs().max().item() <= 1e-5 * max(scale, 1.0)
+    assert guarded[0].isnan() and guarded[-1].isnan(), "the kernel wrote outside its output"

@@ -63,10 +63,14 @@ def fold_block_d(d: int) -> int:
     return min(FOLD_BLOCK_D, triton.next_power_of_2(max(d, 16)))
 
 
-def fold_pre_bias(W_enc: torch.Tensor, b_enc: torch.Tensor, b_pre: torch.Tensor) -> torch.Tensor:
-    """``b_enc - W_enc @ b_pre`` in fp32: W_enc [F, d], b_enc [F], b_pre [d] -> [F] fp32."""
+def fold_pre_bias(
+    W_enc: torch.Tensor, b_enc: torch.Tensor, b_pre: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``b_enc - W_enc @ b_pre`` in fp32: W_enc [F, d], b_enc [F], b_pre [d] -> [F] fp32 (written into
+    ``out``, contiguous fp32 [F], when given)."""
     n_features, d = W_enc.shape
-    out = torch.empty(n_features, dtype=torch.float32, device=W_enc.device)
+    if out is None:
+        out = torch.empty(n_features, dtype=torch.float32, device=W_enc.device)
     _fold_pre_bias_kernel[(triton.cdiv(n_features, FOLD_BLOCK_F),)](
         W_enc, b_enc, b_pre, out, n_features, d, BLOCK_F=FOLD_BLOCK_F, BLOCK_D=fold_block_d(d), num_warps=FOLD_WARPS
     )

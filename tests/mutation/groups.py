@@ -36,7 +36,7 @@ def _name(path: str) -> str:
 
 ROWS, ADAM, PRECISION = "tests/test_rows.py", "tests/test_sparse_adam.py", "tests/test_precision.py"
 ENCODERS, FUSED, AUX = "tests/test_encoders.py", "tests/test_fused_encode.py", "tests/test_aux_fold.py"
-VARIANTS = "tests/test_variants_ops.py"
+VARIANTS, OPS = "tests/test_variants_ops.py", "tests/test_ops.py"
 # Longest first: the workers take groups in this order, so the short ones fill in at the end.
 GROUPS: tuple[Group, ...] = (
     Group("flashsae/ops.py", (
@@ -47,11 +47,15 @@ GROUPS: tuple[Group, ...] = (
         (PRECISION, "(torch and not thousand) or split_and_join or reference_scalars"),
         (ROWS, "torch and not dtype2"),
         (ADAM, "torch"),
-        ("tests/test_ops.py", ""),
+        (f"{OPS}::test_every_chunked_loop_of_the_torch_backend_matches_float64", ""),
+        (f"{OPS}::test_float64_end_to_end_matches_dense_autograd_and_sparse_adam_steps_in_float64", ""),
     )),
     Group("flashsae/kernels/torch_encode.py", (
         (f"{ENCODERS}::test_production_widths_with_a_few_rows", "torch"),
-        (ENCODERS, "torch or static"), (AUX, "torch"), ("tests/test_ops.py", ""),
+        (ENCODERS, "torch or static"), (f"{AUX}::test_folded_aux_selection_equals_the_masked_selection", "torch"),
+        (f"{OPS}::test_every_chunked_loop_of_the_torch_backend_matches_float64", ""),
+        (f"{OPS}::test_topk_encode_chunked_sweep_equals_one_chunk", ""),
+        (f"{OPS}::test_torch_encoder_threads_do_not_share_its_pre_activation_buffer", ""),
     )),
     Group("flashsae/kernels/fused_encode.py", (
         (f"{FUSED}::test_block_configs_are_tiles_the_compiler_and_the_plan_accept", ""),
@@ -80,6 +84,7 @@ GROUPS: tuple[Group, ...] = (
         (f"{ENCODERS}::test_dyadic_inputs_give_the_reference_exactly", "dtype0-triton and not fused"),
     )),
     Group("flashsae/kernels/triton_common.py", (
+        (f"{ENCODERS}::test_fold_pre_bias_matches_float64_and_writes_only_its_output", ""),
         (f"{ENCODERS}::test_production_widths_with_a_few_rows", "768-triton and not fused"),
         (f"{ENCODERS}::test_an_infinite_pre_activation_is_the_largest", "triton"),
         (f"{ENCODERS}::test_lists_compacted_on_almost_every_tile_stay_exact", ""),
