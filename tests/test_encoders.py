@@ -182,11 +182,14 @@ def test_no_tokens_give_empty_outputs(backend):
     assert vals.shape == idx.shape == (0, 7) and vals.dtype == BF16 and idx.dtype == torch.int64
 
 
-def test_float64_on_the_torch_backend_is_exact_in_float64():
+@pytest.mark.parametrize("static", [False, True], ids=["threshold-select", "static"])
+def test_float64_on_the_torch_backend_is_exact_in_float64(static):
+    from flashsae.kernels import torch_encode
+
     x, W, b, b_pre = make_inputs(9, 40, 1000, FP64, seed=6)
     b[10] = b[11] = 5.0  # a float64 tie
     W[11] = W[10]
-    vals, idx = ENCODERS["torch"](x, W, b, 12, b_pre)
+    vals, idx = torch_encode.topk_encode(x, W, b, 12, b_pre, chunk_size=300, static=static)
     assert vals.dtype == FP64
     assert_reference_order(vals, idx, x, W, b, b_pre, 12)
 
@@ -299,3 +302,18 @@ def test_fold_pre_bias_matches_float64_and_writes_only_its_output(dtype, n_featu
     assert got.data_ptr() == guarded[1:].data_ptr() and torch.isfinite(got).all()
     assert (got.double() - want).abs().max().item() <= 1e-5 * max(scale, 1.0)
     assert guarded[0].isnan() and guarded[-1].isnan(), "the kernel wrote outside its output"
+
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["threshold-select", "static"])
+def test_a_later_chunks_last_column_just_above_the_floor_is_chosen(static):
+    """k = 1 over two chunks of 9 features (one group of 8 and a last column compared on its own): the
+    first chunk's best (1.0) sets the floor; the second chunk's last column holds the next float above
+    it, which must win (a select that dropped values equal to its threshold, nextafter(floor), would not)."""
+    from flashsae.kernels import torch_encode
+
+    above = torch.nextafter(torch.tensor(1.0), torch.tensor(2.0)).item()
+    W = torch.tensor([1.0] + [0.5] * 8 + [0.25] * 8 + [above])[:, None]
+    x, b = torch.ones(1, 1), torch.zeros(18)
+    vals, idx = torch_encode.topk_encode(x, W, b, 1, chunk_size=9, static=static)
+    assert idx.tolist() == [[17]] and vals.item() == above
