@@ -182,7 +182,7 @@ def test_no_tokens_give_empty_outputs(backend):
     assert vals.shape == idx.shape == (0, 7) and vals.dtype == BF16 and idx.dtype == torch.int64
 
 
-@pytest.mark.parametrize("static", [False, True], ids=["threshold-select", "static"])
+@pytest.mark.parametrize("static", [False, True], ids=["torch-threshold-select", "torch-static"])
 def test_float64_on_the_torch_backend_is_exact_in_float64(static):
     from flashsae.kernels import torch_encode
 
@@ -305,7 +305,7 @@ def test_fold_pre_bias_matches_float64_and_writes_only_its_output(dtype, n_featu
 
 
 
-@pytest.mark.parametrize("static", [False, True], ids=["threshold-select", "static"])
+@pytest.mark.parametrize("static", [False, True], ids=["torch-threshold-select", "torch-static"])
 def test_a_later_chunks_last_column_just_above_the_floor_is_chosen(static):
     """k = 1 over two chunks of 9 features (one group of 8 and a last column compared on its own): the
     first chunk's best (1.0) sets the floor; the second chunk's last column holds the next float above
