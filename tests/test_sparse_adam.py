@@ -291,15 +291,15 @@ def test_uncoalesced_accumulated_sparse_gradients_are_summed_per_row(backend, ki
 @pytest.mark.parametrize("kind", ["few-rows", "many-rows", "dense", "dense-with-valid"])
 @pytest.mark.parametrize("dtype,moments", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
                                            (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)])
-def test_the_cpu_blocked_step_is_the_static_step_bit_for_bit(monkeypatch, kind, dtype, moments):
+def test_the_torch_cpu_blocked_step_is_the_static_step_bit_for_bit(monkeypatch, kind, dtype, moments):
     """The CPU step (blocks of 3 rows here: the valid rows gathered, or a dense gradient's blocks updated in
     place) and the static-size step (padding slots, masked writes) run the same arithmetic: every
     parameter, moment, step count and low bit agrees."""
     from flashsae.kernels import reference
     from tests.oracles import static_sparse_adam_step_
 
-    monkeypatch.setattr(reference, "ADAM_BLOCK_ELEMENTS", 3 * 40)
-    n, width = 23, 40
+    monkeypatch.setattr(reference, "ADAM_BLOCK_ELEMENTS", 3 * 16)
+    n, width = 23, 16  # more rows than columns: a loop over the wrong dimension would miss rows
     g = torch.Generator().manual_seed(11)
     w0 = torch.randn(n, width, generator=g).to(dtype)
     w0[:, 0] = -0.0
@@ -314,9 +314,9 @@ def test_the_cpu_blocked_step_is_the_static_step_bit_for_bit(monkeypatch, kind, 
     for step in range(3):
         n_touched = 15 if kind == "many-rows" else 9
         touched = torch.randperm(n, generator=g)[:n_touched].sort().values
-        ever[touched] = kind != "dense"  # a dense gradient without valid touches every row
         if step == 1:
             touched[0] = 0  # a valid row 0 among the padding slots that also name row 0
+        ever[touched] = kind != "dense"  # a dense gradient without valid touches every row
         if kind.endswith("rows"):
             rows = torch.cat([touched, torch.zeros(4, dtype=torch.int64)])
             valid = torch.arange(n_touched + 4) < n_touched
@@ -339,3 +339,32 @@ def test_the_cpu_blocked_step_is_the_static_step_bit_for_bit(monkeypatch, kind, 
         assert (~ever).any() and torch.equal(bits(states[0][0][~ever]), bits(w0[~ever]))
         assert torch.equal(bits(states[0][1][~ever]), bits(m0[~ever]))
         assert torch.equal(bits(states[0][2][~ever]), bits(v0[~ever]))
+
+
+@pytest.mark.parametrize("backend", ["torch", STATIC_TORCH])
+@pytest.mark.parametrize("unit_norm", [False, True])
+def test_torch_step_with_a_dense_gradient_and_valid_rows_matches_float64_lazy_adam(backend, unit_norm):
+    """The backend contract's dense form (grad [n, m], rows=None, valid [n]): the valid rows take lazy Adam's
+    float64 update with their own step counts, the others keep every bit whatever their gradient holds."""
+    from flashsae.kernels.registry import get_backend
+
+    n, width = 11, 384
+    g = torch.Generator().manual_seed(12)
+    w0 = torch.randn(n, width, generator=g)
+    w0 = w0 / w0.norm(dim=1, keepdim=True)
+    state = [w0.clone(), torch.zeros(n, width), torch.zeros(n, width), torch.zeros(n, dtype=torch.int64)]
+    steps = []
+    for touched in ([0, 3, 4, 9], [3, 5, 9, 10], [0, 3]):
+        rows = torch.tensor(touched)
+        grad = torch.randn(n, width, generator=g)
+        steps.append((rows, grad[rows]))
+        valid = torch.zeros(n, dtype=torch.bool).index_fill_(0, rows, True)
+        get_backend(backend, "cpu").sparse_adam_step_(state[0], grad, None, valid, *state[1:], lr=LR, beta1=BETAS[0],
+                                                       beta2=BETAS[1], eps=EPS, unit_norm=unit_norm)
+    w_ref, m_ref, v_ref, t_ref = lazy_adam_reference(w0, steps, unit_norm)
+    assert torch.equal(state[3], t_ref)
+    torch.testing.assert_close(state[0].double(), w_ref, rtol=0, atol=2e-6)
+    torch.testing.assert_close(state[1].double(), m_ref, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(state[2].double(), v_ref, rtol=1e-5, atol=1e-9)
+    never = torch.tensor([1, 2, 6, 7, 8])
+    assert torch.equal(bits(state[0][never]), bits(w0[never])) and not state[1][never].any()
