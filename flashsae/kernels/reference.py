@@ -288,8 +288,8 @@ def _blocked_adam_step_(
             put = lambda t, new: None if new.data_ptr() == t[part].data_ptr() else t[part].copy_(new)  # noqa: E731
         else:
             index = rows[part]
-            take = lambda t: t.index_select(0, index)  # noqa: E731
-            put = lambda t, new: t.index_copy_(0, index, new.to(t.dtype))  # noqa: E731
+            take = lambda t: take_rows(t, index)  # noqa: E731
+            put = lambda t, new: write_rows_(t, index, new, None)  # noqa: E731
         w = join_master(take(param), take(low)) if low is not None else take(param).to(acc_dtype)
         m, v = take(exp_avg).to(acc_dtype), take(exp_avg_sq).to(acc_dtype)
         _adam_rows_(w, grad[part].to(acc_dtype), m, v, step_size[part], bc2_sqrt[part],
