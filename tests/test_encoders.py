@@ -194,6 +194,34 @@ def test_float64_on_the_torch_backend_is_exact_in_float64(static):
     assert_reference_order(vals, idx, x, W, b, b_pre, 12)
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["torch-threshold-select", "torch-static"])
+@pytest.mark.parametrize("k,chunk_size", [(1, 5), (2, 7), (5, 13)])
+def test_float64_floor_is_the_kth_best_kept_so_far(static, k, chunk_size):
+    """Small chunks and small k: a row's k-th best often comes after its k - 1 better features, in a
+    later chunk, where it must beat the floor (the k-th best kept so far, not the (k-1)-th)."""
+    from flashsae.kernels import torch_encode
+
+    x, W, b, b_pre = make_inputs(9, 40, 300, FP64, seed=60 + k)
+    vals, idx = torch_encode.topk_encode(x, W, b, k, b_pre, chunk_size=chunk_size, static=static)
+    assert_reference_order(vals, idx, x, W, b, b_pre, k)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_k_equal_to_f_with_few_or_no_positives_fills_every_feature_once(backend):
+    """k = F: a row with no positive pre-activation takes every feature in ascending order, the last
+    one included; a row with one positive takes it first, then every other feature ascending."""
+    B, d, F = 3, 16, 20
+    x, W, _, _ = make_inputs(B, d, F, FP32, seed=21)
+    W = W * 0.01
+    b = torch.full((F,), -10.0)
+    vals, idx = ENCODERS[backend](x, W, b, F, None)
+    assert torch.equal(idx, torch.arange(F).expand(B, F)) and (vals == 0).all()
+    b[7] = 10.0
+    vals, idx = ENCODERS[backend](x, W, b, F, None)
+    assert torch.equal(idx, torch.tensor([7, *range(7), *range(8, F)]).expand(B, F))
+    assert (vals[:, 0] > 0).all() and (vals[:, 1:] == 0).all()
+
+
 @pytest.mark.parametrize("backend", ["triton", "triton-fused"])
 def test_triton_backends_reject_float64_naming_the_argument(backend):
     x, W, b, _ = make_inputs(3, 8, 20, FP64, seed=2)
@@ -274,6 +302,66 @@ def test_lists_compacted_on_almost_every_tile_stay_exact(backend):
     vals, idx = ENCODERS[backend](x, W, b, k, b_pre, **split)
     assert_reference_order(vals, idx, x, W, b, b_pre, k)
     assert torch.equal(idx[:, :9].sort(dim=1).values, torch.tensor(winners).expand(3, 9))
+
+
+@pytest.mark.parametrize("backend", ["triton", "triton-fused"])
+def test_a_compaction_that_leaves_no_survivor_keeps_all_k_best(backend):
+    """The k best features come first, then many small positive ones: they fill the lists until a
+    compaction raises the floor to the k-th best, above every later value. Nothing is appended after
+    that compaction, so the k keys it keeps (the k-th included) are the answer; the search for the
+    k-th key must read only the list's own keys (the slots past its count hold poison)."""
+    B, d, F, k = 3, 8, 1200, 5
+    x, W, _, _ = make_dyadic_inputs(B, d, F, FP32, seed=15)
+    W = W / 64  # small products: the bias sets the order
+    b = 1 + torch.arange(F) / 1024  # positive and below the k best
+    b[:k] = 64.0 - torch.arange(k)
+    b[k::4] = -1.0  # never positive: a list's count at its compaction is not a multiple of the tile width
+    one_list = {"triton": {"n_slices": 1, "headroom": 1}, "triton-fused": {"n_ranges": 1}}[backend]
+    vals, idx = ENCODERS[backend](x, W, b, k, None, **one_list)
+    assert_reference_order(vals, idx, x, W, b, None, k)
+    assert torch.equal(idx, torch.arange(k).expand(B, k))
+
+
+def test_a_second_compaction_reads_only_the_lists_own_keys():
+    """One list of 128 keys (two tiles of 64 features), k = 5. The first 128 features fill it; the
+    next tile compacts it to the 5 best (features 100-104, whose old copies stay in slots 100-104).
+    Five tiles then append 19 keys each above the floor, bringing the count to 100, and a sixth
+    tile's 29 keys above the floor force a second compaction at count 100: a search for the k-th
+    key that read slot 100 (a stale copy of feature 100, the best) would count it twice, keep four
+    keys and raise the floor above the sixth tile's values, which are then never appended."""
+    B, d, F, k = 2, 8, 640, 5
+    plan = chunked_encode.select_plan(B, F, k, n_slices=1, headroom=1)
+    assert (plan.capacity, plan.blocks["BN"], plan.blocks["BL"]) == (128, 64, 64), "the test is laid out for this plan"
+    x, W, _, _ = make_dyadic_inputs(B, d, F, FP32, seed=16)
+    W = W / 4096  # tiny products: the bias sets the order
+    b = torch.full((F,), 0.5)
+    b[:128] = 1.0
+    b[100:105] = torch.tensor([64.0, 63.0, 62.0, 61.0, 60.0])
+    for tile in range(5):
+        start = 128 + 64 * tile
+        b[start : start + 19] = 61 + (19 * tile + torch.arange(19)) / 64
+    b[448:477] = 60.5
+    vals, idx = ENCODERS["triton"](x, W, b, k, None, n_slices=1, headroom=1)
+    assert_reference_order(vals, idx, x, W, b, None, k)
+    assert idx[:, :2].tolist() == [[100, 101]] * B
+
+
+def test_a_compaction_at_a_tie_keeps_exactly_k_keys_and_the_list_room_for_a_tile():
+    """Lists of 128 keys = k + BN (k = 64, tiles of 64 features). Features 0-127 fill them; the k-th
+    and (k+1)-th best (features 63 and 64) tie. The next tile compacts the lists and appends all its
+    64 features (above the floor, below the best of the first 128): a compaction that kept the tied
+    (k+1)-th key too would write one key past its list, into the next token's best key."""
+    B, d, F, k = 3, 8, 256, 64
+    plan = chunked_encode.select_plan(B, F, k, n_slices=1, headroom=1)
+    assert (plan.capacity, plan.blocks["BN"]) == (128, 64), "the test is laid out for this plan"
+    x, W, _, _ = make_dyadic_inputs(B, d, F, FP32, seed=17)
+    W = W / 4096  # tiny products: the bias sets the order
+    b = torch.full((F,), 0.5)
+    b[:128] = 10 + torch.arange(128) / 64
+    b[64], W[64] = b[63], W[63]  # the tie
+    b[128:192] = 11 + torch.arange(64) / 1024
+    vals, idx = ENCODERS["triton"](x, W, b, k, None, n_slices=1, headroom=1)
+    assert_reference_order(vals, idx, x, W, b, None, k)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

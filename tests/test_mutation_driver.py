@@ -13,7 +13,7 @@ import pytest
 from tests.mutation.__main__ import MUTMUT_CONFIG, function_lines
 from tests.mutation.forkserver import client
 from tests.mutation.groups import GROUPS, Group
-from tests.mutation.report import load_explanations
+from tests.mutation.report import MutantResult, RunInfo, load_explanations, load_run, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -129,3 +129,20 @@ def test_the_fork_server_reports_passing_and_failing_pytest_runs(tmp_path):
     finally:
         server.kill()
         server.wait()
+
+
+def test_a_recorded_run_is_reported_again_with_new_explanations(tmp_path):
+    """`--report-only` rewrites the README from results.json: the same mutants and run, the
+    explanations as they are now (an explanation added after the run turns its survivor explained)."""
+    survivor = MutantResult("flashsae/m.py", 3, "a = 1", 0, "survived", "a = 2")
+    results = [survivor, MutantResult("flashsae/m.py", 4, "b = a + 1", 0, "killed", "b = a - 1")]
+    run = RunInfo("make mutate", "2026-01-01", 42.0, 2, "2.5.1", 60, {"flashsae/m.py": "tests/test_m.py"})
+    assert write_report(results, run, {}, tmp_path) == 1
+    assert "**UNEXPLAINED**" in (tmp_path / "README.md").read_text()
+    again, again_run = load_run(tmp_path)
+    assert again == results and again_run == run
+    reason = "Equivalent: a is never read."
+    assert write_report(again, again_run, {("flashsae/m.py", "a = 1", "a = 2"): reason}, tmp_path) == 0
+    text = (tmp_path / "README.md").read_text()
+    assert reason in text and "**UNEXPLAINED**" not in text and "42 minutes" in text
+    assert "| flashsae/m.py | `tests/test_m.py` | 2 | 1 | 0 | 1 (1) | 0 |" in text

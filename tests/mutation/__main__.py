@@ -5,7 +5,8 @@ tests (`tests.mutation.groups`); it never rewrites functions into trampolines, s
 Triton parses for a ``@triton.jit`` kernel is the mutated source itself. The tree is copied into
 one scratch directory per worker (the checkout is never mutated, and workers run side by side);
 each worker has a fork server (`tests.mutation.forkserver`) so a test run costs pytest, not the
-import of torch. A mutant's tests time out at ten times their unmutated run (mutmut's rule).
+import of torch. A mutant's tests time out at ten times their unmutated run (mutmut's rule), and a
+single test that runs past `TEST_TIMEOUT_S` fails, which kills the mutant.
 
 The report (`tests.mutation.report`) goes to ``--out``: every survivor with its diff and, from
 ``tests/mutation/explained.toml``, why it cannot or need not be killed. The exit status is 1
@@ -26,14 +27,21 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import date
 from pathlib import Path
 
 from tests.mutation.groups import GROUPS, Group
-from tests.mutation.report import MutantResult, load_explanations, mutated_line, write_report
+from tests.mutation.report import (
+    MutantResult, RunInfo, describe_tests, load_explanations, mutated_line, load_run, write_report,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 # Messages and other string literals are not mutated: their wording is the API tests' business.
 DISABLED_TYPES = "string,fstring"
+# One test past this many seconds fails (pytest-timeout), which kills its mutant: a mutant that hangs a
+# kernel's loop under the interpreter costs this, not mutmut's ten times the group's whole run. The
+# slowest test of any group takes a few seconds unmutated.
+TEST_TIMEOUT_S = 60
 STATUS = {"ok_killed": "killed", "ok_suspicious": "killed", "bad_survived": "survived", "bad_timeout": "timeout",
           "skipped": "skipped", "untested": "untested"}
 
@@ -100,7 +108,8 @@ class Worker:
         ranges = {group.module: function_lines(self.root / group.module, group.functions)} if group.functions else {}
         (self.root / "mutmut_config.py").write_text(MUTMUT_CONFIG.format(ranges=json.dumps(ranges)))
         runner = shlex.join([self.python, "-m", "tests.mutation.forkserver", "client", self.socket, "--",
-                           "-x", "-q", "-p", "no:cacheprovider", *group.pytest_args()])
+                           "-x", "-q", "-p", "no:cacheprovider", "--timeout", str(TEST_TIMEOUT_S),
+                           *group.pytest_args()])
         command = [*mutmut, "run", "--paths-to-mutate", group.module, "--runner", runner, "--tests-dir", "tests",
                    "--disable-mutation-types", DISABLED_TYPES, "--no-progress", "--simple-output"]
         env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(self.root)}
@@ -170,21 +179,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--logs", default=str(REPO / "runs" / "mutation-logs"), help="mutmut's output, per module")
     parser.add_argument("--python", default=sys.executable, help="the Python that runs the tests (with torch)")
     parser.add_argument("--mutmut", default=str(Path(sys.executable).with_name("mutmut")), help="mutmut 2's script")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the report of the run recorded in --out again, with today's explanations")
     args = parser.parse_args(argv)
-    groups = [g for g in GROUPS if not args.only or any(o in g.module for o in args.only)]
     out, logs = Path(args.out), Path(args.logs)
-    logs.mkdir(parents=True, exist_ok=True)
-    start = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="flashsae-mutation-") as scratch:
-        workers = [Worker(Path(scratch) / f"worker-{i}", args.python) for i in range(max(1, args.workers))]
-        try:
-            results = run_all(groups, workers, [args.mutmut], logs)
-        finally:
-            for w in workers:
-                w.close()
-    command = "make mutate" if not args.only else "python -m tests.mutation --only " + " ".join(args.only)
-    unexplained = write_report(results, groups, load_explanations(), out, time.monotonic() - start, len(workers),
-                               command)
+    if args.report_only:
+        results, run = load_run(out)
+    else:
+        groups = [g for g in GROUPS if not args.only or any(o in g.module for o in args.only)]
+        logs.mkdir(parents=True, exist_ok=True)
+        start = time.monotonic()
+        with tempfile.TemporaryDirectory(prefix="flashsae-mutation-") as scratch:
+            workers = [Worker(Path(scratch) / f"worker-{i}", args.python) for i in range(max(1, args.workers))]
+            try:
+                results = run_all(groups, workers, [args.mutmut], logs)
+            finally:
+                for w in workers:
+                    w.close()
+        import mutmut
+
+        run = RunInfo(
+            command="make mutate" if not args.only else "python -m tests.mutation --only " + " ".join(args.only),
+            date=date.today().isoformat(), minutes=round((time.monotonic() - start) / 60, 1), workers=len(workers),
+            mutmut=mutmut.__version__, test_timeout_s=TEST_TIMEOUT_S, tests={g.module: describe_tests(g) for g in groups},
+        )
+    unexplained = write_report(results, run, load_explanations(), out)
     print(f"report: {out / 'README.md'}; {unexplained} unexplained survivors")
     return 1 if unexplained else 0
 

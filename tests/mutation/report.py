@@ -12,7 +12,6 @@ import json
 import tomllib
 from collections import Counter
 from dataclasses import asdict, dataclass
-from datetime import date
 from pathlib import Path
 
 EXPLAINED = Path(__file__).with_name("explained.toml")
@@ -56,35 +55,48 @@ def _key(result: MutantResult) -> tuple[str, str, str]:
     return result.module, result.line.strip(), result.mutant.strip()
 
 
-def write_report(
-    results: list[MutantResult], groups, explanations: dict, out: Path, seconds: float, workers: int,
-    command: str = "make mutate",
-) -> int:
-    """README.md and results.json in ``out``; returns the number of survivors without an explanation.
-    ``command`` is what was run (a run limited to some modules says so)."""
-    import mutmut
+@dataclass(frozen=True)
+class RunInfo:
+    """What was run: the command, its date, minutes, workers, mutmut's version, the per-test time limit
+    and each group's test selection (module -> text)."""
 
+    command: str
+    date: str
+    minutes: float
+    workers: int
+    mutmut: str
+    test_timeout_s: int
+    tests: dict[str, str]
+
+
+def describe_tests(group) -> str:
+    """A group's selection as the report prints it."""
+    return "; ".join(f"{path} -k {expr!r}" if expr else path for path, expr in group.tests)
+
+
+def write_report(results: list[MutantResult], run: RunInfo, explanations: dict, out: Path) -> int:
+    """README.md and results.json (the run and every mutant) in ``out``; returns the number of
+    survivors without an explanation."""
     survivors = [r for r in results if r.status in ("survived", "untested")]
     unexplained = [r for r in survivors if _key(r) not in explanations]
     lines = [
         "# Mutation testing: kernels, optimizer, trainer loss code",
         "",
-        f"`{command}` on {date.today().isoformat()} (mutmut {mutmut.__version__}, {workers} workers, "
-        f"{seconds / 60:.0f} minutes). Each mutant is written into the source file and the module's test "
-        "selection (tests/mutation/groups.py) runs under the Triton interpreter; a mutant times out at ten "
-        "times the unmutated run. String literals are not mutated. Survivors are explained in "
-        "tests/mutation/explained.toml.",
+        f"`{run.command}` on {run.date} (mutmut {run.mutmut}, {run.workers} workers, {run.minutes:.0f} minutes). "
+        "Each mutant is written into the source file and the module's test selection "
+        "(tests/mutation/groups.py) runs under the Triton interpreter; a mutant times out at ten times the "
+        f"unmutated run, and a single test past {run.test_timeout_s} s fails (it kills the mutant). String "
+        "literals are not mutated. Survivors are explained in tests/mutation/explained.toml.",
         "",
         "| module | tests | mutants | killed | timeout | survived (explained) | skipped |",
         "|---|---|---|---|---|---|---|",
     ]
-    for group in groups:
-        mine = [r for r in results if r.module == group.module]
+    for module, tests in run.tests.items():
+        mine = [r for r in results if r.module == module]
         counts = Counter(r.status for r in mine)
-        alive = [r for r in survivors if r.module == group.module]
+        alive = [r for r in survivors if r.module == module]
         explained = sum(_key(r) in explanations for r in alive)
-        tests = "; ".join(f"{path} -k {expr!r}" if expr else path for path, expr in group.tests)
-        lines.append(f"| {group.module} | `{tests}` | {len(mine) - counts['skipped']} | "
+        lines.append(f"| {module} | `{tests}` | {len(mine) - counts['skipped']} | "
                      f"{counts['killed']} | {counts['timeout']} | {len(alive)} ({explained}) | {counts['skipped']} |")
     lines += ["", f"## Survivors ({len(survivors)}, {len(unexplained)} unexplained)", ""]
     for r in sorted(survivors, key=lambda r: (r.module, r.line_number, r.index)):
@@ -92,5 +104,13 @@ def write_report(
         lines += [f"- `{r.module}:{r.line_number}` `{r.line.strip()}` -> `{r.mutant.strip()}`: {reason}"]
     out.mkdir(parents=True, exist_ok=True)
     (out / "README.md").write_text("\n".join(lines) + "\n")
-    (out / "results.json").write_text(json.dumps([asdict(r) for r in results], indent=1) + "\n")
+    record = {"run": asdict(run), "mutants": [asdict(r) for r in results]}
+    (out / "results.json").write_text(json.dumps(record, indent=1) + "\n")
     return len(unexplained)
+
+
+def load_run(out: Path) -> tuple[list[MutantResult], RunInfo]:
+    """The mutants and the run recorded in ``out``/results.json (to report them again with the
+    explanations as they are now)."""
+    record = json.loads((out / "results.json").read_text())
+    return [MutantResult(**r) for r in record["mutants"]], RunInfo(**record["run"])
