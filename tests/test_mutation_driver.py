@@ -13,7 +13,7 @@ import pytest
 from tests.mutation.__main__ import MUTMUT_CONFIG, function_lines
 from tests.mutation.forkserver import client
 from tests.mutation.groups import GROUPS, Group
-from tests.mutation.report import MutantResult, RunInfo, load_explanations, load_run, write_report
+from tests.mutation.report import MutantResult, RunInfo, load_explanations, load_run, merge_rerun, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -146,3 +146,18 @@ def test_a_recorded_run_is_reported_again_with_new_explanations(tmp_path):
     text = (tmp_path / "README.md").read_text()
     assert reason in text and "**UNEXPLAINED**" not in text and "42 minutes" in text
     assert "| flashsae/m.py | `tests/test_m.py` | 2 | 1 | 0 | 1 (1) | 0 |" in text
+
+
+def test_a_rerun_of_some_modules_replaces_only_their_mutants():
+    """`--only M --merge`: module M's mutants and selection come from the rerun, every other module's
+    from the recorded run, and the record names the rerun."""
+    kept = MutantResult("flashsae/a.py", 1, "x = 1", 0, "survived", "x = 2")
+    stale = MutantResult("flashsae/b.py", 1, "y = 1", 0, "survived", "y = 2")
+    fresh = MutantResult("flashsae/b.py", 1, "y = 1", 0, "killed", "y = 2")
+    first = RunInfo("make mutate", "2026-01-01", 60.0, 2, "2.5.1", 60, {"flashsae/a.py": "t_a", "flashsae/b.py": "t_b"})
+    again = RunInfo("python -m tests.mutation --only b.py", "2026-01-02", 5.0, 2, "2.5.1", 60, {"flashsae/b.py": "t_b2"})
+    results, run = merge_rerun(([kept, stale], first), ([fresh], again))
+    assert results == [kept, fresh]
+    assert run.command == "make mutate" and run.minutes == 60.0
+    assert run.tests == {"flashsae/a.py": "t_a", "flashsae/b.py": "t_b2"}
+    assert run.reruns == ("flashsae/b.py: run again on 2026-01-02 (5 minutes)",)

@@ -408,3 +408,64 @@ def test_torch_encoder_threads_do_not_share_its_pre_activation_buffer():
         assert len(results[i]) == 20
         for vals, idx in results[i]:
             assert torch.equal(vals, alone[i][0]) and torch.equal(idx, alone[i][1])
+
+
+def _float64_encoder(seed: int, B: int = 9, d: int = 24, F: int = 300):
+    g = torch.Generator().manual_seed(seed)
+    x, W = torch.randn(B, d, generator=g, dtype=torch.float64), torch.randn(F, d, generator=g, dtype=torch.float64)
+    return x, W, torch.randn(F, generator=g, dtype=torch.float64), torch.randn(d, generator=g, dtype=torch.float64)
+
+
+def test_a_mask_selects_only_among_its_features():
+    """``mask``: the top-k of the masked features alone (float64, so the values are the reference's)."""
+    x, W, b, b_pre = _float64_encoder(seed=41)
+    mask = torch.rand(300, generator=torch.Generator().manual_seed(42)) < 0.3
+    b = b + 10.0 * mask  # every masked feature fires, so no row fills zeros
+    vals, idx = ops.topk_encode(x, W, b, 7, b_pre=b_pre, mask=mask, backend="torch")
+    pre = dense_pre(x, W, b, b_pre).masked_fill(~mask, -1.0)
+    want_vals, want_idx = stable_topk(pre, 7)
+    assert torch.equal(idx, want_idx) and mask[idx].all()
+    torch.testing.assert_close(vals, want_vals, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("sparse_grad", [False, True])
+@pytest.mark.parametrize("which", ["x", "W_enc", "b_enc", "b_pre"])
+def test_a_gradient_reaches_an_input_that_alone_asks_for_it(which, sparse_grad):
+    """One input requires a gradient, the others are frozen (an attribution to x through a fixed SAE, a
+    frozen encoder with a trained bias, ...): its gradient is the dense float64 one, the others get none."""
+    inputs = dict(zip(("x", "W_enc", "b_enc", "b_pre"), _float64_encoder(seed=43)))
+    inputs[which] = inputs[which].clone().requires_grad_()
+    x, W, b, b_pre = inputs.values()
+    vals, idx = ops.topk_encode(x, W, b, 6, b_pre=b_pre, backend="torch", sparse_grad=sparse_grad)
+    weights = torch.randn(vals.shape, generator=torch.Generator().manual_seed(44), dtype=torch.float64)
+    (vals * weights).sum().backward()
+    ref = {name: t.detach().clone().requires_grad_() for name, t in inputs.items()}
+    (dense_pre(*ref.values()).gather(1, idx) * weights).sum().backward()
+    grad = inputs[which].grad
+    grad = grad.to_dense() if isinstance(grad, RowGrad) else grad
+    torch.testing.assert_close(grad, ref[which].grad, rtol=1e-12, atol=1e-12)
+    assert all(t.grad is None for name, t in inputs.items() if name != which)
+
+
+@pytest.mark.parametrize("sparse_grad", [False, True])
+def test_a_grouping_limited_to_some_pairs_gives_gradients_from_those_pairs_only(sparse_grad):
+    """`SharedGrouping.limit_to` before the backward: the rows of W_enc and b_enc get the gradient of the
+    given pairs alone (the others' gradients are known to be zero); x's gradient is untouched by it.
+    Once the pairs are grouped, limiting them is an error."""
+    x, W, b, b_pre = (t.clone().requires_grad_() for t in _float64_encoder(seed=45))
+    grouping = ops.SharedGrouping()
+    vals, idx = ops.topk_encode(x, W, b, 6, b_pre=b_pre, backend="torch", sparse_grad=sparse_grad, grouping=grouping)
+    fired = (vals > 0) & (torch.rand(vals.shape, generator=torch.Generator().manual_seed(46)) < 0.5)
+    grouping.limit_to(fired)
+    weights = torch.randn(vals.shape, generator=torch.Generator().manual_seed(47), dtype=torch.float64)
+    (vals * weights).sum().backward()
+    with pytest.raises(RuntimeError, match="already grouped"):
+        grouping.limit_to(fired)
+    ref = [t.detach().clone().requires_grad_() for t in (x, W, b, b_pre)]
+    (dense_pre(*ref).gather(1, idx) * weights * fired).sum().backward()
+    for leaf, want in ((W, ref[1].grad), (b, ref[2].grad)):
+        got = leaf.grad.to_dense() if isinstance(leaf.grad, RowGrad) else leaf.grad
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    ref_x = x.detach().clone().requires_grad_()
+    (dense_pre(ref_x, *(t.detach() for t in (W, b, b_pre))).gather(1, idx) * weights).sum().backward()
+    torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-12, atol=1e-12)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from tests.mutation.groups import GROUPS, Group
 from tests.mutation.report import (
-    MutantResult, RunInfo, describe_tests, load_explanations, mutated_line, load_run, write_report,
+    MutantResult, RunInfo, describe_tests, load_explanations, load_run, merge_rerun, mutated_line, write_report,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -181,8 +181,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mutmut", default=str(Path(sys.executable).with_name("mutmut")), help="mutmut 2's script")
     parser.add_argument("--report-only", action="store_true",
                         help="write the report of the run recorded in --out again, with today's explanations")
+    parser.add_argument("--merge", action="store_true",
+                        help="with --only: replace those modules' mutants in the run recorded in --out")
     args = parser.parse_args(argv)
+    if args.merge and not args.only:
+        parser.error("--merge needs --only (the modules to run again)")
     out, logs = Path(args.out), Path(args.logs)
+    previous = load_run(out) if args.merge else None  # (read first: a missing record fails before the run)
     if args.report_only:
         results, run = load_run(out)
     else:
@@ -203,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
             date=date.today().isoformat(), minutes=round((time.monotonic() - start) / 60, 1), workers=len(workers),
             mutmut=mutmut.__version__, test_timeout_s=TEST_TIMEOUT_S, tests={g.module: describe_tests(g) for g in groups},
         )
+        if previous is not None:
+            results, run = merge_rerun(previous, (results, run))
     unexplained = write_report(results, run, load_explanations(), out)
     print(f"report: {out / 'README.md'}; {unexplained} unexplained survivors")
     return 1 if unexplained else 0

@@ -67,6 +67,19 @@ class RunInfo:
     mutmut: str
     test_timeout_s: int
     tests: dict[str, str]
+    reruns: tuple[str, ...] = ()
+
+
+def merge_rerun(old: tuple[list[MutantResult], RunInfo], new: tuple[list[MutantResult], RunInfo]):
+    """A recorded run with some modules run again (``new``, after tests were added): the new run's
+    mutants and selections replace those modules' and the rerun is noted in the run's record."""
+    (old_results, old_run), (new_results, new_run) = old, new
+    modules = set(new_run.tests)
+    results = [r for r in old_results if r.module not in modules] + new_results
+    note = f"{', '.join(sorted(modules))}: run again on {new_run.date} ({new_run.minutes:.0f} minutes)"
+    run = RunInfo(old_run.command, old_run.date, old_run.minutes, old_run.workers, old_run.mutmut,
+                  old_run.test_timeout_s, {**old_run.tests, **new_run.tests}, (*old_run.reruns, note))
+    return results, run
 
 
 def describe_tests(group) -> str:
@@ -87,6 +100,8 @@ def write_report(results: list[MutantResult], run: RunInfo, explanations: dict, 
         "(tests/mutation/groups.py) runs under the Triton interpreter; a mutant times out at ten times the "
         f"unmutated run, and a single test past {run.test_timeout_s} s fails (it kills the mutant). String "
         "literals are not mutated. Survivors are explained in tests/mutation/explained.toml.",
+        *(["", "Modules run again after tests were added (their rows below are from the later run):", "",
+           *[f"- {note}" for note in run.reruns]] if run.reruns else []),
         "",
         "| module | tests | mutants | killed | timeout | survived (explained) | skipped |",
         "|---|---|---|---|---|---|---|",
@@ -113,4 +128,5 @@ def load_run(out: Path) -> tuple[list[MutantResult], RunInfo]:
     """The mutants and the run recorded in ``out``/results.json (to report them again with the
     explanations as they are now)."""
     record = json.loads((out / "results.json").read_text())
-    return [MutantResult(**r) for r in record["mutants"]], RunInfo(**record["run"])
+    run = record["run"]
+    return [MutantResult(**r) for r in record["mutants"]], RunInfo(**{**run, "reruns": tuple(run.get("reruns", ()))})
