@@ -212,3 +212,18 @@ def static_torch_adam():
     torch_backend = get_backend("torch", "cpu")
     return override_backend(STATIC_TORCH, dataclasses.replace(torch_backend, name=STATIC_TORCH,
                                                               sparse_adam_step_=static_sparse_adam_step_))
+
+
+UNFOLDED_TORCH = "torch-unfolded"
+
+
+def unfolded_torch():
+    """A context in which backend `UNFOLDED_TORCH` is the torch backend without AuxK's fold: the ops take
+    AuxK's selection from a second, masked pass (as for a backend that cannot fold it)."""
+    import dataclasses
+
+    from flashsae.kernels.registry import get_backend, override_backend
+
+    torch_backend = get_backend("torch", "cpu")
+    return override_backend(UNFOLDED_TORCH, dataclasses.replace(torch_backend, name=UNFOLDED_TORCH,
+                                                                topk_encode_with_aux=None))

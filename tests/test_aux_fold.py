@@ -7,6 +7,7 @@ the main selection must not change. A training step with AuxK on must match the 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import pytest
@@ -22,6 +23,7 @@ from flashsae.sae.trainer import Trainer
 from tests.encoder_checks import (
     BF16, FP16, FP32, FP64, assert_exact_topk, assert_reference_order, make_dyadic_inputs, make_inputs,
 )
+from tests.oracles import UNFOLDED_TORCH, unfolded_torch
 
 # Each folding backend's encoder pair, called directly: (with_aux, plain).
 FOLDED = {
@@ -143,9 +145,15 @@ def _param_grad(p: torch.Tensor) -> torch.Tensor:
     return p.grad.to_dense() if isinstance(p.grad, RowGrad) else p.grad
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton", "triton-fused"])
+@pytest.mark.parametrize("backend", ["torch", UNFOLDED_TORCH, "triton", "triton-fused"])
 @pytest.mark.parametrize("sparse_grad", [False, True])
 def test_op_matches_two_passes_and_aux_gradients_reach_only_w_enc_and_b_enc(backend, sparse_grad):
+    """The op (folded, or two passes where the backend does not fold) against two separate selections."""
+    with unfolded_torch() if backend == UNFOLDED_TORCH else contextlib.nullcontext():
+        _check_op_against_two_selections(backend, sparse_grad)
+
+
+def _check_op_against_two_selections(backend: str, sparse_grad: bool) -> None:
     x, W, b, b_pre = make_inputs(9, 24, 500, FP32, seed=3)
     dead = dead_mask(500, 0.3, seed=2)
     ours = [t.clone().requires_grad_() for t in (x, W, b, b_pre)]
