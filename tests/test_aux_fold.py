@@ -23,6 +23,7 @@ from flashsae.sae.trainer import Trainer
 from tests.encoder_checks import (
     BF16, FP16, FP32, FP64, assert_exact_topk, assert_reference_order, make_dyadic_inputs, make_inputs,
 )
+from tests.grads import touched_rows
 from tests.oracles import UNFOLDED_TORCH, unfolded_torch
 
 # Each folding backend's encoder pair, called directly: (with_aux, plain).
@@ -170,6 +171,34 @@ def _check_op_against_two_selections(backend: str, sparse_grad: bool) -> None:
     if sparse_grad:  # compact rows: never an F x d gradient
         for p in ours[1:3]:
             assert isinstance(p.grad, RowGrad) and all(part.values.shape[0] <= 9 * 20 for part in p.grad.parts)
+
+
+@pytest.mark.parametrize("sparse_grad", [False, True])
+@pytest.mark.parametrize("which", [("W_enc",), ("b_enc",), ("x", "W_enc", "b_enc", "b_pre")])
+def test_aux_output_alone_gives_its_gradients_to_exactly_w_enc_and_b_enc(which, sparse_grad):
+    """Only AuxK's output reaches the loss (the main one unused): W_enc and b_enc, where they ask for it,
+    get the masked selection's gradient and, as compact rows, touch only the dead features that fired;
+    x and b_pre get none (AuxK holds them constant)."""
+    x, W, b, b_pre = make_inputs(9, 24, 500, FP32, seed=5)
+    dead = dead_mask(500, 0.3, seed=6)
+    inputs = {"x": x, "W_enc": W, "b_enc": b, "b_pre": b_pre}
+    ours = {name: t.clone().requires_grad_(name in which) for name, t in inputs.items()}
+    *_, aux_vals, aux_idx = ops.topk_encode_with_aux(ours["x"], ours["W_enc"], ours["b_enc"], 7, 20, dead,
+                                                     b_pre=ours["b_pre"], backend="torch", sparse_grad=sparse_grad)
+    (aux_vals ** 3).sum().backward()
+    ref = {name: t.clone().requires_grad_(name in which and name in ("W_enc", "b_enc")) for name, t in inputs.items()}
+    ref_vals, ref_idx = ops.topk_encode(ref["x"], ref["W_enc"], ref["b_enc"], 20, b_pre=ref["b_pre"], mask=dead,
+                                        backend="torch")
+    (ref_vals ** 3).sum().backward()
+    assert torch.equal(aux_idx, ref_idx)
+    fired = torch.unique(aux_idx[aux_vals > 0])
+    for name in which:
+        if name in ("x", "b_pre"):
+            assert ours[name].grad is None, name
+            continue
+        torch.testing.assert_close(_param_grad(ours[name]), ref[name].grad)
+        if sparse_grad:
+            assert torch.equal(touched_rows(ours[name].grad), fired), name
 
 
 def test_op_with_an_unused_aux_output_and_bad_arguments():
