@@ -469,3 +469,58 @@ def test_a_grouping_limited_to_some_pairs_gives_gradients_from_those_pairs_only(
     ref_x = x.detach().clone().requires_grad_()
     (dense_pre(ref_x, *(t.detach() for t in (W, b, b_pre))).gather(1, idx) * weights).sum().backward()
     torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("which", ["vals", "W_dec", "b_dec"])
+def test_a_decode_gradient_reaches_an_input_that_alone_asks_for_it(which):
+    """One of vals, W_dec, b_dec requires a gradient (a frozen decoder under a trained encoder, ...): its
+    gradient is the dense float64 one and the frozen ones get none."""
+    g = torch.Generator().manual_seed(48)
+    inputs = {"vals": torch.rand(9, 8, generator=g, dtype=torch.float64),
+              "W_dec": torch.randn(50, 24, generator=g, dtype=torch.float64),
+              "b_dec": torch.randn(24, generator=g, dtype=torch.float64)}
+    idx = torch.randint(0, 50, (9, 8), generator=g)
+    inputs[which] = inputs[which].clone().requires_grad_()
+    grad_out = torch.randn(9, 24, generator=g, dtype=torch.float64)
+    ops.sparse_decode(inputs["vals"], idx, inputs["W_dec"], inputs["b_dec"], backend="torch").backward(grad_out)
+    ref = {name: t.detach().clone().requires_grad_(name == which) for name, t in inputs.items()}
+    (torch.einsum("tk,tkd->td", ref["vals"], ref["W_dec"][idx]) + ref["b_dec"]).backward(grad_out)
+    torch.testing.assert_close(inputs[which].grad, ref[which].grad, rtol=1e-12, atol=1e-12)
+    assert all(t.grad is None for name, t in inputs.items() if name != which)
+
+
+def _encoder_ops_with_defaults(W, dead):
+    """Each encoder op called with its defaults (x, b_enc, b_pre fixed by the caller): name -> call(x, b_enc)."""
+    return {
+        "topk_encode": lambda x, b: ops.topk_encode(x, W, b, 3, backend="torch"),
+        "topk_encode_with_aux": lambda x, b: ops.topk_encode_with_aux(x, W, b, 3, 4, dead, backend="torch")[:2],
+        "batch_topk_encode": lambda x, b: ops.batch_topk_encode(x, W, b, 3, backend="torch"),
+        "threshold_encode": lambda x, b: ops.threshold_encode(x, W, b, 0.1, backend="torch"),
+    }
+
+
+@pytest.mark.parametrize("name", ["topk_encode", "topk_encode_with_aux", "batch_topk_encode", "threshold_encode"])
+def test_encoder_defaults_are_dense_gradients_and_a_finite_check(name):
+    """Without options an encoder gives W_enc and b_enc plain dense gradients (RowGrad is an opt-in)
+    and rejects non-finite x."""
+    x, W, b, _ = make_encoder(5, 16, 60, torch.float32, seed=49)
+    W, b = W.requires_grad_(), b.requires_grad_()
+    call = _encoder_ops_with_defaults(W, torch.arange(60) % 2 == 0)[name]
+    vals, _ = call(x, b)
+    vals.sum().backward()
+    assert type(W.grad) is torch.Tensor and type(b.grad) is torch.Tensor
+    x[2, 5] = float("nan")
+    with pytest.raises(ValueError, match="row 2"):
+        call(x, b.detach())
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_decoder_defaults_are_dense_gradients(nested):
+    g = torch.Generator().manual_seed(50)
+    vals, idx = torch.rand(9, 8, generator=g), torch.randint(0, 50, (9, 8), generator=g)
+    W, b = torch.randn(50, 24, generator=g).requires_grad_(), torch.randn(24, generator=g)
+    if nested:
+        ops.sparse_decode_nested(vals, idx, torch.arange(8).expand(9, 8) // 4, 2, W, b, backend="torch").sum().backward()
+    else:
+        ops.sparse_decode(vals, idx, W, b, backend="torch").sum().backward()
+    assert type(W.grad) is torch.Tensor
