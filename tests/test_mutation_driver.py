@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.mutation.__main__ import MUTMUT_CONFIG, function_lines
+from tests.mutation.__main__ import MUTMUT_CONFIG, function_lines, selected_lines
 from tests.mutation.forkserver import client
 from tests.mutation.groups import GROUPS, Group
 from tests.mutation.report import MutantResult, RunInfo, load_explanations, load_run, merge_rerun, write_report
@@ -161,3 +161,19 @@ def test_a_rerun_of_some_modules_replaces_only_their_mutants():
     assert run.command == "make mutate" and run.minutes == 60.0
     assert run.tests == {"flashsae/a.py": "t_a", "flashsae/b.py": "t_b2"}
     assert run.reruns == ("flashsae/b.py: run again on 2026-01-02 (5 minutes)",)
+
+
+def test_the_parts_of_a_sharded_group_cover_every_line_once(tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text("".join(f"x{i} = {i}\n" for i in range(101)))
+    for shards in (1, 2, 3):
+        group = Group("m.py", (("tests/test_m.py", ""),), shards=shards)
+        parts = [selected_lines(source, group, shard) for shard in range(shards)]
+        if shards == 1:
+            assert parts == [None]  # every line
+            continue
+        covered = [line for ranges in parts for a, b in ranges for line in range(a, b + 1)]
+        assert covered == list(range(101))
+    sharded_functions = Group("m.py", (("tests/test_m.py", ""),), functions=("f",), shards=2)
+    with pytest.raises(ValueError, match="not sharded"):
+        selected_lines(source, sharded_functions, 0)

@@ -101,12 +101,14 @@ class Worker:
         self.server.kill()
         self.server.wait()
 
-    def run(self, group: Group, mutmut: list[str], log: Path) -> list[MutantResult]:
-        """Every mutant of ``group.module``, tested by ``group.tests``; mutmut's output to ``log``."""
+    def run(self, group: Group, shard: int, mutmut: list[str], log: Path) -> list[MutantResult]:
+        """Every mutant of ``group.module`` (of its part ``shard`` when sharded), tested by ``group.tests``;
+        mutmut's output to ``log`` and its cache next to it."""
         cache = self.root / ".mutmut-cache"
         cache.unlink(missing_ok=True)
-        ranges = {group.module: function_lines(self.root / group.module, group.functions)} if group.functions else {}
-        (self.root / "mutmut_config.py").write_text(MUTMUT_CONFIG.format(ranges=json.dumps(ranges)))
+        ranges = selected_lines(self.root / group.module, group, shard)
+        config = {group.module: ranges} if ranges is not None else {}
+        (self.root / "mutmut_config.py").write_text(MUTMUT_CONFIG.format(ranges=json.dumps(config)))
         runner = shlex.join([self.python, "-m", "tests.mutation.forkserver", "client", self.socket, "--",
                            "-x", "-q", "-p", "no:cacheprovider", "--timeout", str(TEST_TIMEOUT_S),
                            *group.pytest_args()])
@@ -117,7 +119,24 @@ class Worker:
             done = subprocess.run(command, cwd=self.root, env=env, stdout=out, stderr=subprocess.STDOUT)
         if not cache.exists() or done.returncode & 1:  # 1: mutmut's fatal error (the unmutated tests failed)
             raise RuntimeError(f"mutmut failed on {group.module} (exit {done.returncode}); see {log}")
-        return read_results(self.root, cache, group.module)
+        shutil.copy2(cache, log.with_suffix(".mutmut-cache"))
+        results = read_results(self.root, cache, group.module)
+        if group.shards > 1:  # the other parts' lines were skipped here and are reported by their own jobs
+            results = [r for r in results if any(a <= r.line_number - 1 <= b for a, b in ranges)]
+        return results
+
+
+def selected_lines(path: Path, group: Group, shard: int) -> list[tuple[int, int]] | None:
+    """0-based [first, last] line ranges mutated in part ``shard`` of ``group``; None: every line."""
+    if group.functions:
+        if group.shards > 1:
+            raise ValueError(f"{group.module}: a group limited to functions is not sharded")
+        return function_lines(path, group.functions)
+    if group.shards == 1:
+        return None
+    n_lines = len(path.read_text().splitlines())
+    bounds = [n_lines * i // group.shards for i in range(group.shards + 1)]
+    return [(bounds[shard], bounds[shard + 1] - 1)]
 
 
 def read_results(root: Path, cache: Path, module: str) -> list[MutantResult]:
@@ -134,10 +153,11 @@ def read_results(root: Path, cache: Path, module: str) -> list[MutantResult]:
 
 
 def run_all(groups: list[Group], workers: list[Worker], mutmut: list[str], logs: Path) -> list[MutantResult]:
-    """The groups, biggest first, on the workers side by side."""
-    todo: queue.Queue[Group] = queue.Queue()
+    """The groups' jobs (one per shard), in the groups' order, on the workers side by side."""
+    todo: queue.Queue[tuple[Group, int]] = queue.Queue()
     for group in groups:
-        todo.put(group)
+        for shard in range(group.shards):
+            todo.put((group, shard))
     results: list[MutantResult] = []
     failures: list[str] = []
     lock = threading.Lock()
@@ -145,12 +165,14 @@ def run_all(groups: list[Group], workers: list[Worker], mutmut: list[str], logs:
     def work(worker: Worker) -> None:
         while True:
             try:
-                group = todo.get_nowait()
+                group, shard = todo.get_nowait()
             except queue.Empty:
                 return
+            name = group.module if group.shards == 1 else f"{group.module} (part {shard + 1} of {group.shards})"
+            log = logs / (group.module.replace("/", "_") + ("" if group.shards == 1 else f".part{shard + 1}") + ".log")
             start = time.monotonic()
             try:
-                found = worker.run(group, mutmut, logs / (group.module.replace("/", "_") + ".log"))
+                found = worker.run(group, shard, mutmut, log)
             except RuntimeError as err:
                 with lock:
                     failures.append(str(err))
@@ -158,8 +180,7 @@ def run_all(groups: list[Group], workers: list[Worker], mutmut: list[str], logs:
             with lock:
                 results.extend(found)
                 counts = {s: sum(r.status == s for r in found) for s in ("killed", "survived", "timeout")}
-                print(f"{group.module}: {len(found)} mutants, {counts} in {time.monotonic() - start:.0f} s",
-                      flush=True)
+                print(f"{name}: {len(found)} mutants, {counts} in {time.monotonic() - start:.0f} s", flush=True)
 
     threads = [threading.Thread(target=work, args=(w,)) for w in workers]
     for t in threads:

@@ -16,11 +16,14 @@ from pathlib import Path
 class Group:
     """``module``: a source file; ``tests``: (test file or ``file::test``, ``-k`` expression or "" for all of
     it) pairs, run in that order (the quickest killers first: pytest stops at the first failure);
-    ``functions``: only these functions (``Class.method`` or ``name``) are mutated, when given."""
+    ``functions``: only these functions (``Class.method`` or ``name``) are mutated, when given; ``shards``: the
+    module's lines split into this many contiguous parts, each run as its own job (a long group spread over
+    the workers; not with ``functions``)."""
 
     module: str
     tests: tuple[tuple[str, str], ...]
     functions: tuple[str, ...] = ()
+    shards: int = 1
 
     def pytest_args(self) -> list[str]:
         """The test paths in order and one ``-k`` expression that keeps each path's expression to its tests."""
@@ -46,7 +49,7 @@ GROUPS: tuple[Group, ...] = (
         (ROWS, "torch and not dtype2"),
         ("tests/test_registry.py", "not triton_is_not_imported"),  # (a subprocess: 4 s, and ops.py imports no Triton)
         ("tests/test_rowgrad.py", ""),
-    )),
+    ), shards=2),
     Group("flashsae/kernels/reference.py", (
         (PRECISION, "(torch and not thousand) or split_and_join or reference_scalars"),
         (ROWS, "torch and not dtype2"),
