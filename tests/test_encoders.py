@@ -207,17 +207,21 @@ def test_float64_floor_is_the_kth_best_kept_so_far(static, k, chunk_size):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_k_equal_to_f_with_few_or_no_positives_fills_every_feature_once(backend):
+@pytest.mark.parametrize("F,split", [(20, False), (200, True)])
+def test_k_equal_to_f_with_few_or_no_positives_fills_every_feature_once(backend, F, split):
     """k = F: a row with no positive pre-activation takes every feature in ascending order, the last
-    one included; a row with one positive takes it first, then every other feature ascending."""
-    B, d, F = 3, 16, 20
+    one included; a row with one positive takes it first, then every other feature ascending. Split
+    over two slices / ranges / chunks, every zero at a boundary must come from its own part, once."""
+    B, d = 3, 16
     x, W, _, _ = make_inputs(B, d, F, FP32, seed=21)
     W = W * 0.01
     b = torch.full((F,), -10.0)
-    vals, idx = ENCODERS[backend](x, W, b, F, None)
+    options = {"torch": {"chunk_size": 64}, "triton": {"n_slices": 2}, "triton-fused": {"n_ranges": 2}}[backend]
+    options = options if split else {}
+    vals, idx = ENCODERS[backend](x, W, b, F, None, **options)
     assert torch.equal(idx, torch.arange(F).expand(B, F)) and (vals == 0).all()
     b[7] = 10.0
-    vals, idx = ENCODERS[backend](x, W, b, F, None)
+    vals, idx = ENCODERS[backend](x, W, b, F, None, **options)
     assert torch.equal(idx, torch.tensor([7, *range(7), *range(8, F)]).expand(B, F))
     assert (vals[:, 0] > 0).all() and (vals[:, 1:] == 0).all()
 
