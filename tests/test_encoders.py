@@ -351,10 +351,11 @@ def test_a_second_compaction_reads_only_the_lists_own_keys():
 
 
 def test_a_compaction_at_a_tie_keeps_exactly_k_keys_and_the_list_room_for_a_tile():
-    """Lists of 128 keys = k + BN (k = 64, tiles of 64 features). Features 0-127 fill them; the k-th
-    and (k+1)-th best (features 63 and 64) tie. The next tile compacts the lists and appends all its
-    64 features (above the floor, below the best of the first 128): a compaction that kept the tied
-    (k+1)-th key too would write one key past its list, into the next token's best key."""
+    """Lists of 128 keys = k + BN (k = 64, tiles of 64 features). Features 0-127 fill them: feature 0 is
+    the best (its key in slot 0), and the k-th and (k+1)-th best (features 64 and 65) tie. The next tile
+    compacts the lists and appends all its 64 features (above the floor, below the best of the first
+    128): a compaction that kept a (k+1)-th key (the tied one, or any after a count that missed slot 0)
+    would write one key past its list, into the next token's best key."""
     B, d, F, k = 3, 8, 256, 64
     plan = chunked_encode.select_plan(B, F, k, n_slices=1, headroom=1)
     assert (plan.capacity, plan.blocks["BN"]) == (128, 64), "the test is laid out for this plan"
@@ -362,10 +363,12 @@ def test_a_compaction_at_a_tie_keeps_exactly_k_keys_and_the_list_room_for_a_tile
     W = W / 4096  # tiny products: the bias sets the order
     b = torch.full((F,), 0.5)
     b[:128] = 10 + torch.arange(128) / 64
-    b[64], W[64] = b[63], W[63]  # the tie
-    b[128:192] = 11 + torch.arange(64) / 1024
+    b[0] = 12.5
+    b[65], W[65] = b[64], W[64]  # the tie
+    b[128:192] = 11.02 + torch.arange(64) / 1024
     vals, idx = ENCODERS["triton"](x, W, b, k, None, n_slices=1, headroom=1)
     assert_reference_order(vals, idx, x, W, b, None, k)
+    assert (idx[:, 0] == 0).all()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
