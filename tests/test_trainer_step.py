@@ -3,12 +3,15 @@ features forced dead (with its coefficient and its dead-window gate), every grad
 and the parameters after one plain SGD step (which the trainer follows with its decoder upkeep)."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
+from flashsae.sae.architecture import Architecture
 from flashsae.sae.diagnostics import FiringTracker
 from flashsae.sae.model import TopKSAE
-from flashsae.sae.trainer import Trainer
+from flashsae.sae.trainer import NonFiniteError, Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes (conftest)
 
@@ -200,3 +203,48 @@ def test_fvu_is_nan_for_a_batch_without_variance_and_exact_for_a_tiny_one():
     assert 0 < expected["var"] < 1
     trainer.step(x)
     assert trainer.read_metrics()["fvu"] == pytest.approx(expected["fvu"], rel=1e-5)
+
+
+# --------------------------------------------------------------------------------- the variants' steps
+def _variant_sae(arch: Architecture) -> TopKSAE:
+    gen = torch.Generator().manual_seed(3)
+    sae = TopKSAE(D, F, K, backend="torch", arch=arch)
+    with torch.no_grad():
+        sae.W_enc.add_(0.4 * torch.randn(F, D, generator=gen))
+        sae.b_enc.copy_(0.1 * torch.randn(F, generator=gen))
+        sae.b_dec.copy_(0.3 * torch.randn(sae.d_out, generator=gen))
+    return sae
+
+
+def test_a_matryoshka_step_descends_the_sum_of_every_levels_squared_error():
+    """The loss is (||x_hat - x||^2 + sum over the inner levels of ||level - x||^2) / (B * D): one SGD step
+    moves the encoder and b_dec by the float64 gradient of exactly that sum."""
+    arch = Architecture(matryoshka_widths=(6, 12, F))
+    sae = _variant_sae(arch)
+    x = make_batch(sae)
+    ref = copy.deepcopy(sae).to(torch.float64)
+    out = ref(x.double(), check_finite=False)
+    loss = (out.x_hat - x.double()).pow(2).sum() + (out.levels[:-1] - x.double()).pow(2).sum()
+    (loss / (B * D)).backward()
+    Trainer(sae, torch.optim.SGD(sae.parameters(), lr=LR)).step(x)
+    for name in ("W_enc", "b_enc", "b_dec"):
+        want = getattr(ref, name).detach() - LR * getattr(ref, name).grad
+        torch.testing.assert_close(getattr(sae, name).detach().double(), want, **TOL, msg=name)
+
+
+@pytest.mark.parametrize("bad", ["x", "y", "both"])
+def test_a_transcoder_step_stops_on_nan_in_its_input_or_its_target(bad):
+    """check_every_step: a NaN in x, in y or in both stops the step before the weights move."""
+    sae = _variant_sae(Architecture(transcoder=True, d_out=7))
+    trainer = Trainer(sae, torch.optim.SGD(sae.parameters(), lr=LR), check_every_step=True)
+    gen = torch.Generator().manual_seed(5)
+    x, y = torch.randn(B, D, generator=gen), torch.randn(B, 7, generator=gen)
+    trainer.step(x, y)  # a good step first
+    before = {n: p.detach().clone() for n, p in sae.named_parameters()}
+    if bad in ("x", "both"):
+        x[3, 2] = float("nan")
+    if bad in ("y", "both"):
+        y[5, 1] = float("nan")
+    with pytest.raises(NonFiniteError, match="^step 2: the batch of activations contains NaN or Inf"):
+        trainer.step(x, y)
+    assert all(torch.equal(p, before[n]) for n, p in sae.named_parameters())

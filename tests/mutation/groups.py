@@ -125,6 +125,7 @@ GROUPS: tuple[Group, ...] = (
     )),
     Group("flashsae/sae/trainer.py", (
         ("tests/test_trainer_step.py", ""), ("tests/test_train.py", "aux_k or deferred or nan or lowers_fvu"),
+        ("tests/test_variants_model.py", "threshold_is_the_moving_average or transcoder_steps_need_their_target"),
     ), functions=("Trainer._device_step", "Trainer._aux_k_loss", "Trainer._aux_active", "Trainer._note_nonfinite",
                   "Trainer.check_finite", "Trainer.read_metrics")),
     Group("flashsae/optim.py", (
