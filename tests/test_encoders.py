@@ -371,6 +371,18 @@ def test_a_compaction_at_a_tie_keeps_exactly_k_keys_and_the_list_room_for_a_tile
     assert (idx[:, 0] == 0).all()
 
 
+@pytest.mark.parametrize("backend", ["triton", "triton-fused"])
+def test_a_tile_with_a_single_survivor_appends_it(backend):
+    """k = 1, one token: 1.0 everywhere fills the list, a compaction raises the floor to 1.0, and the one
+    feature above it (2.0) is alone in its tile: it must be appended and chosen."""
+    x, W, _, _ = make_dyadic_inputs(1, 8, 300, FP32, seed=18)
+    b = torch.ones(300)
+    b[200] = 2.0
+    one_list = {"triton": {"n_slices": 1, "headroom": 1}, "triton-fused": {"n_ranges": 1}}[backend]
+    vals, idx = ENCODERS[backend](x, W * 0, b, 1, None, **one_list)
+    assert idx.tolist() == [[200]] and vals.tolist() == [[2.0]]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_an_infinite_pre_activation_is_the_largest(backend):
     """+inf survives the ReLU as +inf (its bit pattern is the largest non-NaN one) and is selected first."""

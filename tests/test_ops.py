@@ -524,3 +524,47 @@ def test_decoder_defaults_are_dense_gradients(nested):
     else:
         ops.sparse_decode(vals, idx, W, b, backend="torch").sum().backward()
     assert type(W.grad) is torch.Tensor
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_decode_index_checks_reject_the_first_index_past_the_end_and_accept_the_last(nested):
+    """idx = F (and level = n_levels) is one past the end: a ValueError naming the range; F - 1 and
+    n_levels - 1 pass; a batch of no tokens is checked without error."""
+    g = torch.Generator().manual_seed(51)
+    vals, W, b = torch.rand(4, 3, generator=g), torch.randn(20, 6, generator=g), torch.randn(6, generator=g)
+    level = torch.zeros(4, 3, dtype=torch.int64)
+
+    def decode(idx, level=level, vals=vals):
+        if nested:
+            return ops.sparse_decode_nested(vals, idx, level, 2, W, b, backend="torch")
+        return ops.sparse_decode(vals, idx, W, b, backend="torch")
+
+    last = torch.full((4, 3), 19, dtype=torch.int64)
+    decode(last)
+    with pytest.raises(ValueError, match=r"idx entries must lie in \[0, 20\), got \[19, 20\]"):
+        decode(torch.cat([last[:, :2], last[:, 2:] + 1], 1))
+    empty = torch.empty(0, 3, dtype=torch.int64)
+    assert decode(empty, level=empty, vals=vals[:0]).shape[-2:] == (0, 6)
+    if nested:
+        decode(last, level=torch.ones(4, 3, dtype=torch.int64))
+        with pytest.raises(ValueError, match=r"level entries must lie in \[0, 2\), got \[0, 2\]"):
+            decode(last, level=torch.tensor([[0, 1, 2]] * 4))
+
+
+def test_a_dtype_the_backend_does_not_take_is_named_with_the_ones_it_does():
+    x, W, b, _ = make_encoder(3, 8, 20, torch.float64, seed=52)
+    with _fp32_only_torch():
+        with pytest.raises(TypeError, match=r"x is float64, which backend 'fp32-only' does not take "
+                                            r"\(it takes float32\); float64 runs on backend='torch'"):
+            ops.topk_encode(x, W, b, 2, backend="fp32-only")
+
+
+def _fp32_only_torch():
+    """The torch backend under the name "fp32-only", taking float32 alone."""
+    import dataclasses
+
+    from flashsae.kernels.registry import get_backend, override_backend
+
+    torch_backend = get_backend("torch", "cpu")
+    return override_backend("fp32-only", dataclasses.replace(torch_backend, name="fp32-only",
+                                                             float_dtypes=(torch.float32,)))

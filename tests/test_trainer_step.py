@@ -4,6 +4,7 @@ and the parameters after one plain SGD step (which the trainer follows with its 
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -248,3 +249,23 @@ def test_a_transcoder_step_stops_on_nan_in_its_input_or_its_target(bad):
     with pytest.raises(NonFiniteError, match="^step 2: the batch of activations contains NaN or Inf"):
         trainer.step(x, y)
     assert all(torch.equal(p, before[n]) for n, p in sae.named_parameters())
+
+
+def test_matryoshka_level_fvus_divide_by_the_batch_variance_and_are_nan_without_variance():
+    """fvu_m{width}: each inner level's squared error over the batch's centred sum of squares, exact for a
+    batch whose variance is far below 1 and NaN for a batch without variance."""
+    sae = _variant_sae(Architecture(matryoshka_widths=(6, 12, F)))
+    trainer = Trainer(sae, torch.optim.SGD(sae.parameters(), lr=0.0))
+    x = sae.b_dec.detach() + 0.01 * make_batch(sae)  # variance ~1e-4 * B * D
+    with torch.no_grad():
+        levels = sae(x).levels
+    trainer.step(x)
+    metrics = trainer.read_metrics()
+    var = (x.double() - x.double().mean(0)).pow(2).sum()
+    assert 0 < var < 1
+    for width, level in zip((6, 12), levels):
+        want = float((level.double() - x.double()).pow(2).sum() / var)
+        assert metrics[f"fvu_m{width}"] == pytest.approx(want, rel=1e-4), width
+    trainer.step(sae.b_dec.detach().expand(B, D).clone())
+    metrics = trainer.read_metrics()
+    assert all(math.isnan(metrics[f"fvu_m{width}"]) for width in (6, 12))

@@ -98,6 +98,7 @@ GROUPS: tuple[Group, ...] = (
         (f"{ENCODERS}::test_a_compaction_that_leaves_no_survivor_keeps_all_k_best", ""),
         (f"{ENCODERS}::test_a_second_compaction_reads_only_the_lists_own_keys", ""),
         (f"{ENCODERS}::test_a_compaction_at_a_tie_keeps_exactly_k_keys_and_the_list_room_for_a_tile", ""),
+        (f"{ENCODERS}::test_a_tile_with_a_single_survivor_appends_it", ""),
         (f"{ENCODERS}::test_nan_pre_activations_count_as_minus_infinity", "triton"),
         (f"{ENCODERS}::test_random_inputs_match_float64_topk", "3-40-777-5 and triton"),
         (f"{ENCODERS}::test_large_k_up_to_k_equal_to_f", "1500 and triton"),
@@ -125,7 +126,8 @@ GROUPS: tuple[Group, ...] = (
     )),
     Group("flashsae/sae/trainer.py", (
         ("tests/test_trainer_step.py", ""), ("tests/test_train.py", "aux_k or deferred or nan or lowers_fvu"),
-        ("tests/test_variants_model.py", "threshold_is_the_moving_average or transcoder_steps_need_their_target"),
+        ("tests/test_variants_model.py",
+         "threshold_is_the_moving_average or transcoder_steps_need_their_target or matryoshka_levels_fvu"),
     ), functions=("Trainer._device_step", "Trainer._aux_k_loss", "Trainer._aux_active", "Trainer._note_nonfinite",
                   "Trainer.check_finite", "Trainer.read_metrics")),
     Group("flashsae/optim.py", (
