@@ -85,7 +85,7 @@ conformance: $(DEV_STAMP)
 # Mutation testing (tests/mutation; not part of `make test`): mutmut 2, which writes each mutant into
 # the source file (Triton parses a kernel's source), mutates the kernels, ops.py, optim.py and the
 # trainer's loss code in scratch copies of the tree and runs each module's tests under the Triton
-# interpreter, MUTATE_WORKERS at a time: an hour or more on 2 cores. Writes reports/mutation/README.md;
+# interpreter, MUTATE_WORKERS at a time: about 52 minutes on 2 cores. Writes reports/mutation/README.md;
 # fails on a survivor not explained in tests/mutation/explained.toml.
 MUTMUT ?= mutmut==2.5.1
 MUTATE_WORKERS ?= 2
