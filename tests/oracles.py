@@ -203,15 +203,18 @@ def static_sparse_adam_step_(*args, **kwargs) -> None:
         reference.sparse_adam_step_(*args, **kwargs)
 
 
-def static_torch_adam():
-    """A context in which backend `STATIC_TORCH` is the torch backend with the static-size Adam step."""
+def torch_backend_variant(name: str, **changes):
+    """A context in which backend ``name`` is the torch backend with ``changes`` to its fields."""
     import dataclasses
 
     from flashsae.kernels.registry import get_backend, override_backend
 
-    torch_backend = get_backend("torch", "cpu")
-    return override_backend(STATIC_TORCH, dataclasses.replace(torch_backend, name=STATIC_TORCH,
-                                                              sparse_adam_step_=static_sparse_adam_step_))
+    return override_backend(name, dataclasses.replace(get_backend("torch", "cpu"), name=name, **changes))
+
+
+def static_torch_adam():
+    """A context in which backend `STATIC_TORCH` is the torch backend with the static-size Adam step."""
+    return torch_backend_variant(STATIC_TORCH, sparse_adam_step_=static_sparse_adam_step_)
 
 
 UNFOLDED_TORCH = "torch-unfolded"
@@ -220,10 +223,4 @@ UNFOLDED_TORCH = "torch-unfolded"
 def unfolded_torch():
     """A context in which backend `UNFOLDED_TORCH` is the torch backend without AuxK's fold: the ops take
     AuxK's selection from a second, masked pass (as for a backend that cannot fold it)."""
-    import dataclasses
-
-    from flashsae.kernels.registry import get_backend, override_backend
-
-    torch_backend = get_backend("torch", "cpu")
-    return override_backend(UNFOLDED_TORCH, dataclasses.replace(torch_backend, name=UNFOLDED_TORCH,
-                                                                topk_encode_with_aux=None))
+    return torch_backend_variant(UNFOLDED_TORCH, topk_encode_with_aux=None)

@@ -10,6 +10,7 @@ from flashsae.kernels.registry import resolve_backend
 from flashsae.rowgrad import RowGrad
 from tests.alloc_log import AllocationLog
 from tests.grads import touched_rows
+from tests.oracles import torch_backend_variant
 from tests.tolerance import assert_topk_selection, assert_within, rounding_bound
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -553,18 +554,7 @@ def test_decode_index_checks_reject_the_first_index_past_the_end_and_accept_the_
 
 def test_a_dtype_the_backend_does_not_take_is_named_with_the_ones_it_does():
     x, W, b, _ = make_encoder(3, 8, 20, torch.float64, seed=52)
-    with _fp32_only_torch():
+    with torch_backend_variant("fp32-only", float_dtypes=(torch.float32,)):
         with pytest.raises(TypeError, match=r"x is float64, which backend 'fp32-only' does not take "
                                             r"\(it takes float32\); float64 runs on backend='torch'"):
             ops.topk_encode(x, W, b, 2, backend="fp32-only")
-
-
-def _fp32_only_torch():
-    """The torch backend under the name "fp32-only", taking float32 alone."""
-    import dataclasses
-
-    from flashsae.kernels.registry import get_backend, override_backend
-
-    torch_backend = get_backend("torch", "cpu")
-    return override_backend("fp32-only", dataclasses.replace(torch_backend, name="fp32-only",
-                                                             float_dtypes=(torch.float32,)))
