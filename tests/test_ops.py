@@ -411,15 +411,9 @@ def test_torch_encoder_threads_do_not_share_its_pre_activation_buffer():
             assert torch.equal(vals, alone[i][0]) and torch.equal(idx, alone[i][1])
 
 
-def _float64_encoder(seed: int, B: int = 9, d: int = 24, F: int = 300):
-    g = torch.Generator().manual_seed(seed)
-    x, W = torch.randn(B, d, generator=g, dtype=torch.float64), torch.randn(F, d, generator=g, dtype=torch.float64)
-    return x, W, torch.randn(F, generator=g, dtype=torch.float64), torch.randn(d, generator=g, dtype=torch.float64)
-
-
 def test_a_mask_selects_only_among_its_features():
     """``mask``: the top-k of the masked features alone (float64, so the values are the reference's)."""
-    x, W, b, b_pre = _float64_encoder(seed=41)
+    x, W, b, b_pre = make_encoder(9, 24, 300, torch.float64, seed=41)
     mask = torch.rand(300, generator=torch.Generator().manual_seed(42)) < 0.3
     b = b + 10.0 * mask  # every masked feature fires, so no row fills zeros
     vals, idx = ops.topk_encode(x, W, b, 7, b_pre=b_pre, mask=mask, backend="torch")
@@ -434,7 +428,7 @@ def test_a_mask_selects_only_among_its_features():
 def test_a_gradient_reaches_an_input_that_alone_asks_for_it(which, sparse_grad):
     """One input requires a gradient, the others are frozen (an attribution to x through a fixed SAE, a
     frozen encoder with a trained bias, ...): its gradient is the dense float64 one, the others get none."""
-    inputs = dict(zip(("x", "W_enc", "b_enc", "b_pre"), _float64_encoder(seed=43)))
+    inputs = dict(zip(("x", "W_enc", "b_enc", "b_pre"), make_encoder(9, 24, 300, torch.float64, seed=43)))
     inputs[which] = inputs[which].clone().requires_grad_()
     x, W, b, b_pre = inputs.values()
     vals, idx = ops.topk_encode(x, W, b, 6, b_pre=b_pre, backend="torch", sparse_grad=sparse_grad)
@@ -453,7 +447,7 @@ def test_a_grouping_limited_to_some_pairs_gives_gradients_from_those_pairs_only(
     """`SharedGrouping.limit_to` before the backward: the rows of W_enc and b_enc get the gradient of the
     given pairs alone (the others' gradients are known to be zero); x's gradient is untouched by it.
     Once the pairs are grouped, limiting them is an error."""
-    x, W, b, b_pre = (t.clone().requires_grad_() for t in _float64_encoder(seed=45))
+    x, W, b, b_pre = (t.clone().requires_grad_() for t in make_encoder(9, 24, 300, torch.float64, seed=45))
     grouping = ops.SharedGrouping()
     vals, idx = ops.topk_encode(x, W, b, 6, b_pre=b_pre, backend="torch", sparse_grad=sparse_grad, grouping=grouping)
     fired = (vals > 0) & (torch.rand(vals.shape, generator=torch.Generator().manual_seed(46)) < 0.5)
