@@ -329,6 +329,10 @@ def flashsae(shape: Shape, device: str, backend: str = "auto") -> System:
         ops_["step_graph"] = Op(_replayed(captured_step, trainer), lambda: (xs(),))
     notes = (f"backend={resolve_backend(sae.backend, torch.device(device))}; {touched} distinct features fire per "
              f"step (mean over 4 batches); master weights={'bf16 + int16 low bits' if master else 'none needed'}")
+    if device == "cpu":
+        from flashsae.kernels import cpu_native
+
+        notes += f"; C++ CPU kernels {'on' if cpu_native.kernels() is not None else 'off (torch ops)'}"
     if device == "cuda":
         ops_["encode-fused"] = Op(
             lambda x: ops.topk_encode(x, sae.W_enc, sae.b_enc, shape.k, b_pre=sae.b_dec, backend="triton-fused",

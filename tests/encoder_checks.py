@@ -6,6 +6,7 @@ import functools
 import torch
 
 from flashsae.kernels import chunked_encode, fused_encode, torch_encode
+from tests.oracles import without_cpu_kernels
 
 FP32, BF16, FP16, FP64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
 # Absolute tolerance on a pre-activation, relative to the largest |term| sum |x - b_pre| @ |W|.T + |b|
@@ -13,13 +14,20 @@ FP32, BF16, FP16, FP64 = torch.float32, torch.bfloat16, torch.float16, torch.flo
 ACC_TOL = 1e-5
 VAL_RTOL = {FP32: 1e-6, BF16: 2**-8, FP16: 2**-11, FP64: 1e-12}
 
-# Each backend's encoder, called directly; the Triton ones poison their candidate lists first.
+# Each backend's encoder, called directly; the Triton ones poison their candidate lists first. "torch-ops"
+# is the torch backend with its C++ CPU kernel switched off (the same select in torch ops).
 ENCODERS = {
     "torch": torch_encode.topk_encode,
+    "torch-ops": without_cpu_kernels(torch_encode.topk_encode),
     "triton": functools.partial(chunked_encode.topk_encode, poison=True),
     "triton-fused": functools.partial(fused_encode.topk_encode, poison=True),
 }
 BACKENDS = tuple(ENCODERS)
+
+
+def family(backend: str) -> str:
+    """The backend whose options an ``ENCODERS`` entry takes ("torch-ops" is the torch backend)."""
+    return "torch" if backend == "torch-ops" else backend
 
 
 def make_inputs(B, d, F, dtype, seed, with_pre=True):

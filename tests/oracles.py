@@ -11,8 +11,12 @@ on a GPU. Inputs are drawn on the CPU from seeded generators; pass ``device`` to
 """
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 
+from flashsae.kernels import cpu_native
 from flashsae.kernels.reference import split_master
 from flashsae.optim import SparseAdam
 
@@ -203,6 +207,31 @@ def static_sparse_adam_step_(*args, **kwargs) -> None:
         reference.sparse_adam_step_(*args, **kwargs)
 
 
+@contextlib.contextmanager
+def cpu_kernels_off():
+    """The torch backend's C++ CPU kernels (`flashsae.kernels.cpu_native`) switched off inside the block:
+    its torch ops run instead."""
+    saved = os.environ.get(cpu_native.SWITCH)
+    os.environ[cpu_native.SWITCH] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[cpu_native.SWITCH]
+        else:
+            os.environ[cpu_native.SWITCH] = saved
+
+
+def without_cpu_kernels(fn):
+    """``fn`` run with the C++ CPU kernels switched off (`cpu_kernels_off`)."""
+
+    def run(*args, **kwargs):
+        with cpu_kernels_off():
+            return fn(*args, **kwargs)
+
+    return run
+
+
 def torch_backend_variant(name: str, **changes):
     """A context in which backend ``name`` is the torch backend with ``changes`` to its fields."""
     import dataclasses
@@ -215,6 +244,17 @@ def torch_backend_variant(name: str, **changes):
 def static_torch_adam():
     """A context in which backend `STATIC_TORCH` is the torch backend with the static-size Adam step."""
     return torch_backend_variant(STATIC_TORCH, sparse_adam_step_=static_sparse_adam_step_)
+
+
+TORCH_OPS = "torch-ops"
+
+
+def torch_ops_adam():
+    """A context in which backend `TORCH_OPS` is the torch backend whose CPU Adam step runs torch ops
+    (`_blocked_adam_step_`) rather than the C++ kernel."""
+    from flashsae.kernels import reference
+
+    return torch_backend_variant(TORCH_OPS, sparse_adam_step_=without_cpu_kernels(reference.sparse_adam_step_))
 
 
 UNFOLDED_TORCH = "torch-unfolded"

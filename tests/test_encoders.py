@@ -21,6 +21,7 @@ from tests.encoder_checks import (
     assert_exact_topk,
     assert_reference_order,
     dense_float64,
+    family,
     make_dyadic_inputs,
     make_inputs,
 )
@@ -124,7 +125,7 @@ def test_rows_without_enough_positives_fill_zeros_at_lowest_indices(backend, dty
     assert torch.equal(idx, torch.tensor([700, 2, 0, 1, 3, 4]).expand(B, k))
     assert (vals[:, :2] > 0).all() and (vals[:, 2:] == 0).all()
     b[[700, 2]] = -10.0  # ... and none at all, over one feature range or slice and over two
-    split = {"torch": {"chunk_size": 500}, "triton": {"n_slices": 2}, "triton-fused": {"n_ranges": 2}}[backend]
+    split = {"torch": {"chunk_size": 500}, "triton": {"n_slices": 2}, "triton-fused": {"n_ranges": 2}}[family(backend)]
     for options in ({}, split):
         vals, idx = ENCODERS[backend](x, W, b, k, None, **options)
         assert torch.equal(idx, torch.arange(k).expand(B, k))
@@ -143,7 +144,7 @@ def test_ties_go_to_the_lower_index_across_tiles_slices_and_ranges(backend):
     pre, _ = dense_float64(x, W, b, b_pre)
     assert (pre.topk(k + 1, dim=1).values.diff(dim=1) == 0).any(), "the test needs ties among the rest"
     splits = {"torch": [{}, {"chunk_size": 97}], "triton": [{"n_slices": 1}, {"n_slices": 5}],
-              "triton-fused": [{"n_ranges": 1}, {"n_ranges": 3}]}[backend]
+              "triton-fused": [{"n_ranges": 1}, {"n_ranges": 3}]}[family(backend)]
     for split in splits:
         vals, idx = ENCODERS[backend](x, W, b, k, b_pre, **split)
         assert torch.equal(idx[:, :5], torch.tensor(twins).expand(B, 5))
@@ -216,7 +217,7 @@ def test_k_equal_to_f_with_few_or_no_positives_fills_every_feature_once(backend,
     x, W, _, _ = make_inputs(B, d, F, FP32, seed=21)
     W = W * 0.01
     b = torch.full((F,), -10.0)
-    options = {"torch": {"chunk_size": 64}, "triton": {"n_slices": 2}, "triton-fused": {"n_ranges": 2}}[backend]
+    options = {"torch": {"chunk_size": 64}, "triton": {"n_slices": 2}, "triton-fused": {"n_ranges": 2}}[family(backend)]
     options = options if split else {}
     vals, idx = ENCODERS[backend](x, W, b, F, None, **options)
     assert torch.equal(idx, torch.arange(F).expand(B, F)) and (vals == 0).all()

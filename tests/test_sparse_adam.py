@@ -13,17 +13,18 @@ from flashsae.optim import SparseAdam
 from flashsae.rowgrad import RowGrad
 from tests.grads import touched_rows
 from tests.oracles import (
-    BETAS, EPS, LR, STATIC_TORCH, bits, check_bf16_moments, check_bf16_params, check_lazy_adam, lazy_adam_reference,
-    skipping_steps, sparse_rows_grad, static_torch_adam,
+    BETAS, EPS, LR, STATIC_TORCH, TORCH_OPS, bits, check_bf16_moments, check_bf16_params, check_lazy_adam,
+    lazy_adam_reference, skipping_steps, sparse_rows_grad, static_torch_adam, torch_ops_adam,
 )
 
-# "torch" compacts the touched rows into blocks on the CPU; STATIC_TORCH is its static-size step (GPUs).
-BACKENDS = ["torch", STATIC_TORCH, "triton"]
+# "torch" runs the C++ CPU kernel on the CPU; TORCH_OPS its torch ops (the touched rows compacted into
+# blocks); STATIC_TORCH its static-size step (GPUs).
+BACKENDS = ["torch", TORCH_OPS, STATIC_TORCH, "triton"]
 
 
 @pytest.fixture(autouse=True)
-def _static_torch_adam_backend():
-    with static_torch_adam():
+def _torch_adam_variants():
+    with static_torch_adam(), torch_ops_adam():
         yield
 
 
@@ -292,11 +293,11 @@ def test_uncoalesced_accumulated_sparse_gradients_are_summed_per_row(backend, ki
 @pytest.mark.parametrize("dtype,moments", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
                                            (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)])
 def test_the_torch_cpu_blocked_step_is_the_static_step_bit_for_bit(monkeypatch, kind, dtype, moments):
-    """The CPU step (blocks of 3 rows here: the valid rows gathered, or a dense gradient's blocks updated in
+    """The CPU step in torch ops (blocks of 3 rows here: the valid rows gathered, or a dense gradient's blocks updated in
     place) and the static-size step (padding slots, masked writes) run the same arithmetic: every
     parameter, moment, step count and low bit agrees."""
     from flashsae.kernels import reference
-    from tests.oracles import static_sparse_adam_step_
+    from tests.oracles import static_sparse_adam_step_, without_cpu_kernels
 
     monkeypatch.setattr(reference, "ADAM_BLOCK_ELEMENTS", 3 * 16)
     n, width = 23, 16  # more rows than columns: a loop over the wrong dimension would miss rows
@@ -325,7 +326,7 @@ def test_the_torch_cpu_blocked_step_is_the_static_step_bit_for_bit(monkeypatch, 
             rows = None
             valid = torch.zeros(n, dtype=torch.bool).index_fill_(0, touched, True) if kind == "dense-with-valid" else None
             grad = torch.randn(n, width, generator=g)
-        for state, run in zip(states, (reference.sparse_adam_step_, static_sparse_adam_step_)):
+        for state, run in zip(states, (without_cpu_kernels(reference.sparse_adam_step_), static_sparse_adam_step_)):
             run(state[0], grad, rows, valid, state[1], state[2], state[3], low=state[4], lr=1e-2, beta1=0.9,
                 beta2=0.999, eps=1e-8, unit_norm=True)
     for blocked, static, name in zip(states[0], states[1], ("param", "exp_avg", "exp_avg_sq", "step", "low")):

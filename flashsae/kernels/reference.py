@@ -1,4 +1,5 @@
-"""The torch backend's row and Adam primitives (`flashsae.kernels.registry.Backend`) in plain torch.
+"""The torch backend's row and Adam primitives (`flashsae.kernels.registry.Backend`) in plain torch
+(the Adam step on the CPU in the C++ kernel of `flashsae.kernels.cpu_native` when it is built).
 
 They run on any device (the CPU backend) and are the oracle the Triton kernels are tested against;
 the backend's encoder is `flashsae.kernels.torch_encode`. Nothing here materializes a dense [F, d]
@@ -10,10 +11,12 @@ makes a CUDA stream wait on the host.
 from __future__ import annotations
 
 import warnings
+from types import ModuleType
 
 import torch
 
 from ..rowgrad import write_rows_
+from . import cpu_native
 from .pairs import PairGroups
 
 # Most values a chunk of work holds at once (4M: 16 MiB of fp32 values).
@@ -217,10 +220,18 @@ def sparse_adam_step_(
     in the order of `_adam_rows_`. ``unit_norm``: remove each gradient row's component along its
     parameter row first, and rescale the updated rows to unit norm after the step.
 
-    On the CPU (`_blocked_adam_step_`) the rows are updated in cache-sized blocks; elsewhere the sizes
-    stay static (the slots are gathered, padding included, and only the valid ones written back).
+    On the CPU the C++ kernel (`flashsae.kernels.cpu_native`) updates each touched row in one pass (fp32
+    params, or bf16 with low bits, and fp32 moments; its row norms sum in float64, so it agrees with the
+    torch ops up to rounding); otherwise the CPU runs `_blocked_adam_step_` (the rows in cache-sized
+    blocks); elsewhere the sizes stay static (the slots are gathered, padding included, and only the valid
+    ones written back).
     """
     if _blocked_on_cpu(param):
+        native = _native_adam_kernels(param, low, exp_avg, exp_avg_sq)
+        if native is not None:
+            native.adam_rows_(param, low, exp_avg, exp_avg_sq, step, grad.to(torch.float32).contiguous(), rows, valid,
+                              lr, beta1, beta2, eps, unit_norm)
+            return
         _blocked_adam_step_(param, grad, rows, valid, exp_avg, exp_avg_sq, step, low=low, lr=lr, beta1=beta1,
                             beta2=beta2, eps=eps, unit_norm=unit_norm)
         return
@@ -250,6 +261,18 @@ def _blocked_on_cpu(param: torch.Tensor) -> bool:
     """Whether `sparse_adam_step_` runs `_blocked_adam_step_` (on the CPU, where a host sync is free and
     a pass over a large temporary costs a trip to memory)."""
     return param.device.type == "cpu"
+
+
+def _native_adam_kernels(
+    param: torch.Tensor, low: torch.Tensor | None, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor
+) -> ModuleType | None:
+    """The C++ CPU kernels (`flashsae.kernels.cpu_native`) when they take this step: an fp32 parameter, or a
+    bf16 one with master low bits, with fp32 moments; None otherwise (the torch ops run it)."""
+    if not (param.dtype == torch.float32 and low is None or param.dtype == torch.bfloat16 and low is not None):
+        return None
+    if exp_avg.dtype != torch.float32 or exp_avg_sq.dtype != torch.float32:
+        return None
+    return cpu_native.kernels()
 
 
 # Most elements of one block of rows in the CPU step (512 KiB in fp32): its temporaries stay in cache.

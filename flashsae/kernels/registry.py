@@ -6,7 +6,8 @@ Built-in backends:
 
 - ``"torch"``: the chunked threshold encoder `flashsae.kernels.torch_encode` and the primitives of
   `flashsae.kernels.reference`; runs on any device (the CPU backend, and the oracle the Triton
-  kernels are tested against). The only backend that takes float64.
+  kernels are tested against; on the CPU its select and Adam step run in the C++ kernels of
+  `flashsae.kernels.cpu_native` once built). The only backend that takes float64.
 - ``"triton"``: the chunked encoder (`flashsae.kernels.chunked_encode`: cuBLAS GEMM per chunk of
   features + a Triton threshold select), the row kernels (`flashsae.kernels.rows`) and the sparse
   Adam kernel (`flashsae.kernels.sparse_adam`).

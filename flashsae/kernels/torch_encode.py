@@ -1,8 +1,11 @@
 """The torch backend's encoder: chunked matmul + exact threshold select, on any device (the CPU default).
 
 For each chunk of features (ascending), ``pre = (x - b_pre) @ W[chunk].T + b[chunk]`` in fp32
-(float64 for float64 inputs; the bias added by the matmul itself, ``addmm``, into one buffer reused
-by every chunk), then only the entries of ``pre`` that can still be in their row's top-k are kept:
+(float64 for float64 inputs; the product into one buffer reused by every chunk, then the bias added),
+then only the entries of ``pre`` that can still be in their row's top-k are kept. On the CPU the C++
+kernel `flashsae.kernels.cpu_native` does this in one loop per row (it adds the bias itself while it
+reads the product); without it (no compiler, or ``FLASHSAE_CPU_KERNELS=0``), and on other devices, torch
+ops do, with the same rules and the same answer:
 
 - **The floor**: the k-th best value kept so far (0 before k positives). Every kept candidate came
   from a lower feature index, so an entry of this chunk that is not *strictly* above it can never
@@ -32,9 +35,11 @@ features outside the dead set moved to -inf, so AuxK adds no second matmul over 
 from __future__ import annotations
 
 import threading
+from types import ModuleType
 
 import torch
 
+from . import cpu_native
 from .keys import EMPTY_KEY, pack_keys, unpack_keys
 
 # Most pre-activations one chunk holds (4M: 16 MiB in fp32, 32 MiB in float64).
@@ -119,23 +124,59 @@ def _encode(
     if b_pre is not None:
         xc = xc - b_pre.to(math_dtype)
     bias = torch.nan_to_num(b_enc.to(math_dtype), nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
-    # A masked selection sees the same values, with -inf at the features outside its mask.
-    offsets = [None if mask is None else torch.zeros_like(bias).masked_fill_(~mask, float("-inf")) for mask, _ in lists]
-    ks = [k for _, k in lists]
     chunk = min(chunk_size or feature_chunk_size(n_tokens, n_features), n_features)
-    if static if static is not None else x.device.type != "cpu":
-        results = static_topk_encode(xc, W_enc, bias, offsets, ks, chunk)
+    static = x.device.type != "cpu" if static is None else static
+    native = cpu_native.kernels() if not static and x.device.type == "cpu" else None
+    if static:
+        results = static_topk_encode(xc, W_enc, bias, _offsets(lists, bias), [k for _, k in lists], chunk)
+    elif native is not None:
+        results = _native_select(native, xc, W_enc, bias, lists, chunk)
     else:
-        bests = [_Best(n_tokens, k, math_dtype, x.device) for k in ks]
-        buffer = _workspace(n_tokens * chunk, math_dtype, x.device)
-        for start in range(0, n_features, chunk):
-            pre = _chunk_pre(xc, W_enc, bias, start, min(start + chunk, n_features), buffer)
-            for best, offset in zip(bests, offsets):
-                values = pre if offset is None else pre + offset[start : start + chunk]
-                rows, cols, vals = survivors(values, best.k, best.floor())
-                best.merge(rows, cols + start, vals)
-        results = [best.result(n_features) for best in bests]
+        results = _torch_select(xc, W_enc, bias, lists, chunk)
     return [(vals.to(x.dtype), idx) for vals, idx in results]
+
+
+def _offsets(lists: list[tuple[torch.Tensor | None, int]], bias: torch.Tensor) -> list[torch.Tensor | None]:
+    """What each selection adds to the pre-activations: None, or -inf at the features outside its mask [F]."""
+    return [None if mask is None else torch.zeros_like(bias).masked_fill_(~mask, float("-inf")) for mask, _ in lists]
+
+
+def _torch_select(
+    xc: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, lists: list[tuple[torch.Tensor | None, int]], chunk: int,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The threshold select in torch ops (`survivors` per chunk, merged into `_Best`): (vals [B, k] in the
+    math dtype, idx [B, k]) per selection of ``lists``."""
+    n_tokens, n_features = xc.shape[0], W_enc.shape[0]
+    bests = [_Best(n_tokens, k, xc.dtype, xc.device) for _, k in lists]
+    offsets = _offsets(lists, bias)
+    buffer = _workspace(n_tokens * chunk, xc.dtype, xc.device)
+    for start in range(0, n_features, chunk):
+        pre = _chunk_pre(xc, W_enc, bias, start, min(start + chunk, n_features), buffer)
+        for best, offset in zip(bests, offsets):
+            values = pre if offset is None else pre + offset[start : start + chunk]
+            rows, cols, vals = survivors(values, best.k, best.floor())
+            best.merge(rows, cols + start, vals)
+    return [best.result(n_features) for best in bests]
+
+
+def _native_select(
+    native: ModuleType, xc: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor,
+    lists: list[tuple[torch.Tensor | None, int]], chunk: int,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The threshold select in the C++ CPU kernel (`flashsae.kernels.cpu_native`): each chunk's product is
+    read once per selection, every row keeping its best k candidates so far (the same rules and answer as
+    `_torch_select`). Returns (vals [B, k] in the math dtype, idx [B, k]) per selection of ``lists``."""
+    n_tokens, n_features = xc.shape[0], W_enc.shape[0]
+    kept = [(torch.empty(n_tokens, k, dtype=xc.dtype), torch.empty(n_tokens, k, dtype=torch.int64),
+             torch.zeros(n_tokens, dtype=torch.int64)) for _, k in lists]
+    # Each selection's values: the chunk's product plus the bias (and -inf outside its mask), added in the kernel.
+    shifts = [bias if offset is None else bias + offset for offset in _offsets(lists, bias)]
+    buffer = _workspace(n_tokens * chunk, xc.dtype, xc.device)
+    for start in range(0, n_features, chunk):
+        product = _chunk_product(xc, W_enc, start, min(start + chunk, n_features), buffer)
+        for shift, state in zip(shifts, kept):
+            native.select_chunk_(product, start, shift, *state)
+    return [tuple(native.select_result(*state, n_features)) for state in kept]
 
 
 # One pre-activation buffer per thread, dtype and device, kept between calls and grown to the largest
@@ -157,9 +198,17 @@ def _chunk_pre(
     xc: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, start: int, stop: int, buffer: torch.Tensor | None = None
 ) -> torch.Tensor:
     """The pre-activations ``xc @ W_enc[start:stop].T + bias[start:stop]`` [B, stop - start] of one chunk
-    in xc's dtype, the bias added by the matmul itself; written into ``buffer`` (flat, large enough) when given."""
+    in xc's dtype (the product rounded, then the bias added: as the CPU kernel adds it); written into
+    ``buffer`` (flat, large enough) when given."""
+    return _chunk_product(xc, W_enc, start, stop, buffer).add_(bias[start:stop])
+
+
+def _chunk_product(
+    xc: torch.Tensor, W_enc: torch.Tensor, start: int, stop: int, buffer: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``xc @ W_enc[start:stop].T`` [B, stop - start] in xc's dtype, into ``buffer`` (flat) when given."""
     out = None if buffer is None else buffer[: xc.shape[0] * (stop - start)].view(xc.shape[0], stop - start)
-    return torch.addmm(bias[start:stop], xc, W_enc[start:stop].to(xc.dtype).T, out=out)
+    return torch.mm(xc, W_enc[start:stop].to(xc.dtype).T, out=out)
 
 
 def static_topk_encode(

@@ -40,6 +40,7 @@ def _name(path: str) -> str:
 ROWS, ADAM, PRECISION = "tests/test_rows.py", "tests/test_sparse_adam.py", "tests/test_precision.py"
 ENCODERS, FUSED, AUX = "tests/test_encoders.py", "tests/test_fused_encode.py", "tests/test_aux_fold.py"
 VARIANTS, OPS = "tests/test_variants_ops.py", "tests/test_ops.py"
+CPU_KERNELS = "tests/test_cpu_kernels.py"
 # Longest first: the workers take groups in this order, so the short ones fill in at the end.
 GROUPS: tuple[Group, ...] = (
     Group("flashsae/ops.py", (
@@ -56,6 +57,7 @@ GROUPS: tuple[Group, ...] = (
         (ADAM, "torch"),
         (f"{OPS}::test_every_chunked_loop_of_the_torch_backend_matches_float64", ""),
         (f"{OPS}::test_float64_end_to_end_matches_dense_autograd_and_sparse_adam_steps_in_float64", ""),
+        (CPU_KERNELS, "adam"),
     )),
     Group("flashsae/kernels/torch_encode.py", (
         (f"{ENCODERS}::test_production_widths_with_a_few_rows", "torch"),
@@ -63,7 +65,9 @@ GROUPS: tuple[Group, ...] = (
         (f"{OPS}::test_every_chunked_loop_of_the_torch_backend_matches_float64", ""),
         (f"{OPS}::test_topk_encode_chunked_sweep_equals_one_chunk", ""),
         (f"{OPS}::test_torch_encoder_threads_do_not_share_its_pre_activation_buffer", ""),
+        (CPU_KERNELS, "not adam"),
     )),
+    Group("flashsae/kernels/cpu_native.py", ((CPU_KERNELS, ""),)),
     Group("flashsae/kernels/fused_encode.py", (
         (f"{FUSED}::test_block_configs_are_tiles_the_compiler_and_the_plan_accept", ""),
         (f"{ENCODERS}::test_production_widths_with_a_few_rows", "384-triton-fused"),

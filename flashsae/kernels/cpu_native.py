@@ -1,0 +1,54 @@
+"""The torch backend's C++ CPU kernels (`cpu_kernels.cpp`): built on first use, loaded once per process.
+
+The encoder's threshold select and SparseAdam's row step are, in torch ops, tens of passes over
+memory per chunk or block; each is one loop in C++. `torch.utils.cpp_extension.load` compiles the
+source with the machine's C++ compiler and ninja (about a minute, once: the build is cached under
+``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``, and reused while the source is
+unchanged). `kernels` returns the loaded module, or None when the kernels are switched off
+(``FLASHSAE_CPU_KERNELS=0``) or cannot be built here (a warning says why, once); the torch backend
+then runs its torch ops instead: the same selection and the same Adam step, up to the rounding of
+sums (the kernels accumulate row norms in float64). `build` builds them ahead of time.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+# The extension's name: part of its cache folder, so a different flashsae never loads another's build.
+EXTENSION_NAME = "flashsae_cpu_kernels_v1"
+SWITCH = "FLASHSAE_CPU_KERNELS"
+# -fno-math-errno: sqrt without errno, so the Adam loop vectorizes (nothing reads errno).
+CFLAGS = ["-O3", "-fno-math-errno"]
+
+
+def enabled() -> bool:
+    """Whether the C++ kernels may be used (``FLASHSAE_CPU_KERNELS`` is not "0")."""
+    return os.environ.get(SWITCH, "1") != "0"
+
+
+def kernels() -> ModuleType | None:
+    """The loaded C++ kernels, or None (switched off, or they could not be built: warned once)."""
+    return _load() if enabled() else None
+
+
+@functools.cache
+def _load() -> ModuleType | None:
+    from torch.utils import cpp_extension
+
+    try:
+        return cpp_extension.load(name=EXTENSION_NAME, sources=[str(SOURCE)], extra_cflags=CFLAGS, verbose=False)
+    except Exception as err:  # no compiler or ninja, a read-only cache, ...: the torch ops still run
+        warnings.warn(f"flashsae's C++ CPU kernels could not be built ({type(err).__name__}: {err}); the torch "
+                      f"backend runs its torch ops on the CPU instead (same results, slower)", RuntimeWarning,
+                      stacklevel=3)
+        return None
+
+
+def build() -> bool:
+    """Build and load the kernels now (``make setup`` runs this, so no later process waits on the compiler);
+    True when they are available."""
+    return kernels() is not None
