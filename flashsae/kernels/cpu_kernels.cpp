@@ -61,46 +61,50 @@ struct Simd {
   typedef T type __attribute__((vector_size(Bytes)));
 };
 
-// group_max[j] = the largest of pre[j + g * n_groups] over g < GROUP; NaN ignored (-inf when all are).
+// out[j] = the largest of values[j + g * stride] over g < n_members, for j < stride; NaN ignored (-inf
+// when all are).
 template <typename T, int Bytes>
-__attribute__((always_inline)) inline void group_maxima_with(const T* pre, int64_t n_groups, T* group_max) {
+__attribute__((always_inline)) inline void strided_maxima_with(const T* values, int64_t n_members, int64_t stride,
+                                                               T* out) {
   using V = typename Simd<T, Bytes>::type;
   constexpr int64_t lanes = Bytes / sizeof(T);
   const T lowest = -std::numeric_limits<T>::infinity();
   int64_t j = 0;
-  for (; j + lanes <= n_groups; j += lanes) {
+  for (; j + lanes <= stride; j += lanes) {
     V acc = V{} + lowest;
-    for (int64_t g = 0; g < GROUP; ++g) {
+    for (int64_t g = 0; g < n_members; ++g) {
       V member;
-      std::memcpy(&member, pre + g * n_groups + j, sizeof(V));
+      std::memcpy(&member, values + g * stride + j, sizeof(V));
       acc = member > acc ? member : acc;
     }
-    std::memcpy(group_max + j, &acc, sizeof(V));
+    std::memcpy(out + j, &acc, sizeof(V));
   }
-  for (; j < n_groups; ++j) {
+  for (; j < stride; ++j) {
     T acc = lowest;
-    for (int64_t g = 0; g < GROUP; ++g) acc = pre[g * n_groups + j] > acc ? pre[g * n_groups + j] : acc;
-    group_max[j] = acc;
+    for (int64_t g = 0; g < n_members; ++g) acc = values[g * stride + j] > acc ? values[g * stride + j] : acc;
+    out[j] = acc;
   }
 }
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 template <typename T>
-__attribute__((target("avx2"))) void group_maxima_avx2(const T* pre, int64_t n_groups, T* group_max) {
-  group_maxima_with<T, 32>(pre, n_groups, group_max);
+__attribute__((target("avx2"))) void strided_maxima_avx2(const T* values, int64_t n_members, int64_t stride, T* out) {
+  strided_maxima_with<T, 32>(values, n_members, stride, out);
 }
 
-const bool HAS_AVX2 = __builtin_cpu_supports("avx2");
-#else
-const bool HAS_AVX2 = false;
+// Read once, at the first call (not in a static initializer, which may run before the CPU is probed).
+bool has_avx2() {
+  static const bool yes = (__builtin_cpu_init(), __builtin_cpu_supports("avx2"));
+  return yes;
+}
 #endif
 
 template <typename T>
-void group_maxima(const T* pre, int64_t n_groups, T* group_max) {
+void strided_maxima(const T* values, int64_t n_members, int64_t stride, T* out) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  if (HAS_AVX2) return group_maxima_avx2(pre, n_groups, group_max);
+  if (has_avx2()) return strided_maxima_avx2(values, n_members, stride, out);
 #endif
-  group_maxima_with<T, 16>(pre, n_groups, group_max);
+  strided_maxima_with<T, 16>(values, n_members, stride, out);
 }
 
 // A value that at least k of values [n] (n >= k, NaN-free) reach, at most their k-th largest: the
@@ -109,9 +113,7 @@ void group_maxima(const T* pre, int64_t n_groups, T* group_max) {
 template <typename T>
 T kth_lower_bound(const T* values, int64_t n, int64_t k, T* scratch) {
   const int64_t n_coarse = std::min(n, std::max(COARSE_PER_K * k, MIN_COARSE));
-  std::copy(values, values + n_coarse, scratch);
-  for (int64_t base = n_coarse; base + n_coarse <= n; base += n_coarse)
-    for (int64_t c = 0; c < n_coarse; ++c) scratch[c] = values[base + c] > scratch[c] ? values[base + c] : scratch[c];
+  strided_maxima(values, n / n_coarse, n_coarse, scratch);  // the n % n_coarse last values take no part
   std::nth_element(scratch, scratch + (k - 1), scratch + n_coarse, std::greater<T>());
   return scratch[k - 1];
 }
@@ -165,7 +167,7 @@ void scan_row(const T* pre, const ChunkOffsets<T>& shift, int64_t width, int64_t
   const int64_t n_groups = width / GROUP, capacity = int64_t(s.pending.size());
   const T lowest = -std::numeric_limits<T>::infinity();
   T* top = s.group_max.data();
-  group_maxima(pre, n_groups, top);
+  strided_maxima(pre, GROUP, n_groups, top);
   T bound = lowest;
   if (n_groups >= k) {
     for (int64_t j = 0; j < n_groups; ++j) {  // a value each group reaches (NaN, from inf - inf: none)
