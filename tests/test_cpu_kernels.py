@@ -2,6 +2,7 @@
 step, each against the torch ops it replaces (``FLASHSAE_CPU_KERNELS=0``) and a float64 reference."""
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
@@ -64,6 +65,15 @@ def test_a_failed_build_warns_once_and_the_torch_ops_run(monkeypatch):
         cpu_native._load.cache_clear()
     assert_same(got, expected)
     assert cpu_native.kernels() is not None
+
+
+def test_the_ninja_packages_binary_is_found_without_an_activated_environment(monkeypatch):
+    import ninja
+
+    monkeypatch.setenv("PATH", "/usr/local/bin")
+    cpu_native._put_ninja_on_path()
+    cpu_native._put_ninja_on_path()  # once
+    assert os.environ["PATH"].split(os.pathsep) == ["/usr/local/bin", ninja.BIN_DIR]
 
 
 # (B, d, F, k, dtype, features per chunk): the widths users run (one and several chunks, k up to 512),

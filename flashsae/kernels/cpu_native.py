@@ -39,13 +39,28 @@ def kernels() -> ModuleType | None:
 def _load() -> ModuleType | None:
     from torch.utils import cpp_extension
 
+    _put_ninja_on_path()
     try:
         return cpp_extension.load(name=EXTENSION_NAME, sources=[str(SOURCE)], extra_cflags=CFLAGS, verbose=False)
     except Exception as err:  # no compiler or ninja, a read-only cache, ...: the torch ops still run
         warnings.warn(f"flashsae's C++ CPU kernels could not be built ({type(err).__name__}: {err}); the torch "
-                      f"backend runs its torch ops on the CPU instead (same results, slower)", RuntimeWarning,
+                      f"backend runs its torch ops on the CPU instead (the same selections and, up to rounding, the "
+                      f"same Adam steps; slower)", RuntimeWarning,
                       stacklevel=3)
         return None
+
+
+def _put_ninja_on_path() -> None:
+    """torch runs ``ninja`` from PATH; the ninja package's binary sits in the environment's bin folder, which
+    is not on PATH when the environment's python runs without being activated. Appended, so whatever PATH
+    already finds keeps precedence."""
+    try:
+        import ninja
+    except ImportError:  # ninja from the system, if any
+        return
+    folders = [folder for folder in os.environ.get("PATH", "").split(os.pathsep) if folder]
+    if ninja.BIN_DIR not in folders:
+        os.environ["PATH"] = os.pathsep.join([*folders, ninja.BIN_DIR])
 
 
 def build() -> bool:
