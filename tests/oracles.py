@@ -8,6 +8,9 @@ on a GPU. Inputs are drawn on the CPU from seeded generators; pass ``device`` to
 - SparseAdam: `LR`, `BETAS`, `EPS`, `sparse_rows_grad`, `bits`, `lazy_adam_reference`,
   `skipping_steps` and the three lazy-Adam checks `check_lazy_adam`, `check_bf16_moments`,
   `check_bf16_params`.
+- The torch backend's variants the tests run: without its C++ CPU kernels (`cpu_kernels_off`,
+  `without_cpu_kernels`, `torch_ops_adam`), with the static-size Adam step (`static_torch_adam`), without
+  AuxK's fold (`unfolded_torch`).
 """
 from __future__ import annotations
 

@@ -276,8 +276,8 @@ std::vector<at::Tensor> select_result(const at::Tensor& kept_vals, const at::Ten
   TORCH_CHECK(k <= n_features, "k must be at most n_features");
   at::Tensor vals = at::empty_like(kept_vals), idx = at::empty_like(kept_idx);
   AT_DISPATCH_FLOATING_TYPES(kept_vals.scalar_type(), "select_result", [&] {
-    const scalar_t* hv = kept_vals.data_ptr<scalar_t>();
-    const int64_t* hi = kept_idx.data_ptr<int64_t>();
+    const scalar_t* kept_v = kept_vals.data_ptr<scalar_t>();
+    const int64_t* kept_i = kept_idx.data_ptr<int64_t>();
     const int64_t* size = sizes.data_ptr<int64_t>();
     scalar_t* out_v = vals.data_ptr<scalar_t>();
     int64_t* out_i = idx.data_ptr<int64_t>();
@@ -287,7 +287,7 @@ std::vector<at::Tensor> select_result(const at::Tensor& kept_vals, const at::Ten
       for (int64_t r = begin; r < end; ++r) {
         const int64_t n = size[r];
         row.clear();
-        for (int64_t s = 0; s < n; ++s) row.emplace_back(hv[r * k + s], hi[r * k + s]);
+        for (int64_t s = 0; s < n; ++s) row.emplace_back(kept_v[r * k + s], kept_i[r * k + s]);
         std::sort(row.begin(), row.end(), [](const auto& a, const auto& b) {
           return a.first > b.first || (a.first == b.first && a.second < b.second);
         });
