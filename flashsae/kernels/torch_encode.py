@@ -169,8 +169,8 @@ def _native_select(
     n_tokens, n_features = xc.shape[0], W_enc.shape[0]
     kept = [(torch.empty(n_tokens, k, dtype=xc.dtype), torch.empty(n_tokens, k, dtype=torch.int64),
              torch.zeros(n_tokens, dtype=torch.int64)) for _, k in lists]
-    # Each selection's values: the chunk's product plus the bias (and -inf outside its mask), added in the kernel.
-    shifts = [bias if offset is None else bias + offset for offset in _offsets(lists, bias)]
+    # Each selection's values: the chunk's product plus the bias (-inf outside its mask), added in the kernel.
+    shifts = [bias if mask is None else bias.masked_fill(~mask, float("-inf")) for mask, _ in lists]
     buffer = _workspace(n_tokens * chunk, xc.dtype, xc.device)
     for start in range(0, n_features, chunk):
         product = _chunk_product(xc, W_enc, start, min(start + chunk, n_features), buffer)
