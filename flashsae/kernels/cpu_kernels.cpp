@@ -14,7 +14,6 @@
 #include <functional>
 #include <limits>
 #include <optional>
-#include <utility>
 #include <vector>
 
 namespace {
@@ -188,13 +187,14 @@ void scan_row(const T* pre, const ChunkOffsets<T>& shift, int64_t width, int64_t
     n = keep_best(pending, n, k);
     threshold = std::max(threshold, pending[k - 1].value);
   };
+  auto offer = [&](int64_t c) {  // appended, then kept only if it passes (no branch to mispredict)
+    const T x = pre[c] + offset[c];
+    pending[n] = {x, start + c};
+    n += (x >= threshold) & (x > T(0));
+  };
   auto read_group = [&](int64_t j) {
     make_room();
-    for (int64_t c = j; c < GROUP * n_groups; c += n_groups) {
-      const T x = pre[c] + offset[c];
-      pending[n] = {x, start + c};
-      n += (x >= threshold) & (x > T(0));
-    }
+    for (int64_t c = j; c < GROUP * n_groups; c += n_groups) offer(c);
   };
   // The groups whose largest value may reach the threshold, a vector of them tested at once (most have none).
   using V = typename Simd<T, 16>::type;
@@ -216,9 +216,7 @@ void scan_row(const T* pre, const ChunkOffsets<T>& shift, int64_t width, int64_t
     if (top[j] + high[j] >= threshold) read_group(j);
   for (int64_t c = n_groups * GROUP; c < width; ++c) {
     make_room();
-    const T x = pre[c] + offset[c];
-    pending[n] = {x, start + c};
-    n += (x >= threshold) & (x > T(0));
+    offer(c);
   }
   size = keep_best(pending, n, k);
   for (int64_t i = 0; i < size; ++i) {
@@ -282,25 +280,23 @@ std::vector<at::Tensor> select_result(const at::Tensor& kept_vals, const at::Ten
     scalar_t* out_v = vals.data_ptr<scalar_t>();
     int64_t* out_i = idx.data_ptr<int64_t>();
     at::parallel_for(0, n_rows, 16, [&](int64_t begin, int64_t end) {
-      std::vector<std::pair<scalar_t, int64_t>> row;
+      std::vector<Candidate<scalar_t>> row;
       std::vector<char> taken;
       for (int64_t r = begin; r < end; ++r) {
         const int64_t n = size[r];
         row.clear();
-        for (int64_t s = 0; s < n; ++s) row.emplace_back(kept_v[r * k + s], kept_i[r * k + s]);
-        std::sort(row.begin(), row.end(), [](const auto& a, const auto& b) {
-          return a.first > b.first || (a.first == b.first && a.second < b.second);
-        });
+        for (int64_t s = 0; s < n; ++s) row.push_back({kept_v[r * k + s], kept_i[r * k + s]});
+        std::sort(row.begin(), row.end(), better<scalar_t>);
         for (int64_t s = 0; s < n; ++s) {
-          out_v[r * k + s] = row[s].first;
-          out_i[r * k + s] = row[s].second;
+          out_v[r * k + s] = row[s].value;
+          out_i[r * k + s] = row[s].index;
         }
         if (n == k) continue;
         // The k - n fillers all lie below k + n <= 2k: the lowest indices not chosen.
         const int64_t pool = std::min(n_features, 2 * k);
         taken.assign(pool, 0);
         for (int64_t s = 0; s < n; ++s)
-          if (row[s].second < pool) taken[row[s].second] = 1;
+          if (row[s].index < pool) taken[row[s].index] = 1;
         int64_t next = 0;
         for (int64_t s = n; s < k; ++s) {
           while (taken[next]) ++next;
