@@ -25,6 +25,19 @@ def both_ways(fn):
     return native, ops
 
 
+@pytest.fixture(params=["avx2", "16-byte"])
+def vector_build(request):
+    """The select test runs on each build of the kernel's row scan: AVX2, and the 16-byte vectors that CPUs
+    without AVX2 (and arm64) run."""
+    native = cpu_native.kernels()
+    wanted = request.param == "avx2"
+    if native.use_avx2(wanted) != wanted:
+        native.use_avx2(True)
+        pytest.skip("this CPU has no AVX2")
+    yield request.param
+    native.use_avx2(True)
+
+
 def assert_same(native, ops):
     for a, b in zip(native, ops, strict=True):
         assert a.dtype == b.dtype and torch.equal(bits(a) if a.is_floating_point() else a,
@@ -93,7 +106,7 @@ SELECT_CASES = [
 
 
 @pytest.mark.parametrize("B,d,F,k,dtype,chunk", SELECT_CASES)
-def test_the_kernel_select_is_the_torch_select_and_the_float64_top_k(B, d, F, k, dtype, chunk):
+def test_the_kernel_select_is_the_torch_select_and_the_float64_top_k(B, d, F, k, dtype, chunk, vector_build):
     x, W, b, b_pre = make_inputs(B, d, F, dtype, seed=B + d + F + k)
     native, ops = both_ways(lambda: torch_encode.topk_encode(x, W, b, k, b_pre, chunk_size=chunk))
     assert_same(native, ops)
@@ -102,7 +115,7 @@ def test_the_kernel_select_is_the_torch_select_and_the_float64_top_k(B, d, F, k,
 
 @pytest.mark.parametrize("chunk", [None, 29, 8])
 @pytest.mark.parametrize("k", [1, 6, 40])
-def test_ties_go_to_the_lower_index_whatever_order_the_groups_are_read_in(chunk, k):
+def test_ties_go_to_the_lower_index_whatever_order_the_groups_are_read_in(chunk, k, vector_build):
     """Dyadic inputs: many bit-identical pre-activations, in strided groups and across chunks."""
     x, W, b, b_pre = make_dyadic_inputs(6, 12, 203, FP32, seed=k)
     native, ops = both_ways(lambda: torch_encode.topk_encode(x, W, b, k, b_pre, chunk_size=chunk))
@@ -110,7 +123,7 @@ def test_ties_go_to_the_lower_index_whatever_order_the_groups_are_read_in(chunk,
     assert_reference_order(*native, x, W, b, b_pre, k)
 
 
-def test_all_equal_values_overflow_the_candidate_list_and_keep_the_lowest_indices():
+def test_all_equal_values_overflow_the_candidate_list_and_keep_the_lowest_indices(vector_build):
     """Every entry ties, so every group is read and the candidate list is cut to k many times per row."""
     x, W = torch.ones(3, 4), torch.zeros(4099, 4)
     b = torch.full((4099,), 0.5)
@@ -119,7 +132,7 @@ def test_all_equal_values_overflow_the_candidate_list_and_keep_the_lowest_indice
     assert torch.equal(native[1], torch.arange(9).expand(3, 9)) and (native[0] == 0.5).all()
 
 
-def test_features_sorted_ascending_raise_the_floor_only_at_the_end():
+def test_features_sorted_ascending_raise_the_floor_only_at_the_end(vector_build):
     """Pre-activations that grow with the feature index: each chunk beats the last, so every chunk's
     candidates replace the kept ones (and rows with a negative x choose from the first features)."""
     F, k = 3000, 17
@@ -132,7 +145,7 @@ def test_features_sorted_ascending_raise_the_floor_only_at_the_end():
     assert torch.equal(native[1][2], torch.arange(k)) and not native[0][2].any(), "no positive: zeros, lowest indices"
 
 
-def test_rows_with_fewer_positives_than_k_end_in_zeros_at_the_lowest_unchosen_features():
+def test_rows_with_fewer_positives_than_k_end_in_zeros_at_the_lowest_unchosen_features(vector_build):
     x, W, b, b_pre = make_inputs(6, 64, 2051, FP32, seed=9)
     b = b - 3.0  # a handful of positives per row
     native, ops = both_ways(lambda: torch_encode.topk_encode(x, W, b, 300, b_pre, chunk_size=700))
@@ -142,7 +155,7 @@ def test_rows_with_fewer_positives_than_k_end_in_zeros_at_the_lowest_unchosen_fe
     assert_exact_topk(vals, idx, x, W, b, b_pre, 300)
 
 
-def test_nan_never_fires_and_infinite_biases_sort_as_they_should():
+def test_nan_never_fires_and_infinite_biases_sort_as_they_should(vector_build):
     x, W, b, b_pre = make_inputs(4, 32, 997, FP32, seed=4)
     W[10] = float("nan")  # feature 10 is NaN for every token
     b[20], b[30] = float("inf"), float("-inf")
@@ -156,7 +169,7 @@ def test_nan_never_fires_and_infinite_biases_sort_as_they_should():
 
 
 @pytest.mark.parametrize("dtype", [FP32, FP64])
-def test_the_aux_selection_sees_only_the_dead_features(dtype):
+def test_the_aux_selection_sees_only_the_dead_features(dtype, vector_build):
     x, W, b, b_pre = make_inputs(5, 96, 3001, dtype, seed=2)
     dead = torch.rand(3001, generator=torch.Generator().manual_seed(3)) < 0.1
     native, ops = both_ways(
@@ -166,7 +179,7 @@ def test_the_aux_selection_sees_only_the_dead_features(dtype):
     assert dead[aux_idx[aux_vals > 0]].all(), "a live feature entered the aux selection"
 
 
-def test_the_select_ignores_whatever_its_state_held_beyond_each_rows_count():
+def test_the_select_ignores_whatever_its_state_held_beyond_each_rows_count(vector_build):
     """The kernel API directly: poisoned (NaN, out-of-range) state slots beyond each row's count are never read."""
     native = cpu_native.kernels()
     pre = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
@@ -187,6 +200,8 @@ def test_the_kernel_api_rejects_inconsistent_arguments_by_name():
         native.select_chunk_(pre, 5, torch.zeros(10), *kept)  # the chunk runs past the offset's features
     with pytest.raises(RuntimeError, match="k must be at most n_features"):
         native.select_result(*kept, 2)
+    with pytest.raises(RuntimeError, match="sizes must hold counts between 0 and k"):
+        native.select_chunk_(pre, 0, torch.zeros(10), *kept[:2], torch.tensor([1, 4]))
     p = torch.zeros(4, 3)
     with pytest.raises(RuntimeError, match="rows holds an index outside"):
         native.adam_rows_(p, None, torch.zeros(4, 3), torch.zeros(4, 3), torch.zeros(4, dtype=torch.int64),

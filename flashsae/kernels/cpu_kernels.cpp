@@ -6,7 +6,12 @@
 
 #include <ATen/Parallel.h>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
+#include <atomic>
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
@@ -14,6 +19,7 @@
 #include <functional>
 #include <limits>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -22,16 +28,18 @@ namespace {
 // Threshold select. A row's state is its best `size` <= k candidates so far (value > 0, feature
 // index), unordered. Per chunk, the values are the product pre[c] plus an offset[c] (the bias, -inf
 // where a feature is kept out), and each row:
-//   1. reduces its products to the maxima of GROUP-column groups (one vectorized pass over the row);
-//      with the range of the group's offsets, each group gets an upper and a lower bound of its
-//      largest value;
-//   2. takes the chunk's own bound: a value that at least k groups' lower bounds reach, so at least k
-//      entries do; an entry below it has k larger ones in this chunk and can never be chosen;
-//   3. reads entry by entry only the groups whose upper bound reaches the bound and the row's floor
-//      (its k-th best kept, once k are kept), appending the entries that pass to a candidate list;
-//   4. keeps the best k of state + candidates (an exact selection: larger value first, then the lower
+//   1. takes the chunk's own bound: the k-th largest of the maxima of 2k strided column groups (at
+//      least k). k distinct entries reach it, so an entry below it has k larger ones in this chunk and
+//      can never be chosen;
+//   2. compares every value with the threshold (that bound, and the row's floor: its k-th best kept,
+//      once k are kept), a vector at a time, noting which vectors have a passing lane (most have none)
+//      and then appending the entries that pass to a candidate list;
+//   3. keeps the best k of state + candidates (an exact selection: larger value first, then the lower
 //      index, so ties go to the lower index whatever order entries arrive in).
 // NaN never passes a comparison, so it never enters (it counts as -inf: a zero after the ReLU).
+// Steps 1 and 2 are vector loops, compiled for 16-byte vectors everywhere (SSE on x86-64, NEON on
+// arm64) and again for 32-byte ones, run where the CPU has AVX2 (chosen at run time, so one build runs
+// on any x86-64).
 
 template <typename T>
 struct Candidate {
@@ -44,185 +52,336 @@ inline bool better(const Candidate<T>& a, const Candidate<T>& b) {
   return a.value > b.value || (a.value == b.value && a.index < b.index);
 }
 
-// Columns per group: group j holds columns j, j + n_groups, ... (strided, so the maxima are an
-// elementwise pass over contiguous memory).
-constexpr int64_t GROUP = 8;
-// The chunk's own bound is the k-th largest of this many times k coarse maxima: more makes it tighter
-// and its selection costlier.
-constexpr int64_t COARSE_PER_K = 2;
-// ... and of at least this many (a vector's worth of lanes per pass, whatever k).
-constexpr int64_t MIN_COARSE = 16;
+// The chunk's own bound is the k-th largest of this many times k group maxima (each group: the columns
+// j, j + n_groups, ...): more makes it tighter and its selection costlier.
+constexpr int64_t GROUPS_PER_K = 2;
+// ... and of at least this many (whatever k).
+constexpr int64_t MIN_GROUPS = 16;
+// The k-th largest of at most this many values is found by counting ranks (n^2 / lanes vector
+// comparisons, no branch to mispredict); of more, by std::nth_element.
+constexpr int64_t RANK_COUNT_LIMIT = 128;
+// Vectors in a unit: compared with the threshold together, their passing lanes noted as one word of bits.
+constexpr int64_t UNIT = 4;
+// Units compared with the threshold before the entries that passed are appended.
+constexpr int64_t SEGMENT = 16;
+// Most lanes of any vector below.
+constexpr int64_t MAX_LANES = 8;
 
-// Vectors of the maxima pass (GCC/Clang vector extensions): 16 bytes everywhere (SSE on x86-64, NEON
-// on arm64), 32 where the CPU has AVX2 (chosen at run time, so one build runs on any x86-64).
+// Vectors (GCC/Clang vector extensions) of Bytes bytes; Mask: a comparison's result (lanes of all ones
+// where true).
 template <typename T, int Bytes>
 struct Simd {
-  typedef T type __attribute__((vector_size(Bytes)));
+  typedef T Vector __attribute__((vector_size(Bytes)));
+  using Mask = decltype(Vector{} > Vector{});
+  using MaskLane = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+  static constexpr int64_t lanes = Bytes / sizeof(T);
+
+  __attribute__((always_inline)) static inline Vector load(const T* at) {
+    Vector v;
+    std::memcpy(&v, at, sizeof(Vector));
+    return v;
+  }
+  // The mask's lanes as bits (lane l: bit l): one instruction on x86-64 (the 32-byte one is a GCC builtin, not
+  // an intrinsic: it is compiled only where inlined, into the AVX2 build of the row scan).
+  __attribute__((always_inline)) static inline uint32_t bits(const Mask& mask) {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+    if constexpr (Bytes == 32) {
+      __m256 lanes_;
+      std::memcpy(&lanes_, &mask, sizeof(lanes_));
+      if constexpr (sizeof(T) == 4) return uint32_t(__builtin_ia32_movmskps256(lanes_));
+      else return uint32_t(__builtin_ia32_movmskpd256(__m256d(lanes_)));
+    }
+#endif
+#if defined(__x86_64__)
+    if constexpr (Bytes == 16) {
+      __m128 lanes_;
+      std::memcpy(&lanes_, &mask, sizeof(lanes_));
+      if constexpr (sizeof(T) == 4) return uint32_t(_mm_movemask_ps(lanes_));
+      else return uint32_t(_mm_movemask_pd(_mm_castps_pd(lanes_)));
+    }
+#endif
+    uint32_t result = 0;
+    for (int64_t l = 0; l < lanes; ++l) result |= uint32_t(mask[l] & 1) << l;
+    return result;
+  }
 };
 
-// out[j] = the largest of values[j + g * stride] over g < n_members, for j < stride; NaN ignored (-inf
-// when all are).
+// out[j] = the largest of values[c] + offset[c] over c = j, j + n_groups, ... (n_members of them), for
+// j < n_groups; NaN ignored (-inf when all are).
 template <typename T, int Bytes>
-__attribute__((always_inline)) inline void strided_maxima_with(const T* values, int64_t n_members, int64_t stride,
-                                                               T* out) {
-  using V = typename Simd<T, Bytes>::type;
-  constexpr int64_t lanes = Bytes / sizeof(T);
+__attribute__((always_inline)) inline void group_maxima(const T* values, const T* offset, int64_t n_members,
+                                                        int64_t n_groups, T* out) {
+  using S = Simd<T, Bytes>;
+  using V = typename S::Vector;
   const T lowest = -std::numeric_limits<T>::infinity();
   int64_t j = 0;
-  for (; j + lanes <= stride; j += lanes) {
+  // Four vectors of groups at a time, member by member: each member's columns are contiguous, and the four
+  // running maxima do not wait on one another.
+  for (; j + 4 * S::lanes <= n_groups; j += 4 * S::lanes) {
+    V acc[4] = {V{} + lowest, V{} + lowest, V{} + lowest, V{} + lowest};
+    for (int64_t g = 0; g < n_members; ++g)
+      for (int u = 0; u < 4; ++u) {
+        const int64_t at = g * n_groups + j + u * S::lanes;
+        const V x = S::load(values + at) + S::load(offset + at);
+        acc[u] = x > acc[u] ? x : acc[u];
+      }
+    std::memcpy(out + j, acc, sizeof(acc));
+  }
+  for (; j + S::lanes <= n_groups; j += S::lanes) {
     V acc = V{} + lowest;
     for (int64_t g = 0; g < n_members; ++g) {
-      V member;
-      std::memcpy(&member, values + g * stride + j, sizeof(V));
-      acc = member > acc ? member : acc;
+      const V x = S::load(values + g * n_groups + j) + S::load(offset + g * n_groups + j);
+      acc = x > acc ? x : acc;
     }
-    std::memcpy(out + j, &acc, sizeof(V));
+    std::memcpy(out + j, &acc, sizeof(acc));
   }
-  for (; j < stride; ++j) {
+  for (; j < n_groups; ++j) {
     T acc = lowest;
-    for (int64_t g = 0; g < n_members; ++g) acc = values[g * stride + j] > acc ? values[g * stride + j] : acc;
+    for (int64_t g = 0; g < n_members; ++g) {
+      const T x = values[g * n_groups + j] + offset[g * n_groups + j];
+      acc = x > acc ? x : acc;
+    }
     out[j] = acc;
   }
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-template <typename T>
-__attribute__((target("avx2"))) void strided_maxima_avx2(const T* values, int64_t n_members, int64_t stride, T* out) {
-  strided_maxima_with<T, 32>(values, n_members, stride, out);
+// The k-th largest of values [n] (NaN-free, 1 <= k <= n); values may be reordered, and has room for n
+// rounded up to whole vectors.
+template <typename T, int Bytes>
+__attribute__((always_inline)) inline T kth_largest(T* values, int64_t n, int64_t k) {
+  using S = Simd<T, Bytes>;
+  using V = typename S::Vector;
+  using M = typename S::Mask;
+  if (n > RANK_COUNT_LIMIT) {
+    std::nth_element(values, values + (k - 1), values + n, std::greater<T>());
+    return values[k - 1];
+  }
+  // The k-th largest is the largest value that at least k values reach.
+  const T lowest = -std::numeric_limits<T>::infinity();
+  for (int64_t i = n; i % S::lanes != 0; ++i) values[i] = lowest;  // padding lanes: never above the answer
+  V best = V{} + lowest;
+  for (int64_t i = 0; i < n; i += S::lanes) {
+    const V these = S::load(values + i);
+    M reached_by = M{};
+    for (int64_t j = 0; j < n; ++j) reached_by -= (V{} + values[j]) >= these;  // a true lane is -1
+    best = (reached_by >= typename S::MaskLane(k)) & (these > best) ? these : best;
+  }
+  T result = best[0];
+  for (int64_t l = 1; l < S::lanes; ++l) result = std::max(result, T(best[l]));
+  return result;
 }
 
-// Read once, at the first call (not in a static initializer, which may run before the CPU is probed).
-bool has_avx2() {
-  static const bool yes = (__builtin_cpu_init(), __builtin_cpu_supports("avx2"));
-  return yes;
-}
-#endif
+// A unit of columns with an entry that passed the threshold: its first column, and its passing columns as bits.
+struct Hit {
+  int64_t column;
+  uint32_t passed;
+};
 
+// A thread's scratch for `scan_row`: the group maxima, the pending candidates (the state and the entries
+// that passed), and room to sort them.
 template <typename T>
-void strided_maxima(const T* values, int64_t n_members, int64_t stride, T* out) {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  if (has_avx2()) return strided_maxima_avx2(values, n_members, stride, out);
-#endif
-  strided_maxima_with<T, 16>(values, n_members, stride, out);
-}
+struct RowScratch {
+  std::vector<T> groups, values;
+  std::vector<Candidate<T>> pending, equal;
+  std::vector<Hit> hits = std::vector<Hit>(SEGMENT);
 
-// A value that at least k of values [n] (n >= k, NaN-free) reach, at most their k-th largest: the
-// k-th largest of at most COARSE_PER_K * k coarse maxima (coarse group c: values c, c + n_coarse, ...).
-// Each of those k coarse groups has a value that reaches it. scratch: as many values as coarse maxima.
-template <typename T>
-T kth_lower_bound(const T* values, int64_t n, int64_t k, T* scratch) {
-  const int64_t n_coarse = std::min(n, std::max(COARSE_PER_K * k, MIN_COARSE));
-  strided_maxima(values, n / n_coarse, n_coarse, scratch);  // the n % n_coarse last values take no part
-  std::nth_element(scratch, scratch + (k - 1), scratch + n_coarse, std::greater<T>());
-  return scratch[k - 1];
-}
+  explicit RowScratch(int64_t k)
+      : groups(std::max(GROUPS_PER_K * k, MIN_GROUPS) + MAX_LANES),
+        pending(k + std::max<int64_t>(4 * k, UNIT * MAX_LANES)) {
+    values.resize(pending.size() + MAX_LANES);
+    equal.resize(pending.size());
+  }
+};
 
 // Keeps the best k of pending [n] (all of them when n <= k) in its first slots; returns how many.
-template <typename T>
-int64_t keep_best(Candidate<T>* pending, int64_t n, int64_t k) {
+template <typename T, int Bytes>
+__attribute__((always_inline)) inline int64_t keep_best(Candidate<T>* pending, int64_t n, int64_t k,
+                                                        RowScratch<T>& s) {
   if (n <= k) return n;
-  std::nth_element(pending, pending + (k - 1), pending + n,
-                   [](const Candidate<T>& a, const Candidate<T>& b) { return better(a, b); });
+  if (n > RANK_COUNT_LIMIT) {
+    std::nth_element(pending, pending + (k - 1), pending + n,
+                     [](const Candidate<T>& a, const Candidate<T>& b) { return better(a, b); });
+    return k;
+  }
+  // The k-th largest value t: every candidate above it is kept, and those equal to it by lower index.
+  T* values = s.values.data();
+  for (int64_t i = 0; i < n; ++i) values[i] = pending[i].value;
+  const T t = kth_largest<T, Bytes>(values, n, k);
+  Candidate<T>* equal = s.equal.data();
+  int64_t above = 0, n_equal = 0;
+  for (int64_t i = 0; i < n; ++i) {  // in place: above <= i
+    const Candidate<T> candidate = pending[i];
+    pending[above] = candidate;
+    above += candidate.value > t;
+    equal[n_equal] = candidate;
+    n_equal += candidate.value == t;
+  }
+  const int64_t wanted = k - above;  // 1 <= wanted <= n_equal
+  if (n_equal > wanted)
+    std::nth_element(equal, equal + (wanted - 1), equal + n_equal,
+                     [](const Candidate<T>& a, const Candidate<T>& b) { return a.index < b.index; });
+  std::copy(equal, equal + wanted, pending + above);
   return k;
 }
 
-// What every row of one chunk shares: the values' offset [width] and, per group, its smallest and largest
-// offset.
-template <typename T>
-struct ChunkOffsets {
-  const T* offset;
-  std::vector<T> low, high;
-
-  ChunkOffsets(const T* offset, int64_t width) : offset(offset), low(width / GROUP), high(width / GROUP) {
-    const int64_t n_groups = width / GROUP;
-    for (int64_t j = 0; j < n_groups; ++j) {
-      T lo = offset[j], hi = offset[j];
-      for (int64_t c = j + n_groups; c < GROUP * n_groups; c += n_groups) {
-        lo = std::min(lo, offset[c]);
-        hi = std::max(hi, offset[c]);
-      }
-      low[j] = lo;
-      high[j] = hi;
-    }
+// Writes the candidates values [n], indices [n] (distinct) to out [n] best first: larger value, then lower
+// index. Up to RANK_COUNT_LIMIT of them by counting each one's rank (no branch to mispredict); values has
+// room for n rounded up to whole vectors.
+template <typename T, int Bytes>
+__attribute__((always_inline)) inline void sort_best(T* values, const int64_t* indices, int64_t n, Candidate<T>* out) {
+  using S = Simd<T, Bytes>;
+  using V = typename S::Vector;
+  using M = typename S::Mask;
+  using Lane = typename S::MaskLane;
+  for (int64_t i = 0; i < n; ++i) out[i] = {values[i], indices[i]};
+  if (n > RANK_COUNT_LIMIT) {
+    std::sort(out, out + n, better<T>);
+    return;
   }
-};
+  // Rank: how many come first, equal values taken in the order given; each run of equal values is then
+  // put in index order.
+  for (int64_t i = 0; i < n; i += S::lanes) {
+    const V these = S::load(values + i);
+    M position{}, rank{};
+    for (int64_t l = 0; l < S::lanes; ++l) position[l] = Lane(i + l);
+    for (int64_t j = 0; j < n; ++j) {
+      const V other = V{} + values[j];
+      rank -= (other > these) | ((other == these) & ((M{} + Lane(j)) < position));
+    }
+    for (int64_t l = 0; l < S::lanes && i + l < n; ++l) out[rank[l]] = {values[i + l], indices[i + l]};
+  }
+  for (int64_t first = 0, last; first < n; first = last) {
+    for (last = first + 1; last < n && out[last].value == out[first].value; ++last) {
+    }
+    if (last - first > 1)
+      std::sort(out + first, out + last, [](const Candidate<T>& a, const Candidate<T>& b) { return a.index < b.index; });
+  }
+}
 
-// A thread's scratch for `scan_row`.
-template <typename T>
-struct RowScratch {
-  std::vector<T> group_max, lower, coarse;
-  std::vector<Candidate<T>> pending;
+// Notes in hits each unit (UNIT vectors) of columns begin .. end - 1 (whole units) with an entry whose value
+// passes the threshold: its first column and its passing columns as bits; returns how many.
+template <typename T, int Bytes>
+__attribute__((always_inline)) inline int64_t note_passing(const T* pre, const T* offset, int64_t begin, int64_t end,
+                                                           T threshold, Hit* hits) {
+  using S = Simd<T, Bytes>;
+  int64_t n_hits = 0;
+  for (int64_t c = begin; c < end; c += UNIT * S::lanes) {
+    uint32_t passed = 0;
+    for (int64_t u = 0; u < UNIT; ++u) {
+      const typename S::Vector x = S::load(pre + c + u * S::lanes) + S::load(offset + c + u * S::lanes);
+      passed |= S::bits((x >= threshold) & (x > T(0))) << (u * S::lanes);
+    }
+    hits[n_hits] = {c, passed};  // written always, kept only if an entry passed (no branch)
+    n_hits += passed != 0;
+  }
+  return n_hits;
+}
 
-  RowScratch(int64_t width, int64_t k)
-      : group_max(width / GROUP + 1), lower(width / GROUP + 1), coarse(std::max(COARSE_PER_K * k, MIN_COARSE)),
-        pending(k + std::max<int64_t>(4 * k, 4 * GROUP)) {}
-};
+// Cuts pending [n] to its best k (k < n), and raises the threshold to their k-th.
+template <typename T, int Bytes>
+__attribute__((always_inline)) inline void make_room(Candidate<T>* pending, int64_t& n, int64_t k, T& threshold,
+                                                     RowScratch<T>& s) {
+  n = keep_best<T, Bytes>(pending, n, k, s);
+  T kth = pending[0].value;
+  for (int64_t i = 1; i < k; ++i) kth = std::min(kth, pending[i].value);
+  threshold = std::max(threshold, kth);
+}
 
 // Merges one row of a chunk, the values pre[c] + offset[c] [width] of features start + c, into the row's
 // state: its best `size` <= k candidates so far in v, idx [k] (unordered).
-template <typename T>
-void scan_row(const T* pre, const ChunkOffsets<T>& shift, int64_t width, int64_t start, T* v, int64_t* idx,
-              int64_t& size, int64_t k, RowScratch<T>& s) {
-  const int64_t n_groups = width / GROUP, capacity = int64_t(s.pending.size());
-  const T lowest = -std::numeric_limits<T>::infinity();
-  T* top = s.group_max.data();
-  strided_maxima(pre, GROUP, n_groups, top);
-  T bound = lowest;
-  if (n_groups >= k) {
-    for (int64_t j = 0; j < n_groups; ++j) {  // a value each group reaches (NaN, from inf - inf: none)
-      const T reached = top[j] + shift.low[j];
-      s.lower[j] = reached == reached ? reached : lowest;
-    }
-    bound = kth_lower_bound(s.lower.data(), n_groups, k, s.coarse.data());
+template <typename T, int Bytes>
+__attribute__((always_inline)) inline void scan_row_with(const T* pre, const T* offset, int64_t width, int64_t start,
+                                                         T* v, int64_t* idx, int64_t& size, int64_t k,
+                                                         RowScratch<T>& s) {
+  using S = Simd<T, Bytes>;
+  const int64_t n_groups = std::min(width, std::max(GROUPS_PER_K * k, MIN_GROUPS));
+  const int64_t capacity = int64_t(s.pending.size());
+  T bound = -std::numeric_limits<T>::infinity();
+  if (n_groups >= k) {  // the last width % n_groups columns take no part in the bound
+    group_maxima<T, Bytes>(pre, offset, width / n_groups, n_groups, s.groups.data());
+    bound = kth_largest<T, Bytes>(s.groups.data(), n_groups, k);
   }
   Candidate<T>* pending = s.pending.data();
   int64_t n = size;
-  T floor = T(0);  // the k-th best kept: an entry below it never enters (equal ones are settled exactly)
   for (int64_t i = 0; i < n; ++i) pending[i] = {v[i], idx[i]};
-  if (n == k) floor = std::min_element(v, v + k)[0];
+  // The k-th best kept: an entry below it never enters (equal ones are settled exactly).
+  const T floor = n == k ? *std::min_element(v, v + k) : T(0);
   T threshold = std::max(bound, floor);
-  const T* offset = shift.offset;
-  auto make_room = [&] {
-    if (n + GROUP <= capacity) return;
-    n = keep_best(pending, n, k);
-    threshold = std::max(threshold, pending[k - 1].value);
-  };
-  auto offer = [&](int64_t c) {  // appended, then kept only if it passes (no branch to mispredict)
-    const T x = pre[c] + offset[c];
-    pending[n] = {x, start + c};
+  // A segment of units at a time: each unit's vectors compared with the threshold, the units with a passing
+  // entry noted (no branch), then those entries appended (compared again: the threshold may rise between
+  // segments, and between the units of one).
+  constexpr int64_t unit = UNIT * S::lanes;
+  const int64_t whole = width - width % unit;
+  int64_t c = 0;
+  auto offer = [&](int64_t column) {  // appended, then kept only if it passes (no branch to mispredict)
+    const T x = pre[column] + offset[column];
+    pending[n] = {x, start + column};
     n += (x >= threshold) & (x > T(0));
   };
-  auto read_group = [&](int64_t j) {
-    make_room();
-    for (int64_t c = j; c < GROUP * n_groups; c += n_groups) offer(c);
-  };
-  // The groups whose largest value may reach the threshold, a vector of them tested at once (most have none).
-  using V = typename Simd<T, 16>::type;
-  constexpr int64_t lanes = 16 / sizeof(T);
-  const T* high = shift.high.data();
-  int64_t j = 0;
-  for (; j + lanes <= n_groups; j += lanes) {
-    V t, h;
-    std::memcpy(&t, top + j, sizeof(V));
-    std::memcpy(&h, high + j, sizeof(V));
-    const auto reach = t + h >= threshold;  // lanes of all ones where reached
-    uint64_t words[2];
-    std::memcpy(words, &reach, sizeof(words));
-    if ((words[0] | words[1]) == 0) continue;
-    for (int64_t l = 0; l < lanes; ++l)
-      if (top[j + l] + high[j + l] >= threshold) read_group(j + l);
+  while (c < whole) {
+    const int64_t end = std::min(whole, c + SEGMENT * unit);
+    const int64_t n_hits = note_passing<T, Bytes>(pre, offset, c, end, threshold, s.hits.data());
+    c = end;
+    for (int64_t h = 0; h < n_hits; ++h) {
+      if (n + unit > capacity) make_room<T, Bytes>(pending, n, k, threshold, s);
+      for (uint32_t passed = s.hits[h].passed; passed != 0; passed &= passed - 1)
+        offer(s.hits[h].column + __builtin_ctz(passed));
+    }
   }
-  for (; j < n_groups; ++j)
-    if (top[j] + high[j] >= threshold) read_group(j);
-  for (int64_t c = n_groups * GROUP; c < width; ++c) {
-    make_room();
-    offer(c);
-  }
-  size = keep_best(pending, n, k);
+  if (n + unit > capacity) make_room<T, Bytes>(pending, n, k, threshold, s);  // the tail: less than a unit
+  for (; c < width; ++c) offer(c);
+  size = keep_best<T, Bytes>(pending, n, k, s);
   for (int64_t i = 0; i < size; ++i) {
     v[i] = pending[i].value;
     idx[i] = pending[i].index;
   }
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FLASHSAE_AVX2_BUILD 1
+template <typename T>
+__attribute__((target("avx2"))) void scan_row_avx2(const T* pre, const T* offset, int64_t width, int64_t start, T* v,
+                                                   int64_t* idx, int64_t& size, int64_t k, RowScratch<T>& s) {
+  scan_row_with<T, 32>(pre, offset, width, start, v, idx, size, k, s);
+}
+
+template <typename T>
+__attribute__((target("avx2"))) void sort_best_avx2(T* values, const int64_t* indices, int64_t n, Candidate<T>* out) {
+  sort_best<T, 32>(values, indices, n, out);
+}
+#endif
+
+// Whether the CPU has AVX2: read once, at the first call (not in a static initializer, which may run before
+// the CPU is probed).
+bool cpu_has_avx2() {
+#ifdef FLASHSAE_AVX2_BUILD
+  static const bool yes = (__builtin_cpu_init(), __builtin_cpu_supports("avx2"));
+  return yes;
+#else
+  return false;
+#endif
+}
+
+// Whether the row scan runs its AVX2 build: where the CPU has it, unless `use_avx2(false)` said otherwise.
+std::atomic<bool> avx2_wanted{true};
+
+bool avx2_in_use() { return avx2_wanted.load(std::memory_order_relaxed) && cpu_has_avx2(); }
+
+template <typename T>
+void scan_row(bool avx2, const T* pre, const T* offset, int64_t width, int64_t start, T* v, int64_t* idx,
+              int64_t& size, int64_t k, RowScratch<T>& s) {
+#ifdef FLASHSAE_AVX2_BUILD
+  if (avx2) return scan_row_avx2(pre, offset, width, start, v, idx, size, k, s);
+#endif
+  scan_row_with<T, 16>(pre, offset, width, start, v, idx, size, k, s);
+}
+
+template <typename T>
+void sort_row(bool avx2, T* values, const int64_t* indices, int64_t n, Candidate<T>* out) {
+#ifdef FLASHSAE_AVX2_BUILD
+  if (avx2) return sort_best_avx2(values, indices, n, out);
+#endif
+  sort_best<T, 16>(values, indices, n, out);
 }
 
 void check_select_state(const at::Tensor& kept_vals, const at::Tensor& kept_idx, const at::Tensor& sizes) {
@@ -232,6 +391,10 @@ void check_select_state(const at::Tensor& kept_vals, const at::Tensor& kept_idx,
   TORCH_CHECK(sizes.dim() == 1 && sizes.size(0) == kept_vals.size(0) && sizes.scalar_type() == at::kLong &&
                   sizes.is_contiguous(),
               "sizes must be a contiguous int64 [B] tensor");
+  const int64_t* size = sizes.data_ptr<int64_t>();
+  const int64_t k = kept_vals.size(1);
+  TORCH_CHECK(std::all_of(size, size + sizes.size(0), [k](int64_t n) { return n >= 0 && n <= k; }),
+              "sizes must hold counts between 0 and k");
 }
 
 }  // namespace
@@ -256,11 +419,11 @@ void select_chunk_(const at::Tensor& pre, int64_t start, const at::Tensor& offse
     scalar_t* v = kept_vals.data_ptr<scalar_t>();
     int64_t* idx = kept_idx.data_ptr<int64_t>();
     int64_t* size = sizes.data_ptr<int64_t>();
-    const ChunkOffsets<scalar_t> shift(offset_ptr, width);
+    const bool avx2 = avx2_in_use();
     at::parallel_for(0, pre.size(0), 16, [&](int64_t begin, int64_t end) {
-      RowScratch<scalar_t> scratch(width, k);
+      RowScratch<scalar_t> scratch(k);
       for (int64_t r = begin; r < end; ++r)
-        scan_row(pre_ptr + r * row_stride, shift, width, start, v + r * k, idx + r * k, size[r], k, scratch);
+        scan_row(avx2, pre_ptr + r * row_stride, offset_ptr, width, start, v + r * k, idx + r * k, size[r], k, scratch);
     });
   });
 }
@@ -279,14 +442,15 @@ std::vector<at::Tensor> select_result(const at::Tensor& kept_vals, const at::Ten
     const int64_t* size = sizes.data_ptr<int64_t>();
     scalar_t* out_v = vals.data_ptr<scalar_t>();
     int64_t* out_i = idx.data_ptr<int64_t>();
+    const bool avx2 = avx2_in_use();
     at::parallel_for(0, n_rows, 16, [&](int64_t begin, int64_t end) {
-      std::vector<Candidate<scalar_t>> row;
+      std::vector<scalar_t> values(k + MAX_LANES);
+      std::vector<Candidate<scalar_t>> row(k);
       std::vector<char> taken;
       for (int64_t r = begin; r < end; ++r) {
         const int64_t n = size[r];
-        row.clear();
-        for (int64_t s = 0; s < n; ++s) row.push_back({kept_v[r * k + s], kept_i[r * k + s]});
-        std::sort(row.begin(), row.end(), better<scalar_t>);
+        std::copy(kept_v + r * k, kept_v + r * k + n, values.begin());
+        sort_row(avx2, values.data(), kept_i + r * k, n, row.data());
         for (int64_t s = 0; s < n; ++s) {
           out_v[r * k + s] = row[s].value;
           out_i[r * k + s] = row[s].index;
@@ -437,8 +601,16 @@ void adam_rows_(at::Tensor& param, const std::optional<at::Tensor>& low, at::Ten
   });
 }
 
+// Lets the threshold select run its AVX2 build where the CPU has AVX2 (the default), or not (its 16-byte
+// vector build, as on CPUs without it); returns whether it now runs the AVX2 build.
+bool use_avx2(bool wanted) {
+  avx2_wanted.store(wanted, std::memory_order_relaxed);
+  return avx2_in_use();
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("select_chunk_", &select_chunk_, "threshold select of one chunk into the rows' kept candidates");
   m.def("select_result", &select_result, "the rows' top-k from their kept candidates");
   m.def("adam_rows_", &adam_rows_, "lazy Adam over the touched rows");
+  m.def("use_avx2", &use_avx2, "whether the threshold select may run its AVX2 build; returns whether it does");
 }

@@ -3,8 +3,9 @@
 For each chunk of features (ascending), ``pre = (x - b_pre) @ W[chunk].T + b[chunk]`` in fp32
 (float64 for float64 inputs; the product into one buffer reused by every chunk, then the bias added),
 then only the entries of ``pre`` that can still be in their row's top-k are kept. On the CPU the C++
-kernel `flashsae.kernels.cpu_native` does this in one loop per row (it adds the bias itself while it
-reads the product); without it (no compiler, or ``FLASHSAE_CPU_KERNELS=0``), and on other devices, torch
+kernel `flashsae.kernels.cpu_native` does this in two vectorized passes per row (group maxima for the
+bound, then every entry compared with the threshold; it adds the bias itself while it reads the
+product); without it (no compiler, or ``FLASHSAE_CPU_KERNELS=0``), and on other devices, torch
 ops do, with the same rules and the same answer:
 
 - **The floor**: the k-th best value kept so far (0 before k positives). Every kept candidate came
