@@ -160,11 +160,23 @@ __attribute__((always_inline)) inline T kth_largest(T* values, int64_t n, int64_
   const T lowest = -std::numeric_limits<T>::infinity();
   for (int64_t i = n; i % S::lanes != 0; ++i) values[i] = lowest;  // padding lanes: never above the answer
   V best = V{} + lowest;
-  for (int64_t i = 0; i < n; i += S::lanes) {
+  const typename S::MaskLane at_least = typename S::MaskLane(k);
+  int64_t i = 0;
+  for (; i + 4 * S::lanes <= n; i += 4 * S::lanes) {  // four vectors per broadcast value
+    V these[4];
+    M reached_by[4] = {};
+    for (int u = 0; u < 4; ++u) these[u] = S::load(values + i + u * S::lanes);
+    for (int64_t j = 0; j < n; ++j) {
+      const V other = V{} + values[j];
+      for (int u = 0; u < 4; ++u) reached_by[u] -= other >= these[u];  // a true lane is -1
+    }
+    for (int u = 0; u < 4; ++u) best = (reached_by[u] >= at_least) & (these[u] > best) ? these[u] : best;
+  }
+  for (; i < n; i += S::lanes) {
     const V these = S::load(values + i);
     M reached_by = M{};
-    for (int64_t j = 0; j < n; ++j) reached_by -= (V{} + values[j]) >= these;  // a true lane is -1
-    best = (reached_by >= typename S::MaskLane(k)) & (these > best) ? these : best;
+    for (int64_t j = 0; j < n; ++j) reached_by -= (V{} + values[j]) >= these;
+    best = (reached_by >= at_least) & (these > best) ? these : best;
   }
   T result = best[0];
   for (int64_t l = 1; l < S::lanes; ++l) result = std::max(result, T(best[l]));
