@@ -27,7 +27,7 @@ def both_ways(fn):
 
 @pytest.fixture(params=["avx2", "16-byte"])
 def vector_build(request):
-    """The select test runs on each build of the kernel's row scan: AVX2, and the 16-byte vectors that CPUs
+    """Each select test runs on both builds of the kernel's row scan: AVX2, and the 16-byte vectors that CPUs
     without AVX2 (and arm64) run."""
     native = cpu_native.kernels()
     wanted = request.param == "avx2"
@@ -90,8 +90,8 @@ def test_the_ninja_packages_binary_is_found_without_an_activated_environment(mon
 
 
 # (B, d, F, k, dtype, features per chunk): the widths users run (one and several chunks, k up to 512),
-# odd small shapes (F not a multiple of the 8-column groups, fewer groups than k, a chunk narrower than a
-# group), k = F, and every input dtype.
+# odd small shapes (F not a multiple of the column groups or of the kernel's 32-column units, fewer groups
+# than k, a chunk narrower than a group), k = F, and every input dtype.
 SELECT_CASES = [
     (3, 768, 24577, 32, FP32, None),
     (2, 4096, 5003, 64, FP32, 1000),
