@@ -3,6 +3,7 @@ step, each against the torch ops it replaces (``FLASHSAE_CPU_KERNELS=0``) and a 
 from __future__ import annotations
 
 import os
+import time
 import warnings
 
 import pytest
@@ -78,6 +79,23 @@ def test_a_failed_build_warns_once_and_the_torch_ops_run(monkeypatch):
         cpu_native._load.cache_clear()
     assert_same(got, expected)
     assert cpu_native.kernels() is not None
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_is_left_to_its_build(monkeypatch, tmp_path):
+    """An interrupted build leaves torch's lock file behind, on which every later load would wait forever."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / cpu_native.EXTENSION_NAME / "lock"
+    cpu_native._remove_stale_build_lock()  # no lock: nothing to do
+    lock.touch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cpu_native._remove_stale_build_lock()  # a build in progress keeps its lock
+    assert lock.exists()
+    old = time.time() - cpu_native.STALE_LOCK_SECONDS - 60
+    os.utime(lock, (old, old))
+    with pytest.warns(RuntimeWarning, match="removing the stale build lock"):
+        cpu_native._remove_stale_build_lock()
+    assert not lock.exists()
 
 
 def test_the_ninja_packages_binary_is_found_without_an_activated_environment(monkeypatch):
