@@ -59,7 +59,7 @@ def _load() -> ModuleType | None:
 
 
 def _remove_stale_build_lock() -> None:
-    """Remove the build folder's lock when it is older than STALE_LOCK_SECONDS (see there), warning once."""
+    """Remove the build folder's lock when it is older than STALE_LOCK_SECONDS (see there), with a warning."""
     from torch.utils import cpp_extension
 
     lock = Path(cpp_extension._get_build_directory(EXTENSION_NAME, verbose=False)) / "lock"

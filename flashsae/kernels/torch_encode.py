@@ -164,8 +164,8 @@ def _native_select(
     native: ModuleType, xc: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor,
     lists: list[tuple[torch.Tensor | None, int]], chunk: int,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The threshold select in the C++ CPU kernel (`flashsae.kernels.cpu_native`): each chunk's product is
-    read once per selection, every row keeping its best k candidates so far (the same rules and answer as
+    """The threshold select in the C++ CPU kernel (`flashsae.kernels.cpu_native`): each selection reads
+    each chunk's product (two passes per row), every row keeping its best k candidates so far (the same rules and answer as
     `_torch_select`). Returns (vals [B, k] in the math dtype, idx [B, k]) per selection of ``lists``."""
     n_tokens, n_features = xc.shape[0], W_enc.shape[0]
     kept = [(torch.empty(n_tokens, k, dtype=xc.dtype), torch.empty(n_tokens, k, dtype=torch.int64),
